@@ -1,0 +1,14 @@
+"""tp_plugin: Megatron-style tensor parallelism for Hugging Face transformers models.
+
+    model = AutoModelForCausalLM.from_pretrained(path)
+    model = tp_plugin.parallelize(model, tp_size=2)   # policy picked from model.config.model_type
+    print(tp_plugin.inspect(model))
+"""
+
+from .parallelize import inspect, parallelize
+from .policy import AttentionSpec, Colwise, Policy, Rowwise, register_policy
+from .sharding import TPSplitError
+
+__all__ = ["parallelize", "inspect", "Policy", "AttentionSpec", "Colwise", "Rowwise", "register_policy",
+           "TPSplitError"]
+__version__ = "0.1.0"

@@ -1,0 +1,165 @@
+"""Tensor-parallel layers: plain `nn.Module`s holding only this rank's shard as ordinary tensors.
+
+They are deliberately *not* subclasses of `nn.Linear` / `nn.Embedding`: PEFT and other tools would treat
+them as dense layers and compute wrong gradients without any error. Parameter names and layouts are the
+ones of the module they replace (`weight`, `bias`; a GPT-2 `Conv1D` keeps its transposed `[in, out]`
+weight), so a state dict of shards has the same keys and each shard is a slice of the checkpoint tensor.
+
+Every sharded parameter is tagged the Megatron way (`tensor_model_parallel`, `partition_dim`,
+`partition_stride`, which DeepSpeed reads) plus `tp_shard`, the `ShardSpec` saying which rows it holds.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.distributed import ProcessGroup
+
+from .comm import copy_to_tp, gather_from_tp, reduce_from_tp, sum_grad_over_sharers
+from .sharding import ShardSpec, shard_tensor
+
+
+def _shard_param(full: torch.Tensor, spec: ShardSpec | None, *, replicas: int = 1) -> nn.Parameter:
+    """A new Parameter holding this rank's slice (or a copy of a replicated tensor when `spec` is None)."""
+    data = full.detach().clone() if spec is None else shard_tensor(full.detach(), spec)
+    param = nn.Parameter(data, requires_grad=full.requires_grad)
+    tag_param(param, spec, replicas=replicas)
+    return param
+
+
+def tag_param(param: torch.Tensor, spec: ShardSpec | None, *, replicas: int = 1) -> None:
+    """Megatron/DeepSpeed tags, plus `tp_replicas`: how many TP ranks hold each row (for grad norms)."""
+    param.tensor_model_parallel = spec is not None
+    param.model_parallel = spec is not None
+    param.partition_dim = spec.dim if spec is not None else -1
+    param.partition_stride = 1
+    param.tp_shard = spec
+    param.tp_replicas = replicas
+
+
+class ColumnParallelLinear(nn.Module):
+    """`y = x A^T + b` with A split by output rows: no communication forward, input gradient all-reduced.
+
+    `sync_input_grad=False` when an enclosing region already applied `copy_to_tp` to the shared input
+    (so q, k and v of one attention cost one all-reduce in backward, not three). `shared_rows` is set for
+    replicated KV heads: the weight gradient is then summed over the ranks that hold the same rows.
+    """
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, spec: ShardSpec, group: ProcessGroup,
+                 *, transposed: bool = False, sync_input_grad: bool = True, shared_rows: bool = False,
+                 replicas: int = 1):
+        super().__init__()
+        self.group, self.spec, self.transposed = group, spec, transposed
+        self.sync_input_grad, self.shared_rows = sync_input_grad, shared_rows
+        self.weight = _shard_param(weight, spec, replicas=replicas)
+        bias_spec = ShardSpec(0, spec.full_size, spec.ranges, spec.pad)
+        self.bias = None if bias is None else _shard_param(bias, bias_spec, replicas=replicas)
+        if shared_rows and spec.dim != 0:
+            raise NotImplementedError("replicated rows are only supported for [out, in] weights")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.sync_input_grad:
+            x = copy_to_tp(x, self.group)
+        weight, bias = self.weight, self.bias
+        if self.shared_rows:
+            weight = sum_grad_over_sharers(weight, self.group, self.spec.ranges, self.spec.full_size)
+            if bias is not None:
+                bias = sum_grad_over_sharers(bias, self.group, self.spec.ranges, self.spec.full_size)
+        if self.transposed:  # GPT-2 Conv1D: weight is [in, out_local]
+            out = torch.addmm(bias, x.reshape(-1, x.shape[-1]), weight) if bias is not None \
+                else x.reshape(-1, x.shape[-1]) @ weight
+            return out.view(*x.shape[:-1], weight.shape[1])
+        return F.linear(x, weight, bias)
+
+    def extra_repr(self) -> str:
+        return f"local_out={self.spec.local_size}, full_out={self.spec.full_size}, transposed={self.transposed}"
+
+
+class RowParallelLinear(nn.Module):
+    """`y = x A^T + b` with A split by input columns: partial outputs all-reduced forward, nothing backward.
+
+    The input is expected already split (the output of local heads or a column-parallel layer). The bias
+    is replicated and added once, after the reduction.
+    """
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, spec: ShardSpec, group: ProcessGroup,
+                 *, transposed: bool = False):
+        super().__init__()
+        self.group, self.spec, self.transposed = group, spec, transposed
+        self.weight = _shard_param(weight, spec)
+        self.bias = None if bias is None else _shard_param(bias, None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.transposed:
+            out = (x.reshape(-1, x.shape[-1]) @ self.weight).view(*x.shape[:-1], self.weight.shape[1])
+        else:
+            out = F.linear(x, self.weight)
+        out = reduce_from_tp(out, self.group)
+        return out if self.bias is None else out + self.bias
+
+    def extra_repr(self) -> str:
+        return f"local_in={self.spec.local_size}, full_in={self.spec.full_size}, transposed={self.transposed}"
+
+
+class VocabParallelEmbedding(nn.Module):
+    """Embedding split by vocabulary rows; ids outside this rank's range look up zeros, then all-reduce.
+
+    Keeps `padding_idx` (its row gets no gradient) and a scaled embedding's `embed_scale` (Gemma).
+    """
+
+    def __init__(self, embedding: nn.Embedding, spec: ShardSpec, group: ProcessGroup):
+        super().__init__()
+        unsupported = {k: getattr(embedding, k) for k in ("max_norm", "scale_grad_by_freq", "sparse")
+                       if getattr(embedding, k, None)}
+        if unsupported:
+            raise NotImplementedError(f"VocabParallelEmbedding does not support {unsupported}")
+        self.group, self.spec = group, spec
+        (self.vocab_start, self.vocab_stop), = spec.ranges
+        self.num_embeddings, self.embedding_dim = spec.full_size, embedding.embedding_dim
+        self.weight = _shard_param(embedding.weight, spec)
+        pad = embedding.padding_idx
+        self.padding_idx = pad - self.vocab_start if pad is not None and self.vocab_start <= pad < self.vocab_stop \
+            else None
+        scale = getattr(embedding, "embed_scale", None)
+        if scale is not None:
+            self.register_buffer("embed_scale", torch.as_tensor(scale).clone(), persistent=False)
+        else:
+            self.embed_scale = None
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        outside = (ids < self.vocab_start) | (ids >= self.vocab_stop)
+        local_ids = (ids - self.vocab_start).masked_fill(outside, 0)
+        out = F.embedding(local_ids, self.weight, self.padding_idx)
+        out = out.masked_fill(outside.unsqueeze(-1), 0.0)
+        out = reduce_from_tp(out, self.group)
+        return out if self.embed_scale is None else out * self.embed_scale.to(out.dtype)
+
+    def extra_repr(self) -> str:
+        return f"vocab=[{self.vocab_start}, {self.vocab_stop}) of {self.num_embeddings}, dim={self.embedding_dim}"
+
+
+class VocabParallelLMHead(nn.Module):
+    """LM head split by vocabulary rows. Returns full logits (all-gathered, padding stripped) unless
+    `gather_output` is False (loss_parallel), when `.logits` is this rank's vocabulary shard."""
+
+    def __init__(self, head: nn.Module, spec: ShardSpec, group: ProcessGroup, *, tied_weight: nn.Parameter | None,
+                 gather_output: bool):
+        super().__init__()
+        self.group, self.spec, self.gather_output = group, spec, gather_output
+        (self.vocab_start, self.vocab_stop), = spec.ranges
+        self.weight = tied_weight if tied_weight is not None else _shard_param(head.weight, spec)
+        bias = getattr(head, "bias", None)
+        self.bias = None if bias is None else _shard_param(bias, ShardSpec(0, spec.full_size, spec.ranges, spec.pad))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        logits = F.linear(copy_to_tp(x, self.group), self.weight, self.bias)
+        if not self.gather_output:
+            return logits
+        return gather_from_tp(logits, self.group)[..., : self.spec.full_size]
+
+    def extra_repr(self) -> str:
+        return f"vocab=[{self.vocab_start}, {self.vocab_stop}) of {self.spec.full_size}, gather={self.gather_output}"
+
+
+PARALLEL_LAYERS = (ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding, VocabParallelLMHead)

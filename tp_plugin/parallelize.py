@@ -1,0 +1,200 @@
+"""The entry point: policy -> plan -> check -> (sync from TP rank 0) -> apply -> tag.
+
+Everything up to and including the checks is pure and identical on every rank, so bad input fails on all
+ranks before the first collective.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.tensor import DTensor
+
+from .comm import copy_to_tp
+from .layers import (PARALLEL_LAYERS, ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding,
+                     VocabParallelLMHead, tag_param)
+from .loss import VocabParallelCausalLMLoss
+from .mesh import TPMesh, build_mesh, check_layout, world_size
+from .plan import Plan, PlanEntry, resolve_plan
+from .policy import Policy, get_policy, patch_head_counts, registered_model_types
+from .sharding import TPSplitError
+
+
+@dataclass
+class TPState:
+    """What a split model carries (as `model.tp_plugin_state`): its plan, its mesh and its options."""
+
+    plan: Plan
+    mesh: TPMesh | None  # None for a single process
+    loss_parallel: bool
+
+
+def parallelize(model: nn.Module, tp_size: int | None = None, *, policy: Policy | None = None,
+                loss_parallel: bool = False) -> nn.Module:
+    """Split `model` in place across the tensor-parallel group and return it.
+
+    With world size W and `tp_size` T (default: W), the ranks form W/T data-parallel replicas of T
+    consecutive ranks. `loss_parallel=True` computes the LM loss from vocabulary shards and leaves
+    `.logits` as this rank's vocabulary shard instead of gathering the full logits.
+    """
+    tp_size = tp_size or world_size()
+    check_not_split(model)
+    check_layout(tp_size)
+    policy = policy or _policy_for(model)
+    plan = resolve_plan(model, policy, tp_size)
+    if loss_parallel and model.get_output_embeddings() is None:
+        raise TPSplitError(f"loss_parallel=True needs an LM head, and {type(model).__name__} has none")
+
+    mesh = None
+    if world_size() > 1:
+        device_type = next(model.parameters()).device.type
+        mesh = build_mesh(tp_size, "cpu" if device_type == "meta" else device_type)
+        if tp_size > 1:
+            sync_from_tp_rank0(model, mesh.tp_group)
+            apply_plan(model, plan, mesh.tp_rank, mesh.tp_group, loss_parallel=loss_parallel)
+    model.tp_plugin_state = TPState(plan, mesh, loss_parallel)
+    return model
+
+
+def inspect(model: nn.Module) -> str:
+    """The plan of a split model: which module got which style, and each rank's shard shapes."""
+    state = getattr(model, "tp_plugin_state", None)
+    if state is None:
+        raise ValueError(f"{type(model).__name__} has not been split by tp_plugin.parallelize")
+    return str(state.plan)
+
+
+def _policy_for(model: nn.Module) -> Policy:
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    policy = get_policy(model_type) if model_type else None
+    if policy is None:
+        raise TPSplitError(
+            f"no tensor-parallel policy for model_type={model_type!r} ({type(model).__name__}). Registered: "
+            f"{registered_model_types()}. Pass `policy=` or register one: "
+            f"tp_plugin.register_policy({model_type!r}, Policy(layers={{...}}, attention=AttentionSpec(...)))")
+    return policy
+
+
+def check_not_split(model: nn.Module) -> None:
+    """Refuse a model that is already split (by us, DeepSpeed AutoTP or transformers' tp_plan) or has adapters."""
+    if hasattr(model, "tp_plugin_state"):
+        raise TPSplitError(f"{type(model).__name__} is already split by tp_plugin "
+                           f"(tp_size={model.tp_plugin_state.plan.tp_size}); call parallelize once per model")
+    for name, module in model.named_modules():
+        if isinstance(module, PARALLEL_LAYERS):
+            raise TPSplitError(f"{name} is already a tp_plugin {type(module).__name__}; call parallelize once")
+        if type(module).__module__.startswith("deepspeed.module_inject"):
+            raise TPSplitError(f"{name} is a DeepSpeed AutoTP layer ({type(module).__name__}): the model is already "
+                               f"split by DeepSpeed. Give tp_plugin the unsplit model and remove DeepSpeed's "
+                               f"tensor_parallel/autotp setting (tp_plugin reads its autotp_size instead).")
+        if hasattr(module, "lora_A") or type(module).__module__.startswith("peft."):
+            raise TPSplitError(f"{name} is a PEFT adapter layer ({type(module).__name__}): split the base model "
+                               f"first, then add adapters: model = tp_plugin.parallelize(model); "
+                               f"model = peft.get_peft_model(model, config)")
+    for name, param in model.named_parameters():
+        if isinstance(param, DTensor):
+            raise TPSplitError(f"{name} is a DTensor: the model is already sharded (transformers tp_plan / "
+                               f"torch tensor parallel). Load it without tp_plan/distributed_config.")
+
+
+def _digest(model: nn.Module) -> str:
+    h = hashlib.blake2b(digest_size=16)
+    for tensor in list(model.parameters()) + list(model.buffers()):
+        h.update(tensor.detach().reshape(-1).contiguous().view(torch.uint8).cpu().numpy().tobytes())
+    return h.hexdigest()
+
+
+def sync_from_tp_rank0(model: nn.Module, group: dist.ProcessGroup) -> None:
+    """Make every TP rank start from TP rank 0's weights and RNG state.
+
+    Weights are compared by digest first (one small collective) and broadcast only when they differ, e.g.
+    a model initialised with a different seed per rank. The RNG state is copied so that dropout on
+    replicated activations draws the same mask on every rank of the group.
+    """
+    if any(p.is_meta for p in model.parameters()):
+        return
+    digests = [None] * dist.get_world_size(group)
+    dist.all_gather_object(digests, _digest(model), group=group)
+    if len(set(digests)) > 1:
+        tensors = [t.data for t in list(model.parameters()) + list(model.buffers())]
+        for dtype in sorted({t.dtype for t in tensors}, key=str):
+            same = [t for t in tensors if t.dtype == dtype]
+            flat = torch._utils._flatten_dense_tensors(same)
+            dist.broadcast(flat, group=group, group_src=0)
+            for t, synced in zip(same, torch._utils._unflatten_dense_tensors(flat, same)):
+                t.copy_(synced)
+    state = [torch.get_rng_state()]
+    dist.broadcast_object_list(state, group=group, group_src=0)
+    torch.set_rng_state(state[0])
+
+
+def _parent(model: nn.Module, path: str) -> tuple[nn.Module, str]:
+    parent_path, _, name = path.rpartition(".")
+    return (model.get_submodule(parent_path) if parent_path else model), name
+
+
+def _build_layer(entry: PlanEntry, module: nn.Module, rank: int, group, *, tied_weight, loss_parallel) -> nn.Module:
+    spec = entry.specs[rank]["weight"]
+    bias = getattr(module, "bias", None)
+    if entry.style == "VocabEmbedding":
+        return VocabParallelEmbedding(module, spec, group)
+    if entry.style == "VocabLMHead":
+        return VocabParallelLMHead(module, spec, group, tied_weight=tied_weight, gather_output=not loss_parallel)
+    if entry.style.startswith("Colwise"):
+        replicas = entry.specs.count(entry.specs[rank]) if entry.shared_rows else 1
+        return ColumnParallelLinear(module.weight, bias, spec, group, transposed=entry.transposed,
+                                    sync_input_grad=entry.sync_input_grad, shared_rows=entry.shared_rows,
+                                    replicas=replicas)
+    return RowParallelLinear(module.weight, bias, spec, group, transposed=entry.transposed)
+
+
+def _enter_region(group):
+    def hook(module, args, kwargs):
+        if args:
+            return (copy_to_tp(args[0], group), *args[1:]), kwargs
+        return args, {**kwargs, "hidden_states": copy_to_tp(kwargs["hidden_states"], group)}
+    return hook
+
+
+def _sum_over_tp(group):
+    def hook(grad):
+        grad = grad.clone()
+        dist.all_reduce(grad, group=group)
+        return grad
+    return hook
+
+
+def apply_plan(model: nn.Module, plan: Plan, rank: int, group, *, loss_parallel: bool) -> None:
+    """Swap every planned module for its parallel layer holding this rank's shard; patch head counts."""
+    embed_weight = model.get_input_embeddings().weight
+    head = model.get_output_embeddings()
+    tied = head is not None and head.weight is embed_weight
+    new_embed = None
+    for entry in plan.entries:
+        parent, name = _parent(model, entry.path)
+        module = getattr(parent, name)
+        layer = _build_layer(entry, module, rank, group, tied_weight=new_embed.weight if tied and new_embed else None,
+                             loss_parallel=loss_parallel)
+        if entry.style == "VocabEmbedding":
+            new_embed = layer
+        setattr(parent, name, layer)
+        if entry.style == "VocabLMHead" and loss_parallel:
+            model.loss_function = VocabParallelCausalLMLoss(layer.vocab_start, layer.vocab_stop, group)
+    if plan.attention is not None:
+        shard = plan.attention.heads[rank]
+        for path in plan.attention.paths:
+            patch_head_counts(model.get_submodule(path), shard, plan.attention.head_dim, plan.attention.local_dims)
+    for path in plan.regions:
+        model.get_submodule(path).register_forward_pre_hook(_enter_region(group), with_kwargs=True)
+    sharded = {id(p) for m in model.modules() if isinstance(m, PARALLEL_LAYERS) for p in m.parameters()}
+    for param in model.parameters():
+        if id(param) not in sharded:
+            tag_param(param, None)
+    for path in plan.partial_grad:
+        for param in model.get_submodule(path).parameters():
+            param.register_hook(_sum_over_tp(group))
+            param.tp_partial_grad = True

@@ -1,0 +1,248 @@
+"""A policy resolved against a concrete model: every module path with its style and per-rank shard specs.
+
+Resolving is pure (no collectives): it runs identically on every rank, so any problem is raised on every
+rank before anything is communicated. `str(plan)` is the `inspect` view.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from .policy import AttentionSpec, Colwise, Policy, Rowwise
+from .sharding import (HeadShard, ShardSpec, TPSplitError, concat_specs, even_specs, head_shards, head_specs,
+                       vocab_specs)
+
+
+@dataclass
+class PlanEntry:
+    path: str
+    style: str  # "Colwise('q')", "Rowwise('')", "VocabEmbedding", "VocabLMHead"
+    full_shapes: dict[str, tuple[int, ...]]
+    specs: list[dict[str, ShardSpec | None]]  # per TP rank: parameter name -> spec (None: replicated)
+    transposed: bool = False
+    shared_rows: bool = False  # replicated KV heads: gradient summed over the ranks holding them
+    sync_input_grad: bool = True  # False inside a region, which syncs its input gradient once
+
+    def local_shape(self, rank: int, name: str) -> tuple[int, ...]:
+        shape, spec = list(self.full_shapes[name]), self.specs[rank][name]
+        if spec is not None:
+            shape[spec.dim] = spec.local_size
+        return tuple(shape)
+
+
+@dataclass
+class AttentionPlan:
+    paths: list[str]
+    heads: list[HeadShard]
+    head_dim: int
+    local_dims: tuple[str, ...]
+    num_heads: int
+    num_kv_heads: int
+
+
+@dataclass
+class Plan:
+    policy_name: str
+    tp_size: int
+    entries: list[PlanEntry]
+    attention: AttentionPlan | None
+    regions: list[str]
+    tied_embeddings: bool
+    replicated: list[str] = field(default_factory=list)  # parameter names kept whole on every rank
+    partial_grad: list[str] = field(default_factory=list)  # replicated modules whose grads are summed over TP
+
+    def __str__(self) -> str:
+        return format_plan(self)
+
+
+def _pattern(pattern: str, prefix: str) -> re.Pattern:
+    body = re.escape(pattern).replace(r"\*", r"[^.]+")
+    return re.compile((re.escape(prefix + ".") if prefix else "") + body)
+
+
+def _matches(model: nn.Module, pattern: str, prefix: str) -> list[tuple[str, nn.Module]]:
+    regex = _pattern(pattern, prefix)
+    return [(name, mod) for name, mod in model.named_modules() if regex.fullmatch(name)]
+
+
+def _base_prefix(model: nn.Module) -> str:
+    base = getattr(model, "base_model", model)
+    for name, module in model.named_modules():
+        if module is base:
+            return name
+    return ""
+
+
+def _head_counts(config, spec: AttentionSpec) -> tuple[int, int, int]:
+    num_heads = getattr(config, spec.num_heads)
+    num_kv = getattr(config, spec.num_kv_heads, None) if spec.num_kv_heads else None
+    num_kv = num_kv or num_heads
+    head_dim = (getattr(config, spec.head_dim, None) if spec.head_dim else None) or config.hidden_size // num_heads
+    return num_heads, num_kv, head_dim
+
+
+def _is_dense(module: nn.Module) -> bool:
+    return isinstance(module, (nn.Linear, Conv1D))
+
+
+def _linear_specs(path: str, module: nn.Module, style: Colwise | Rowwise, tp: int,
+                  attn: AttentionPlan | None) -> tuple[list[ShardSpec], bool]:
+    """Per-rank spec of the weight, and whether rows are shared between ranks (replicated KV heads)."""
+    transposed = isinstance(module, Conv1D)
+    out_features, in_features = module.weight.shape[::-1] if transposed else module.weight.shape
+    out_dim, in_dim = (1, 0) if transposed else (0, 1)
+    needs_heads = "q" in getattr(style, "parts", ()) or "kv" in getattr(style, "parts", ()) or \
+        getattr(style, "part", "") == "q"
+    if needs_heads and attn is None:
+        raise TPSplitError(f"{path}: style {style!r} splits by heads but the policy declares no attention")
+
+    def part_specs(part: str, size: int, dim: int) -> list[ShardSpec]:
+        if part == "q":
+            return head_specs([h.q_heads for h in attn.heads], attn.num_heads, attn.head_dim, dim)
+        if part == "kv":
+            return head_specs([h.kv_heads for h in attn.heads], attn.num_kv_heads, attn.head_dim, dim)
+        return even_specs(size, tp, dim, what=f"{path} ({size} features)")
+
+    if isinstance(style, Rowwise):
+        specs = part_specs(style.part, in_features, in_dim)
+        if specs[0].full_size != in_features:
+            raise TPSplitError(f"{path}: {in_features} input features, but {attn.num_heads} heads x "
+                               f"{attn.head_dim} = {specs[0].full_size}; the policy does not fit this model")
+        return specs, False
+
+    head_width = {"q": attn.num_heads * attn.head_dim if attn else 0,
+                  "kv": attn.num_kv_heads * attn.head_dim if attn else 0}
+    fixed = sum(head_width[p] for p in style.parts if p)
+    even_parts = sum(1 for p in style.parts if not p)
+    even_width = (out_features - fixed) // even_parts if even_parts else 0
+    if fixed + even_width * even_parts != out_features:
+        raise TPSplitError(f"{path}: {out_features} output features do not fit the parts {style.parts} "
+                           f"(heads take {fixed}); the policy does not fit this model")
+    per_part = [part_specs(p, head_width[p] if p else even_width, out_dim) for p in style.parts]
+    specs = [concat_specs([part[r] for part in per_part]) for r in range(tp)]
+    shared = "kv" in style.parts and any(h.kv_shared for h in attn.heads)
+    return specs, shared
+
+
+def _linear_entry(path, module, style, tp, attn) -> PlanEntry:
+    if not _is_dense(module):
+        raise TPSplitError(f"{path}: expected nn.Linear or Conv1D for {style!r}, found {type(module).__name__}")
+    specs, shared = _linear_specs(path, module, style, tp, attn)
+    full = {"weight": tuple(module.weight.shape)}
+    per_rank = [{"weight": s} for s in specs]
+    if module.bias is not None:
+        full["bias"] = tuple(module.bias.shape)
+        for rank, spec in enumerate(specs):
+            col = isinstance(style, Colwise)
+            per_rank[rank]["bias"] = ShardSpec(0, spec.full_size, spec.ranges, spec.pad) if col else None
+    return PlanEntry(path, repr(style), full, per_rank, transposed=isinstance(module, Conv1D), shared_rows=shared)
+
+
+def _vocab_entry(path: str, module: nn.Module, style: str, tp: int) -> PlanEntry:
+    vocab = module.weight.shape[0]
+    specs = vocab_specs(vocab, tp)
+    full = {"weight": tuple(module.weight.shape)}
+    per_rank = [{"weight": s} for s in specs]
+    if getattr(module, "bias", None) is not None:
+        full["bias"] = tuple(module.bias.shape)
+        for rank, spec in enumerate(specs):
+            per_rank[rank]["bias"] = spec
+    return PlanEntry(path, style, full, per_rank)
+
+
+def _path_of(model: nn.Module, target: nn.Module | None) -> str | None:
+    if target is None:
+        return None
+    return next((name for name, mod in model.named_modules() if mod is target), None)
+
+
+def resolve_plan(model: nn.Module, policy: Policy, tp_size: int) -> Plan:
+    """Match the policy against the model and compute every rank's shards; raise on anything that does not fit."""
+    prefix = _base_prefix(model)
+    model_type = getattr(model.config, "model_type", type(model).__name__)
+    attn = None
+    if policy.attention is not None:
+        paths = [name for name, _ in _matches(model, policy.attention.module, prefix)]
+        num_heads, num_kv, head_dim = _head_counts(model.config, policy.attention)
+        heads = head_shards(num_heads, num_kv, tp_size, what=f"{model_type} attention ({policy.attention.module})")
+        attn = AttentionPlan(paths, heads, head_dim, policy.attention.local_dims, num_heads, num_kv)
+
+    entries: list[PlanEntry] = []
+    for pattern, style in policy.layers.items():
+        found = _matches(model, pattern, prefix)
+        if not found:
+            raise TPSplitError(f"policy {policy.name or model_type!r}: pattern {pattern!r} matches no module of "
+                               f"{type(model).__name__}; the policy does not fit this model")
+        entries.extend(_linear_entry(path, mod, style, tp_size, attn) for path, mod in found)
+
+    regions = [path for pattern in policy.regions for path, _ in _matches(model, pattern, prefix)]
+    for entry in entries:
+        if entry.style.startswith("Colwise") and any(entry.path.startswith(r + ".") for r in regions):
+            entry.sync_input_grad = False
+
+    embed, head = model.get_input_embeddings(), model.get_output_embeddings()
+    embed_path, head_path = _path_of(model, embed), _path_of(model, head)
+    if embed_path is None or not isinstance(embed, nn.Embedding):
+        raise TPSplitError(f"{type(model).__name__}: no nn.Embedding input embedding found "
+                           f"(get_input_embeddings() returned {type(embed).__name__})")
+    entries.insert(0, _vocab_entry(embed_path, embed, "VocabEmbedding", tp_size))
+    tied = head is not None and head.weight is embed.weight
+    if head_path is not None:
+        if head.weight.shape[0] != embed.weight.shape[0] and tied:
+            raise TPSplitError(f"{head_path}: tied to {embed_path} but the vocabulary sizes differ")
+        entries.append(_vocab_entry(head_path, head, "VocabLMHead", tp_size))
+
+    partial = [path for pattern in policy.partial_grad for path, _ in _matches(model, pattern, prefix)]
+    _check_coverage(model, prefix, entries, policy, regions)
+    sharded = {f"{e.path}.{name}" for e in entries for name in e.full_shapes}
+    replicated = [name for name, _ in model.named_parameters() if name not in sharded]
+    return Plan(policy.name or model_type, tp_size, entries, attn, regions, tied, replicated, partial)
+
+
+def _check_coverage(model, prefix, entries, policy, regions) -> None:
+    """Every dense layer inside the base model is either split or deliberately replicated."""
+    planned = {e.path for e in entries}
+    keep = [_pattern(p, prefix) for p in policy.replicate]
+    in_base = {id(m) for m in getattr(model, "base_model", model).modules()}
+    missed = [name for name, mod in model.named_modules()
+              if _is_dense(mod) and id(mod) in in_base and name not in planned
+              and not any(k.fullmatch(name) for k in keep)]
+    if missed:
+        raise TPSplitError(f"policy {policy.name!r} leaves {len(missed)} linear layer(s) unassigned, e.g. "
+                           f"{missed[:3]}: add them to the policy's `layers` (Colwise/Rowwise) or `replicate`")
+
+
+def _grouped_rows(plan: Plan) -> "OrderedDict[tuple, list[str]]":
+    """Rows of the inspect table, repeated blocks folded into one row (`layers.*`) with a count."""
+    rows: OrderedDict[tuple, list[str]] = OrderedDict()
+    for entry in plan.entries:
+        generic = re.sub(r"\.\d+\.", ".*.", entry.path)
+        shapes = tuple(entry.local_shape(r, "weight") for r in range(plan.tp_size))
+        key = (generic, entry.style, entry.full_shapes["weight"], shapes)
+        rows.setdefault(key, []).append(entry.path)
+    return rows
+
+
+def format_plan(plan: Plan) -> str:
+    lines = [f"tp_plugin plan: policy {plan.policy_name!r}, tp_size={plan.tp_size}"]
+    if plan.attention is not None:
+        a = plan.attention
+        lines.append(f"attention: {a.num_heads} heads / {a.num_kv_heads} KV heads, head_dim {a.head_dim}; per rank "
+                     f"q heads {[h.num_q for h in a.heads]}, KV heads {[h.num_kv for h in a.heads]}"
+                     + (" (KV heads replicated)" if any(h.kv_shared for h in a.heads) else ""))
+    if plan.tied_embeddings:
+        lines.append("input and output embeddings tied (one vocab-parallel weight)")
+    header = ["module", "style", "full weight"] + [f"rank {r}" for r in range(plan.tp_size)]
+    table = [header]
+    for (generic, style, full, shapes), paths in _grouped_rows(plan).items():
+        name = generic if len(paths) == 1 else f"{generic} (x{len(paths)})"
+        table.append([name, style, str(full)] + [str(s) for s in shapes])
+    widths = [max(len(row[i]) for row in table) for i in range(len(header))]
+    lines += ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in table]
+    lines.append(f"replicated parameters: {len(plan.replicated)} (norms, position embeddings, small heads)")
+    return "\n".join(lines)

@@ -1,0 +1,118 @@
+"""How an architecture is split: a small declarative table, and the registry that finds it by `model_type`.
+
+A policy reads like transformers' `base_model_tp_plan`: module-path patterns (relative to the base model,
+`*` matches one path component) mapped to a style. The embedding and the LM head need no entry: they are
+found with `get_input_embeddings()` / `get_output_embeddings()` and always split by vocabulary.
+
+    LLAMA = Policy(
+        layers={"layers.*.self_attn.q_proj": Colwise("q"), ..., "layers.*.mlp.down_proj": Rowwise()},
+        attention=AttentionSpec("layers.*.self_attn"),
+        regions=("layers.*.self_attn", "layers.*.mlp"),
+    )
+    register_policy("llama", LLAMA)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from torch import nn
+
+from .sharding import HeadShard
+
+
+@dataclass(frozen=True)
+class Colwise:
+    """Split the output features. `parts` name the logical pieces of a fused projection, in order:
+    "q" (query heads), "kv" (key or value heads, on KV-group boundaries) or "" (an even split);
+    `Colwise("q")` is a plain q_proj, `Colwise("q", "kv", "kv")` GPT-2's c_attn, `Colwise("", "")` a gate_up."""
+
+    parts: tuple[str, ...] = ("",)
+
+    def __init__(self, *parts: str):
+        object.__setattr__(self, "parts", parts or ("",))
+        bad = [p for p in self.parts if p not in ("q", "kv", "")]
+        if bad:
+            raise ValueError(f"Colwise parts must be 'q', 'kv' or '' (got {bad})")
+
+    def __repr__(self) -> str:
+        return f"Colwise({', '.join(repr(p) for p in self.parts)})"
+
+
+@dataclass(frozen=True)
+class Rowwise:
+    """Split the input features: "q" when the input is the attention heads' output, "" for an even split."""
+
+    part: str = ""
+
+    def __repr__(self) -> str:
+        return f"Rowwise({self.part!r})"
+
+
+@dataclass(frozen=True)
+class AttentionSpec:
+    """Where the attention modules are and which config attributes count their heads.
+
+    `local_dims` are module attributes holding `num_heads * head_dim` that the HF forward uses to split
+    or reshape (GPT-2's `split_size`); they are set to this rank's width.
+    """
+
+    module: str
+    num_heads: str = "num_attention_heads"
+    num_kv_heads: str | None = "num_key_value_heads"  # None: multi-head attention (kv heads = heads)
+    head_dim: str | None = "head_dim"  # None or missing on the config: hidden_size // num_heads
+    local_dims: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Policy:
+    """A model family's split. `regions` are modules whose input enters tensor-parallel compute: their
+    input gradient is all-reduced once there, instead of once per column-parallel projection inside."""
+
+    layers: dict[str, Colwise | Rowwise]
+    attention: AttentionSpec | None = None
+    regions: tuple[str, ...] = ()
+    replicate: tuple[str, ...] = ()  # linears deliberately kept whole (e.g. MoE routers)
+    # Replicated modules used *inside* the sharded region (Qwen3's per-head q/k norms): each rank sees only
+    # its heads, so their gradients are partial sums and get all-reduced over the TP group.
+    partial_grad: tuple[str, ...] = ()
+    name: str = ""
+    model_types: tuple[str, ...] = field(default=())
+
+
+HEAD_COUNT_ATTRS = ("num_heads", "num_attention_heads", "n_head", "n_heads")
+KV_COUNT_ATTRS = ("num_key_value_heads", "num_kv_heads", "n_kv_heads")
+
+
+def patch_head_counts(module: nn.Module, shard: HeadShard, head_dim: int, local_dims: tuple[str, ...]) -> None:
+    """Make an untouched HF attention module reshape for this rank's heads."""
+    for attr in HEAD_COUNT_ATTRS:
+        if isinstance(getattr(module, attr, None), int):
+            setattr(module, attr, shard.num_q)
+    for attr in KV_COUNT_ATTRS:
+        if isinstance(getattr(module, attr, None), int):
+            setattr(module, attr, shard.num_kv)
+    if isinstance(getattr(module, "num_key_value_groups", None), int):
+        module.num_key_value_groups = shard.num_q // shard.num_kv
+    for attr in local_dims:
+        setattr(module, attr, shard.num_q * head_dim)
+
+
+_REGISTRY: dict[str, Policy] = {}
+
+
+def register_policy(model_type: str, policy: Policy) -> None:
+    """Register (or replace) the policy used for `config.model_type == model_type`."""
+    _REGISTRY[model_type] = policy
+
+
+def get_policy(model_type: str) -> Policy | None:
+    from . import policies  # noqa: F401  (registers the built-in families on first use)
+
+    return _REGISTRY.get(model_type)
+
+
+def registered_model_types() -> list[str]:
+    from . import policies  # noqa: F401
+
+    return sorted(_REGISTRY)
