@@ -15,6 +15,7 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 
 from .comm import copy_to_tp
+from .config import configured_tp_size
 from .layers import (PARALLEL_LAYERS, ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding,
                      VocabParallelLMHead, tag_param)
 from .loss import VocabParallelCausalLMLoss
@@ -41,7 +42,7 @@ def parallelize(model: nn.Module, tp_size: int | None = None, *, policy: Policy 
     consecutive ranks. `loss_parallel=True` computes the LM loss from vocabulary shards and leaves
     `.logits` as this rank's vocabulary shard instead of gathering the full logits.
     """
-    tp_size = tp_size or world_size()
+    tp_size = _resolve_tp_size(tp_size)
     check_not_split(model)
     check_layout(tp_size)
     policy = policy or _policy_for(model)
@@ -58,6 +59,15 @@ def parallelize(model: nn.Module, tp_size: int | None = None, *, policy: Policy 
             apply_plan(model, plan, mesh.tp_rank, mesh.tp_group, loss_parallel=loss_parallel)
     model.tp_plugin_state = TPState(plan, mesh, loss_parallel)
     return model
+
+
+def _resolve_tp_size(tp_size: int | None) -> int:
+    """Explicit argument, else the launch config (DeepSpeed `autotp_size`, ...), else the world size."""
+    configured = configured_tp_size()
+    if tp_size is not None and configured is not None and tp_size != configured:
+        raise TPSplitError(f"parallelize(tp_size={tp_size}) but the launch configuration says tensor-parallel "
+                           f"degree {configured}; drop the argument or make them agree")
+    return tp_size or configured or world_size()
 
 
 def inspect(model: nn.Module) -> str:

@@ -1,0 +1,65 @@
+"""Where the tensor-parallel degree comes from when `parallelize(model)` is called without `tp_size`.
+
+The degree is a property of the launch, not of the training script: each source below reads one place a
+launcher or engine config can carry it. They are tried in order; the first that names a degree wins, and
+two sources that disagree are an error (a config edit must not be silently ignored).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from .sharding import TPSplitError
+
+ENV_TP_SIZE = "TP_PLUGIN_TP_SIZE"
+
+
+def _from_env() -> tuple[str, int] | None:
+    value = os.environ.get(ENV_TP_SIZE)
+    return (f"${ENV_TP_SIZE}", int(value)) if value else None
+
+
+def autotp_size(ds_config: dict | str | os.PathLike | None) -> int | None:
+    """DeepSpeed's standard key `"tensor_parallel": {"autotp_size": N}` (a dict or a json path)."""
+    if ds_config is None:
+        return None
+    if not isinstance(ds_config, dict):
+        ds_config = json.loads(Path(ds_config).read_text())
+    size = (ds_config.get("tensor_parallel") or {}).get("autotp_size")
+    return int(size) if size else None
+
+
+def _from_accelerate_deepspeed_json() -> tuple[str, int] | None:
+    """`accelerate launch` with a DeepSpeed plugin exports the json path it was given."""
+    path = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE")
+    if path and path.endswith(".json") and Path(path).is_file():
+        size = autotp_size(path)
+        return (path, size) if size else None
+    return None
+
+
+def _from_hf_deepspeed_config() -> tuple[str, int] | None:
+    """`TrainingArguments(deepspeed=...)` registers its DeepSpeed config with transformers."""
+    try:
+        from transformers.integrations.deepspeed import deepspeed_config
+    except ImportError:
+        return None
+    config = deepspeed_config()
+    size = autotp_size(config) if isinstance(config, dict) else None
+    return ("TrainingArguments.deepspeed", size) if size else None
+
+
+SOURCES = [_from_env, _from_accelerate_deepspeed_json, _from_hf_deepspeed_config]
+
+
+def configured_tp_size() -> int | None:
+    """The TP degree named by the launch configuration, or None when nothing names one."""
+    found = [hit for source in SOURCES if (hit := source()) is not None]
+    sizes = {size for _, size in found}
+    if len(sizes) > 1:
+        raise TPSplitError("the launch configuration names different tensor-parallel degrees: "
+                           + ", ".join(f"{where} says {size}" for where, size in found)
+                           + ". Make them agree (one config edit).")
+    return found[0][1] if found else None
