@@ -27,6 +27,7 @@ class PlanEntry:
     transposed: bool = False
     shared_rows: bool = False  # replicated KV heads: gradient summed over the ranks holding them
     sync_input_grad: bool = True  # False inside a region, which syncs its input gradient once
+    custom: object = None  # a style with its own `build(entry, module, rank, group)` (MoE experts, ALiBi, norms)
 
     def local_shape(self, rank: int, name: str) -> tuple[int, ...]:
         shape, spec = list(self.full_shapes[name]), self.specs[rank][name]
@@ -178,7 +179,9 @@ def resolve_plan(model: nn.Module, policy: Policy, tp_size: int) -> Plan:
         if not found:
             raise TPSplitError(f"policy {policy.name or model_type!r}: pattern {pattern!r} matches no module of "
                                f"{type(model).__name__}; the policy does not fit this model")
-        entries.extend(_linear_entry(path, mod, style, tp_size, attn) for path, mod in found)
+        # A style object may resolve itself (`plan_entry`): fused experts, per-head layouts, sharded norms.
+        entries.extend(style.plan_entry(path, mod, tp_size, attn) if hasattr(style, "plan_entry")
+                       else _linear_entry(path, mod, style, tp_size, attn) for path, mod in found)
 
     regions = [path for pattern in policy.regions for path, _ in _matches(model, pattern, prefix)]
     for entry in entries:
@@ -222,8 +225,9 @@ def _grouped_rows(plan: Plan) -> "OrderedDict[tuple, list[str]]":
     rows: OrderedDict[tuple, list[str]] = OrderedDict()
     for entry in plan.entries:
         generic = re.sub(r"\.\d+\.", ".*.", entry.path)
-        shapes = tuple(entry.local_shape(r, "weight") for r in range(plan.tp_size))
-        key = (generic, entry.style, entry.full_shapes["weight"], shapes)
+        first = next(iter(entry.full_shapes), None)  # "weight", or a custom entry's first tensor (or none)
+        shapes = tuple(entry.local_shape(r, first) if first else () for r in range(plan.tp_size))
+        key = (generic, entry.style, entry.full_shapes.get(first, ()), shapes)
         rows.setdefault(key, []).append(entry.path)
     return rows
 
