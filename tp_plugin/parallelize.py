@@ -16,6 +16,7 @@ from torch.distributed.tensor import DTensor
 
 from .comm import copy_to_tp
 from .config import configured_tp_size
+from .integrations.deepspeed import prepare_model as prepare_for_deepspeed
 from .layers import (PARALLEL_LAYERS, ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding,
                      VocabParallelLMHead, tag_param)
 from .loss import VocabParallelCausalLMLoss
@@ -58,6 +59,8 @@ def parallelize(model: nn.Module, tp_size: int | None = None, *, policy: Policy 
             sync_from_tp_rank0(model, mesh.tp_group)
             apply_plan(model, plan, mesh.tp_rank, mesh.tp_group, loss_parallel=loss_parallel)
     model.tp_plugin_state = TPState(plan, mesh, loss_parallel)
+    if mesh is not None and tp_size > 1:
+        prepare_for_deepspeed(model)  # deepspeed.initialize then trains it on these groups, no AutoTP
     return model
 
 
@@ -125,10 +128,9 @@ def sync_from_tp_rank0(model: nn.Module, group: dist.ProcessGroup) -> None:
     a model initialised with a different seed per rank. The RNG state is copied so that dropout on
     replicated activations draws the same mask on every rank of the group.
     """
-    if any(p.is_meta for p in model.parameters()):
-        return
     digests = [None] * dist.get_world_size(group)
-    dist.all_gather_object(digests, _digest(model), group=group)
+    meta = any(p.is_meta for p in model.parameters())  # built on meta: each rank loads its shards later
+    dist.all_gather_object(digests, "meta" if meta else _digest(model), group=group)
     if len(set(digests)) > 1:
         tensors = [t.data for t in list(model.parameters()) + list(model.buffers())]
         for dtype in sorted({t.dtype for t in tensors}, key=str):
@@ -148,6 +150,8 @@ def _parent(model: nn.Module, path: str) -> tuple[nn.Module, str]:
 
 
 def _build_layer(entry: PlanEntry, module: nn.Module, rank: int, group, *, tied_weight, loss_parallel) -> nn.Module:
+    if entry.custom is not None:  # a style that builds its own layer (MoE experts, ALiBi slicing, sharded norms)
+        return entry.custom.build(entry, module, rank, group)
     spec = entry.specs[rank]["weight"]
     bias = getattr(module, "bias", None)
     if entry.style == "VocabEmbedding":
@@ -202,7 +206,7 @@ def apply_plan(model: nn.Module, plan: Plan, rank: int, group, *, loss_parallel:
         model.get_submodule(path).register_forward_pre_hook(_enter_region(group), with_kwargs=True)
     sharded = {id(p) for m in model.modules() if isinstance(m, PARALLEL_LAYERS) for p in m.parameters()}
     for param in model.parameters():
-        if id(param) not in sharded:
+        if id(param) not in sharded and not hasattr(param, "tp_shard"):  # custom styles tag their own params
             tag_param(param, None)
     for path in plan.partial_grad:
         for param in model.get_submodule(path).parameters():
