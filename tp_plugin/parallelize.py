@@ -84,6 +84,12 @@ def inspect(model: nn.Module) -> str:
 def _policy_for(model: nn.Module) -> Policy:
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     policy = get_policy(model_type) if model_type else None
+    if policy is not None and not isinstance(policy, Policy):  # a function of the model (config variants)
+        policy = policy(model)
+    if policy is None and model_type:
+        from .fallback import auto_policy  # the model's own base_model_tp_plan, translated, else its structure
+
+        policy = auto_policy(model)
     if policy is None:
         raise TPSplitError(
             f"no tensor-parallel policy for model_type={model_type!r} ({type(model).__name__}). Registered: "

@@ -14,6 +14,7 @@ found with `get_input_embeddings()` / `get_output_embeddings()` and always split
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from torch import nn
@@ -101,8 +102,9 @@ def patch_head_counts(module: nn.Module, shard: HeadShard, head_dim: int, local_
 _REGISTRY: dict[str, Policy] = {}
 
 
-def register_policy(model_type: str, policy: Policy) -> None:
-    """Register (or replace) the policy used for `config.model_type == model_type`."""
+def register_policy(model_type: str, policy: "Policy | Callable[[nn.Module], Policy]") -> None:
+    """Register (or replace) the policy used for `config.model_type == model_type`: a Policy, or a function
+    of the model returning one (for families whose layout depends on the config, e.g. Falcon)."""
     _REGISTRY[model_type] = policy
 
 

@@ -1,0 +1,252 @@
+"""Structural fallback: a Policy read off the module tree of a model no one wrote a policy for.
+
+    blocks      the longest nn.ModuleList of the base model (the repeated transformer blocks)
+    attention   in each block, the outermost module whose class name says Attention/Attn: its out-projection
+                (named o_proj/out_proj/dense/c_proj/wo/..., output width = hidden) is row-parallel on head
+                boundaries, every other projection of it (input width = hidden) column-parallel on head
+                boundaries; head counts from the config (num_attention_heads / n_head / ..., and the KV count)
+    MLPs        every other linear of the block: the out-projections (input X != hidden, output = hidden) are
+                row-parallel, the in-projections of width X (or 2X: fused gate|up) column-parallel; per-expert
+                MLPs pair up the same way; 3-D fused experts are split with Experts(); anything reading from
+                the hidden state with another width (routers, gates) stays replicated
+
+Whatever the rules cannot place safely stays replicated (a whole attention module, or a block's MLPs): the
+result is still exact, only less split. Per-head norms inside a split attention get their gradients summed
+over TP; full-width q/k norms become ShardedNorm.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .policy import AttentionSpec, Colwise, Policy, Rowwise
+from .sharding import TPSplitError
+from .styles import Experts, ShardedNorm
+from .translate import (base_prefix, dims, generic, head_config, head_dim_of, head_split, is_attention, is_dense,
+                        with_replicated_rest)
+
+OUT_NAMES = {"o_proj", "out_proj", "dense", "c_proj", "o", "wo", "out", "proj", "out_lin", "fc_out", "attn_out",
+             "o_linear", "linear_out", "output", "out_dense", "attention_output"}
+HIDDEN_ATTRS = ("hidden_size", "n_embd", "d_model", "embed_dim", "dim", "model_dim", "hidden_dim")
+
+
+def find_blocks(base: nn.Module) -> tuple[str, nn.ModuleList] | None:
+    """The repeated blocks: the longest ModuleList whose entries hold linear layers."""
+    best = None
+    for name, module in base.named_modules():
+        if isinstance(module, nn.ModuleList) and len(module) > 0 and \
+                any(is_dense(m) for block in module for m in block.modules()):
+            if best is None or len(module) > len(best[1]):
+                best = (name, module)
+    return best
+
+
+def hidden_size_of(config) -> int | None:
+    return next((getattr(config, a) for a in HIDDEN_ATTRS if isinstance(getattr(config, a, None), int)), None)
+
+
+class HeadAttrs:
+    """Patch the head-count and heads-width attributes of every module under a split attention module
+    (names vary: num_heads, n_head, num_attention_heads, all_head_size, embed_dim, ...)."""
+
+    COUNT = ("num_heads", "num_attention_heads", "n_head", "n_heads", "num_attn_heads", "n_local_heads",
+             "attention_heads", "num_q_heads", "heads")
+    KV = ("num_key_value_heads", "num_kv_heads", "n_kv_heads", "n_local_kv_heads", "kv_heads", "num_heads_kv",
+          "n_head_kv", "num_kv")
+    WIDTH = ("all_head_size", "embed_dim", "hidden_size", "inner_dim", "split_size", "attention_hidden_size",
+             "hidden_size_per_attention_head_x_heads", "inner_size", "projection_size", "attn_dim", "d_model")
+
+    def __repr__(self) -> str:
+        return "HeadAttrs()"
+
+    def plan_entry(self, path, module, tp, attn):
+        from .plan import PlanEntry
+
+        return PlanEntry(path, repr(self), {}, [{} for _ in range(tp)], custom=_PatchHeads(attn))
+
+
+class _PatchHeads:
+    def __init__(self, attn):
+        self.attn = attn
+
+    def build(self, entry, module, rank, group):
+        a, shard = self.attn, self.attn.heads[rank]
+        width = a.num_heads * a.head_dim
+        for sub in module.modules():
+            for name, value in list(vars(sub).items()):
+                if not isinstance(value, int) or isinstance(value, bool):
+                    continue
+                if name in HeadAttrs.COUNT and value == a.num_heads:
+                    setattr(sub, name, shard.num_q)
+                elif name in HeadAttrs.KV and value == a.num_kv_heads:
+                    setattr(sub, name, shard.num_kv)
+                elif name == "num_key_value_groups" and value == a.num_heads // a.num_kv_heads:
+                    setattr(sub, name, shard.num_q // shard.num_kv)
+                elif name in HeadAttrs.WIDTH and value == width:
+                    setattr(sub, name, shard.num_q * a.head_dim)
+        return module
+
+
+def attention_extras(attn_path: str, module: nn.Module, num_heads: int, num_kv: int, head_dim: int):
+    """Non-linear parameters of an attention module to be split: ({path: style}, partial-grad paths), or None
+    when some parameter has a per-head layout the rules cannot place (then the attention stays whole)."""
+    styles, partial = {}, []
+    for name, sub in module.named_modules():
+        if is_dense(sub):
+            continue
+        own = list(sub.named_parameters(recurse=False))
+        if not own:
+            continue
+        path = f"{attn_path}.{name}" if name else attn_path
+        sizes = {p.shape[-1] for _, p in own}
+        if sizes == {head_dim} and all(p.dim() == 1 for _, p in own):
+            partial.append(path)  # per-head norm (Qwen3's q_norm): acts on this rank's heads only
+        elif len(own) == 1 and own[0][0] == "weight" and own[0][1].dim() == 1 and name and \
+                "norm" in type(sub).__name__.lower() and "rms" in type(sub).__name__.lower():
+            size = own[0][1].shape[0]
+            if size == num_heads * head_dim:
+                styles[path] = ShardedNorm("q")
+            elif size == num_kv * head_dim:
+                styles[path] = ShardedNorm("kv")
+            else:
+                return None
+        else:
+            return None
+    return styles, partial
+
+
+def structural_policy(model: nn.Module) -> Policy:
+    """The fallback policy of `model`; raises TPSplitError when nothing at all can be split."""
+    config = model.config
+    base = getattr(model, "base_model", model)
+    found = find_blocks(base)
+    hidden = hidden_size_of(config)
+    model_type = getattr(config, "model_type", type(model).__name__)
+    if found is None or hidden is None:
+        raise TPSplitError(
+            f"{type(model).__name__} (model_type={model_type!r}): no policy, no base_model_tp_plan, and the "
+            f"structural fallback found " + ("no repeated blocks (nn.ModuleList of layers)" if found is None
+                                             else "no hidden size on the config") +
+            f". Register a policy: tp_plugin.register_policy({model_type!r}, Policy(layers={{...}}, "
+            f"attention=AttentionSpec(...)))")
+    blocks_path, blocks = found
+    heads_attr, kv_attr = head_config(config)
+    num_heads = getattr(config, heads_attr) if heads_attr else None
+    num_kv = (getattr(config, kv_attr, None) if kv_attr else None) or num_heads
+    hd = head_dim_of(config, num_heads) if num_heads else None
+
+    layers: dict[str, object] = {}
+    split_attn: dict[str, tuple[dict, list]] = {}  # attention path -> (its styles, its partial-grad modules)
+    for index, block in enumerate(blocks):
+        block_path = f"{blocks_path}.{index}" if blocks_path else str(index)
+        attn_modules = _outermost(block, is_attention)
+        for name, attn in attn_modules:
+            split = _split_attention(f"{block_path}.{name}", attn, hidden, num_heads, num_kv, hd)
+            if split is not None:
+                split_attn[f"{block_path}.{name}"] = split
+        in_attn = {id(m) for _, a in attn_modules for m in a.modules()}
+        layers.update(_split_mlps(block_path, block, hidden, in_attn))
+
+    attention, partial = None, []
+    if split_attn:
+        # One head layout per policy: the most common attention path; other attention kinds stay whole.
+        counts: dict[str, int] = {}
+        for path in split_attn:
+            counts[generic(path)] = counts.get(generic(path), 0) + 1
+        pattern = max(counts, key=counts.get)
+        for path, (styles, part) in split_attn.items():
+            if generic(path) == pattern:
+                layers.update(styles)
+                layers[path] = HeadAttrs()
+                partial += part
+        attention = AttentionSpec(pattern, num_heads=heads_attr, num_kv_heads=kv_attr, head_dim="head_dim")
+    if not layers:
+        raise TPSplitError(
+            f"{type(model).__name__} (model_type={model_type!r}): the structural fallback found no attention or "
+            f"MLP it can split safely in {blocks_path}.* (no head counts on the config, or projections of "
+            f"unexpected shapes). Register a policy: tp_plugin.register_policy({model_type!r}, "
+            f"Policy(layers={{'layers.*.attn.q_proj': Colwise('q'), ...}}, attention=AttentionSpec(...)))")
+    policy = Policy(name=f"{model_type} (structural fallback)", layers=layers, attention=attention,
+                    partial_grad=tuple(partial))
+    return with_replicated_rest(model, policy)
+
+
+def _outermost(block: nn.Module, pred) -> list[tuple[str, nn.Module]]:
+    out = []
+    for name, module in block.named_modules():
+        if name and pred(module) and not any(name.startswith(o + ".") for o, _ in out) and \
+                any(is_dense(m) for m in module.modules()):
+            out.append((name, module))
+    return out
+
+
+def _split_attention(path, attn, hidden, num_heads, num_kv, hd):
+    if not num_heads:
+        return None
+    linears = [(n, m) for n, m in attn.named_modules() if is_dense(m)]
+    outs = [(n, m) for n, m in linears if dims(m)[0] == hidden and
+            (n.rpartition(".")[2] in OUT_NAMES or n.split(".")[0] in ("output", "out"))]
+    if len(outs) != 1:
+        return None
+    styles = {}
+    for n, m in linears:
+        is_out = (n, m) == outs[0]
+        if not is_out and dims(m)[1] != hidden:
+            return None  # reads something other than the hidden state (low-rank MLA, gates): keep whole
+        style = head_split(n, m, num_heads, num_kv, hd, colwise=not is_out)
+        if style is None:
+            return None
+        styles[f"{path}.{n}"] = style
+    extras = attention_extras(path, attn, num_heads, num_kv, hd)
+    if extras is None:
+        return None
+    styles.update(extras[0])
+    return styles, extras[1]
+
+
+def _split_mlps(block_path, block, hidden, skip) -> dict[str, object]:
+    """Pair the block's in-projections with its out-projections by their inner width."""
+    styles: dict[str, object] = {}
+    for name, module in block.named_modules():
+        if id(module) in skip or not name:
+            continue
+        up = getattr(module, "gate_up_proj", None)
+        if isinstance(up, torch.Tensor) and up.dim() == 3 and isinstance(getattr(module, "down_proj", None),
+                                                                          torch.Tensor):
+            styles[f"{block_path}.{name}"] = Experts()
+            skip = skip | {id(m) for m in module.modules()}
+    linears = [(n, m) for n, m in block.named_modules() if is_dense(m) and id(m) not in skip
+               and not any(n.startswith(p[len(block_path) + 1:] + ".") for p in styles)]
+    outs = [(n, m) for n, m in linears if dims(m)[0] == hidden and dims(m)[1] != hidden]
+    widths = {dims(m)[1] for _, m in outs}
+    for n, m in linears:
+        out, inp = dims(m)
+        if (n, m) in outs:
+            continue
+        if inp != hidden:
+            return {p: s for p, s in styles.items() if isinstance(s, Experts)}  # unsure: keep the MLPs whole
+    fed = {w for w in widths if any((n, m) not in outs and (dims(m)[0] == w or dims(m)[0] == 2 * w)
+                                    for n, m in linears)}
+    for n, m in linears:
+        out, inp = dims(m)
+        if (n, m) in outs:
+            if inp in fed:
+                styles[f"{block_path}.{n}"] = Rowwise()
+        elif out in fed:
+            styles[f"{block_path}.{n}"] = Colwise()
+        elif out % 2 == 0 and out // 2 in fed:
+            styles[f"{block_path}.{n}"] = Colwise("", "")  # fused [gate | up]
+    return styles
+
+
+
+def auto_policy(model: nn.Module) -> Policy:
+    """For a model with no registered policy: its translated `base_model_tp_plan`, else the structural fallback."""
+    from .translate import translate_tp_plan
+
+    try:
+        policy = translate_tp_plan(model)
+    except TPSplitError:
+        policy = None
+    return policy if policy is not None else structural_policy(model)

@@ -1,0 +1,399 @@
+"""`tp-plugin verify`: split a (tiny or given) model on N local CPU ranks and compare it with the unsplit one.
+
+    verify_model("llama", tp=2)              # tiny random model of that architecture
+    verify_model("/path/to/model_dir", tp=2) # a local checkpoint
+    sweep(tp=2)                              # every causal-LM architecture of the installed transformers
+
+Each architecture runs in freshly forked gloo ranks (the parent has imported torch and transformers, so a
+fork costs milliseconds), so one architecture that hangs or crashes cannot poison the next. On every rank:
+build the same seeded model, run the unsplit copy forward and backward (if that fails the architecture
+"cannot be built from a tiny config" and is left out of the rate), split with `tp_plugin.parallelize` (the
+policy chain: registered policy, translated base_model_tp_plan, structural fallback), run the split model on
+the same batch, and compare logits, loss and every parameter's gradient (gathered from the shards).
+
+Tolerance: fp32 throughout; the split only reorders floating-point sums (row-parallel partial sums, the
+vocab-parallel embedding), which moves results by a few ulps. We accept max|split - unsplit| <= 1e-4 x
+max(1, max|unsplit|) per tensor (logits, loss, each gradient): about 1000 ulps of headroom for deep-ish
+reductions and eager-softmax paths, still orders of magnitude below the O(0.1) errors a mis-sliced head,
+bias or missing all-reduce gives.
+"""
+
+from __future__ import annotations
+
+import copy
+import datetime
+import math
+import multiprocessing as mp
+import os
+import time
+import traceback
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+
+TOL = 1e-4
+SEQ, BATCH, VOCAB = 10, 2, 128
+
+
+# ---------------------------------------------------------------- tiny configs
+
+_SIZES = {  # config attribute -> tiny value (names vary between architectures)
+    "hidden_size": 64, "n_embd": 64, "d_model": 64, "dim": 64, "embed_dim": 64, "model_dim": 64, "n_embed": 64,
+    "num_attention_heads": 4, "n_head": 4, "num_heads": 4, "n_heads": 4, "decoder_attention_heads": 4,
+    "encoder_attention_heads": 4,
+    "num_key_value_heads": 2, "num_kv_heads": 2, "n_kv_heads": 2, "multi_query_group_num": 2, "n_head_kv": 2,
+    "head_dim": 16, "kv_channels": 16, "attention_head_dim": 16,
+    "intermediate_size": 96, "n_inner": 96, "ffn_dim": 96, "ffn_hidden_size": 96, "decoder_ffn_dim": 96,
+    "encoder_ffn_dim": 96, "d_ff": 96, "inner_dim": 96, "mlp_dim": 96, "intermediate_dim": 96,
+    "moe_intermediate_size": 32, "shared_expert_intermediate_size": 48, "expert_intermediate_size": 32,
+    "num_hidden_layers": 2, "n_layer": 2, "num_layers": 2, "n_layers": 2, "decoder_layers": 2,
+    "num_decoder_layers": 2, "encoder_layers": 2,
+    "num_experts": 4, "num_local_experts": 4, "n_routed_experts": 4, "moe_num_experts": 4,
+    "num_experts_per_tok": 2, "moe_topk": 2, "moe_k": 2, "n_group": 1, "topk_group": 1,
+    "first_k_dense_replace": 1,
+    "rotary_dim": 8, "q_lora_rank": 32, "kv_lora_rank": 16, "qk_rope_head_dim": 8, "qk_nope_head_dim": 8, "v_head_dim": 16,
+    "max_position_embeddings": 128, "n_positions": 128, "n_ctx": 128, "max_seq_len": 128,
+    "vocab_size": VOCAB,
+}
+_LISTS = ("layer_types", "layers_block_type", "mlp_layer_types", "block_types", "attn_type_list")
+
+
+def tiny_config(model_type: str):
+    """The default config of `model_type`, shrunk: 2 layers, hidden 64, 4 heads / 2 KV heads, vocab 128."""
+    from transformers import AutoConfig
+
+    defaults = AutoConfig.for_model(model_type).to_dict()
+    kwargs = {}
+    for key, value in defaults.items():
+        if key in _SIZES and isinstance(value, int) and not isinstance(value, bool):
+            kwargs[key] = _SIZES[key]
+        elif ("dropout" in key or "pdrop" in key) and isinstance(value, float):
+            kwargs[key] = 0.0
+    if defaults.get("num_key_value_heads") is None and "num_key_value_heads" in defaults:
+        kwargs.pop("num_key_value_heads", None)
+    layers = kwargs.get("num_hidden_layers", 2)
+    for key in _LISTS:
+        if isinstance(defaults.get(key), list) and defaults[key]:
+            # keep one layer of each kind, in order, so hybrid models still see every block type
+            kinds = list(dict.fromkeys(defaults[key]))[:4]
+            kwargs[key] = kinds if len(kinds) > 1 else defaults[key][:layers]
+            if "num_hidden_layers" in defaults:
+                kwargs["num_hidden_layers"] = len(kwargs[key])
+    for key, value in defaults.items():  # special token ids must fit the tiny vocabulary
+        if key.endswith("token_id") and isinstance(value, int) and value >= VOCAB:
+            kwargs[key] = VOCAB - 1 - (abs(hash(key)) % 8)
+        elif key.endswith("token_id") and isinstance(value, list):
+            kwargs[key] = [v if v < VOCAB else VOCAB - 1 for v in value]
+    kwargs["use_cache"] = False
+    return AutoConfig.for_model(model_type, **kwargs)
+
+
+def _perturb(model) -> None:
+    """Random norms and biases: HF initialises them to 1 / 0, which would hide a mis-sliced bias or norm."""
+    gen = torch.Generator().manual_seed(1234)
+    with torch.no_grad():
+        for _, param in model.named_parameters():
+            if param.dim() == 1 and param.is_floating_point():
+                param.add_(torch.randn(param.shape, generator=gen).to(param.dtype) * 0.1)
+
+
+def build_tiny(model_type: str, seed: int = 0):
+    from transformers import AutoModelForCausalLM
+
+    config = tiny_config(model_type)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, attn_implementation="eager")
+    _perturb(model)
+    return model.float().eval()
+
+
+def load_local(path: str):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path, torch_dtype=torch.float32).eval()
+
+
+# ---------------------------------------------------------------- one architecture on one rank
+
+@dataclass
+class Result:
+    name: str
+    status: str  # "match", "mismatch", "refused" (TPSplitError), "error", "unbuildable"
+    how: str = ""  # "policy", "translated plan", "fallback"
+    policy: str = ""
+    errors: dict = field(default_factory=dict)
+    sharded: float = 0.0  # fraction of parameters (by count of elements) split over TP
+    detail: str = ""
+    plan: str = ""
+
+
+def _how(policy_name: str) -> str:
+    if "translated" in policy_name:
+        return "translated plan"
+    if "fallback" in policy_name:
+        return "fallback"
+    return "policy"
+
+
+def _gather_full(param, group):
+    from .sharding import unshard_tensor
+
+    spec = getattr(param, "tp_shard", None)
+    if spec is None:
+        return param.grad
+    world = dist.get_world_size(group)
+    grads, specs = [None] * world, [None] * world
+    dist.all_gather_object(grads, param.grad, group=group)
+    dist.all_gather_object(specs, spec, group=group)
+    return unshard_tensor(grads, specs)
+
+
+def _rel(a, b) -> float:
+    if a is None and b is None:
+        return 0.0
+    if a is None or b is None:
+        return math.inf
+    return (a.float() - b.float()).abs().max().item() / max(1.0, b.float().abs().max().item())
+
+
+def check_one(name: str, tp: int, load=None) -> Result:
+    """On every rank of an initialised gloo world: build, split, compare. Same result on every rank."""
+    import tp_plugin
+    from .sharding import TPSplitError
+
+    torch.manual_seed(0)
+    try:
+        model = load(name) if load else build_tiny(name)
+        ref = copy.deepcopy(model)
+        gen = torch.Generator().manual_seed(1)
+        vocab = model.get_input_embeddings().weight.shape[0]
+        ids = torch.randint(3, min(vocab, VOCAB), (BATCH, SEQ), generator=gen)
+        ref_out = ref(input_ids=ids, labels=ids)
+        ref_out.loss.backward()
+    except Exception as exc:  # noqa: BLE001  (the unsplit model itself does not run: not ours to judge)
+        return Result(name, "unbuildable", detail=f"{type(exc).__name__}: {str(exc)[:200]}")
+    try:
+        tp_plugin.parallelize(model, tp_size=tp)
+    except TPSplitError as exc:
+        return Result(name, "refused", detail=str(exc)[:300])
+    except Exception as exc:  # noqa: BLE001
+        return Result(name, "error", detail=f"parallelize: {type(exc).__name__}: {str(exc)[:300]}")
+    plan = model.tp_plugin_state.plan
+    numel = sum(p.numel() for p in ref.parameters())
+    split = sum(p.numel() for n, p in ref.named_parameters() if n not in set(plan.replicated))
+    result = Result(name, "match", how=_how(plan.policy_name), policy=plan.policy_name, sharded=split / numel,
+                    plan=str(plan))
+    try:
+        out = model(input_ids=ids, labels=ids)
+        out.loss.backward()
+        group = model.tp_plugin_state.mesh.tp_group
+        result.errors["logits"] = _rel(out.logits, ref_out.logits)
+        result.errors["loss"] = _rel(out.loss, ref_out.loss)
+        ref_params = dict(ref.named_parameters())
+        worst, worst_name = 0.0, ""
+        for pname, param in model.named_parameters():
+            err = _rel(_gather_full(param, group), ref_params[pname].grad)
+            if err > worst:
+                worst, worst_name = err, pname
+        result.errors["grads"] = worst
+        result.errors["worst_grad"] = worst_name
+    except Exception as exc:  # noqa: BLE001
+        result.status, result.detail = "error", f"split forward/backward: {type(exc).__name__}: {str(exc)[:300]}"
+        return result
+    bad = [k for k in ("logits", "loss", "grads") if not result.errors[k] <= TOL]
+    if bad:
+        result.status = "mismatch"
+        result.detail = ", ".join(f"{k} {result.errors[k]:.2e}" for k in bad) + \
+            (f" ({result.errors['worst_grad']})" if "grads" in bad else "")
+    return result
+
+
+# ---------------------------------------------------------------- ranks
+
+def _rank_main(rank, world, port, names, tp, load, queue, timeout_s):
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), HF_HUB_OFFLINE="1")
+    torch.set_num_threads(1)
+    current = names[0] if names else "?"
+    try:
+        store = dist.TCPStore("127.0.0.1", port, world, is_master=False,
+                              timeout=datetime.timedelta(seconds=timeout_s))
+        dist.init_process_group("gloo", store=store, rank=rank, world_size=world,
+                                timeout=datetime.timedelta(seconds=timeout_s))
+        for name in names:
+            current = name
+            result = check_one(name, tp, load)
+            if rank == 0:
+                queue.put(result)
+    except BaseException:  # noqa: BLE001
+        queue.put(Result(current, "error", detail=traceback.format_exc()[-600:]))
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def run_on_ranks(names: list[str], tp: int, *, load=None, timeout_s: float = 60.0) -> list[Result]:
+    """Check `names` one after another in one set of `tp` forked ranks; a timeout marks the rest as errors."""
+    ctx = mp.get_context("fork")
+    store = dist.TCPStore("127.0.0.1", 0, tp + 1, is_master=True, wait_for_workers=False,
+                          timeout=datetime.timedelta(seconds=timeout_s))
+    queue = ctx.Queue()
+    procs = [ctx.Process(target=_rank_main, args=(r, tp, store.port, names, tp, load, queue, timeout_s))
+             for r in range(tp)]
+    for p in procs:
+        p.start()
+    results = []
+    try:
+        while len(results) < len(names):
+            result = queue.get(timeout=timeout_s + 15)
+            results.append(result)
+            if result.status == "error" and result.detail.startswith("Traceback"):
+                break
+    except Exception:  # noqa: BLE001  (a rank hung or died)
+        pass
+    finally:
+        for p in procs:
+            p.join(timeout=2)
+            if p.is_alive():
+                p.kill()
+                p.join()
+    done = {r.name for r in results}
+    results += [Result(n, "error", detail="timed out or crashed (a rank hung past the timeout)")
+                for n in names if n not in done]
+    return results
+
+
+def causal_lm_types() -> list[str]:
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    return sorted(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)
+
+
+def _preimport(names: list[str]) -> None:
+    """Import every architecture's modeling module once in the parent, so forked ranks share it."""
+    import transformers
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    import tp_plugin  # noqa: F401
+    from . import fallback, translate  # noqa: F401
+
+    for name in names:
+        try:
+            getattr(transformers, MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[name])
+        except Exception:  # noqa: BLE001  (an architecture whose import fails is reported by its run)
+            pass
+
+
+def sweep(tp: int, names: list[str] | None = None, *, chunk: int = 12, progress=None) -> list[Result]:
+    """Verify many architectures at `tp`, `chunk` per set of ranks (a crash costs at most one chunk)."""
+    names = names or causal_lm_types()
+    _preimport(names)
+    results: list[Result] = []
+    pending = list(names)
+    while pending:
+        batch, pending = pending[:chunk], pending[chunk:]
+        got = run_on_ranks(batch, tp)
+        # after a crash, the architectures after the culprit in its chunk are re-run on fresh ranks
+        ok = [r for r in got if not r.detail.startswith("timed out or crashed")]
+        retry = [r.name for r in got if r.detail.startswith("timed out or crashed")]
+        if retry and len(retry) < len(batch):
+            culprit, rest = retry[0], retry[1:]
+            ok.append(Result(culprit, "error", detail="a rank hung or crashed"))
+            pending = rest + pending
+        else:
+            ok += [r for r in got if r.name in retry]
+        for r in ok:
+            results.append(r)
+            if progress:
+                progress(r)
+    return results
+
+
+# ---------------------------------------------------------------- reports
+
+def summary_line(results: list[Result], tp: int) -> str:
+    buildable = [r for r in results if r.status != "unbuildable"]
+    matched = [r for r in buildable if r.status == "match"]
+    return (f"tp={tp}: {len(matched)}/{len(buildable)} architectures match "
+            f"({len(results) - len(buildable)} of {len(results)} could not be built from a tiny config)")
+
+
+def table(results_by_tp: dict[int, list[Result]], *, markdown: bool = False) -> str:
+    tps = sorted(results_by_tp)
+    by_name: dict[str, dict[int, Result]] = {}
+    for tp, results in results_by_tp.items():
+        for r in results:
+            by_name.setdefault(r.name, {})[tp] = r
+    header = ["architecture"] + [f"tp={tp}" for tp in tps] + ["how", "split params", "note"]
+    rows = []
+    for name in sorted(by_name):
+        cells = [name]
+        how, share, note = "", "", ""
+        for tp in tps:
+            r = by_name[name].get(tp)
+            cells.append(r.status if r else "-")
+            if r and r.how:
+                how, share = r.how, f"{100 * r.sharded:.0f}%"
+            if r and r.status not in ("match",) and not note:
+                note = r.detail.splitlines()[-1][:90] if r.detail else ""
+        rows.append(cells + [how, share, note])
+    if markdown:
+        out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        out += ["| " + " | ".join(c.replace("|", "/") for c in row) + " |" for row in rows]
+        return "\n".join(out)
+    widths = [max(len(str(row[i])) for row in [header] + rows) for i in range(len(header) - 1)]
+    lines = []
+    for row in [header] + rows:
+        lines.append("  ".join(str(c).ljust(w) for c, w in zip(row[:-1], widths)) + "  " + row[-1])
+    return "\n".join(lines)
+
+
+def verify_model(name: str, tp: int) -> Result:
+    """One architecture (model_type) or a local model directory."""
+    load = load_local if os.path.isdir(name) else None
+    _preimport([] if load else [name])
+    return run_on_ranks([name], tp, load=load, timeout_s=120.0)[0]
+
+
+def main_verify(args) -> int:
+    """The `tp-plugin verify` subcommand (argparse namespace: target, tp, all_architectures, markdown, only)."""
+    tps = args.tp or [2]
+    if not args.all_architectures:
+        if not args.target:
+            raise SystemExit("tp-plugin verify: give MODEL_OR_CONFIG (a model_type or a local model dir) "
+                             "or --all-architectures")
+        code = 0
+        for tp in tps:
+            r = verify_model(args.target, tp)
+            if r.plan:
+                print(r.plan)
+            errs = ", ".join(f"{k} {v:.1e}" for k, v in r.errors.items() if isinstance(v, float))
+            print(f"{args.target} tp={tp}: {r.status.upper()} ({r.how or 'no split'}) {errs} {r.detail}".rstrip())
+            code |= r.status != "match"
+        return code
+    names = args.only.split(",") if args.only else None
+    results_by_tp = {}
+    for tp in tps:
+        start = time.time()
+        results_by_tp[tp] = sweep(tp, names, progress=lambda r, tp=tp: print(
+            f"  tp={tp} {r.name:28s} {r.status:11s} {r.how:16s} {r.detail.splitlines()[-1][:100] if r.detail else ''}",
+            flush=True))
+        print(f"{summary_line(results_by_tp[tp], tp)} in {time.time() - start:.0f} s", flush=True)
+    print(table(results_by_tp))
+    for tp in tps:
+        print(summary_line(results_by_tp[tp], tp))
+    if args.markdown:
+        lines = ["# Architectures", "",
+                 "Generated by `tp-plugin verify --all-architectures " + " ".join(f"--tp {t}" for t in tps) +
+                 f" --markdown {args.markdown}`: every causal-LM architecture of the installed transformers, "
+                 "built from a tiny random config, split and compared with the unsplit model (logits, loss, every "
+                 "gradient; tolerance 1e-4 relative). `how`: a hand-written policy, the model's own "
+                 "`base_model_tp_plan` translated, or the structural fallback; `split params`: the share of "
+                 "parameters that are sharded (the rest is replicated).", ""]
+        lines += [summary_line(results_by_tp[tp], tp) + "  " for tp in tps] + ["", table(results_by_tp, markdown=True)]
+        tmp = args.markdown + ".tmp"
+        with open(tmp, "w") as fh:
+            fh.write("\n".join(lines) + "\n")
+        os.replace(tmp, args.markdown)
+    return 0
