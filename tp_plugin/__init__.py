@@ -8,7 +8,9 @@
 from .parallelize import inspect, parallelize
 from .policy import AttentionSpec, Colwise, Policy, Rowwise, register_policy
 from .sharding import TPSplitError
+from .checkpoint import from_pretrained, save_pretrained, save_sharded
 
 __all__ = ["parallelize", "inspect", "Policy", "AttentionSpec", "Colwise", "Rowwise", "register_policy",
            "TPSplitError"]
+__all__ += ["from_pretrained", "save_pretrained", "save_sharded"]
 __version__ = "0.1.0"

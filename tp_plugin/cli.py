@@ -1,0 +1,71 @@
+"""The `tp-plugin` command line: a registry of subcommands, each a small function pair.
+
+    tp-plugin consolidate SHARDED_DIR OUT_DIR [--max-shard-size 5GB]
+
+Adding a subcommand: write `_configure_x(parser)` and `_run_x(args) -> int`, then
+`register("x", "one-line help", _configure_x, _run_x)`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Command:
+    name: str
+    help: str
+    configure: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], int]
+
+
+COMMANDS: dict[str, Command] = {}
+
+
+def register(name: str, help: str, configure: Callable[[argparse.ArgumentParser], None],
+             run: Callable[[argparse.Namespace], int]) -> None:
+    COMMANDS[name] = Command(name, help, configure, run)
+
+
+def _configure_consolidate(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("sharded_dir", help="a per-rank checkpoint written by tp_plugin.save_sharded")
+    parser.add_argument("out_dir", help="where to write the ordinary Hugging Face checkpoint (replaced atomically)")
+    parser.add_argument("--max-shard-size", default="5GB", help="largest safetensors file (default: 5GB)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _run_consolidate(args: argparse.Namespace) -> int:
+    from .checkpoint import consolidate
+
+    out = consolidate(args.sharded_dir, args.out_dir, max_shard_size=args.max_shard_size,
+                      progress=not args.no_progress)
+    print(f"wrote {out}")
+    return 0
+
+
+register("consolidate", "turn a per-rank (sharded) checkpoint into an ordinary Hugging Face checkpoint",
+         _configure_consolidate, _run_consolidate)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tp-plugin", description="tensor parallelism for transformers models")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for command in COMMANDS.values():
+        command.configure(sub.add_parser(command.name, help=command.help, description=command.help))
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command].run(args)
+    except (OSError, ValueError) as exc:  # CheckpointError is a ValueError: one clear line, no traceback
+        print(f"tp-plugin {args.command}: error: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
