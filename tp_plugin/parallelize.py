@@ -16,7 +16,6 @@ from torch.distributed.tensor import DTensor
 
 from .comm import copy_to_tp
 from .config import configured_tp_size
-from .integrations.deepspeed import prepare_model as prepare_for_deepspeed
 from .layers import (PARALLEL_LAYERS, ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding,
                      VocabParallelLMHead, tag_param)
 from .loss import VocabParallelCausalLMLoss
@@ -59,8 +58,6 @@ def parallelize(model: nn.Module, tp_size: int | None = None, *, policy: Policy 
             sync_from_tp_rank0(model, mesh.tp_group)
             apply_plan(model, plan, mesh.tp_rank, mesh.tp_group, loss_parallel=loss_parallel)
     model.tp_plugin_state = TPState(plan, mesh, loss_parallel)
-    if mesh is not None and tp_size > 1:
-        prepare_for_deepspeed(model)  # deepspeed.initialize then trains it on these groups, no AutoTP
     return model
 
 
@@ -134,9 +131,10 @@ def sync_from_tp_rank0(model: nn.Module, group: dist.ProcessGroup) -> None:
     a model initialised with a different seed per rank. The RNG state is copied so that dropout on
     replicated activations draws the same mask on every rank of the group.
     """
+    if any(p.is_meta for p in model.parameters()):
+        return
     digests = [None] * dist.get_world_size(group)
-    meta = any(p.is_meta for p in model.parameters())  # built on meta: each rank loads its shards later
-    dist.all_gather_object(digests, "meta" if meta else _digest(model), group=group)
+    dist.all_gather_object(digests, _digest(model), group=group)
     if len(set(digests)) > 1:
         tensors = [t.data for t in list(model.parameters()) + list(model.buffers())]
         for dtype in sorted({t.dtype for t in tensors}, key=str):
