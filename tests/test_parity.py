@@ -125,3 +125,19 @@ def _wrong_split(rank, world):
 
 def test_parity_detects_a_wrong_split():
     assert min(run_ranks(2, _wrong_split)) > 1e-3
+
+
+def _different_seeds(rank, world):
+    """Each rank builds a different random model: the split model must be TP rank 0's, on every rank."""
+    model = build("llama", 2, seed=100 + rank)
+    ref = build("llama", 2, seed=100)
+    tp_plugin.parallelize(model, tp_size=2)
+    norm = model.model.norm.weight.detach().clone()
+    ids = batch()
+    return (model(ids).logits - ref(ids).logits).abs().max().item(), norm
+
+
+def test_weights_are_taken_from_tp_rank0_when_ranks_differ():
+    (err0, norm0), (err1, norm1) = run_ranks(2, _different_seeds)
+    assert max(err0, err1) < 1e-4
+    assert torch.equal(norm0, norm1)  # replicated parameters bit-identical across the TP group
