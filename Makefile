@@ -1,6 +1,6 @@
 # make venv   build .venv with the pinned dev stack (no-op when already up to date)
 # make test   run the test suite
-# make demo   fine-tune SmolLM2-135M split over 2 CPU ranks
+# make demo   fine-tune SmolLM2-135M split over 2 CPU ranks (extra flags: make demo ARGS=--loss-parallel)
 SHELL := /bin/bash
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -33,4 +33,4 @@ test: venv
 demo: venv
 	mkdir -p .tmp
 	$(RUN_ENV) $(PY) examples/demo_model.py
-	$(RUN_ENV) $(VENV)/bin/torchrun --standalone --nproc_per_node 2 examples/demo_finetune.py
+	$(RUN_ENV) $(VENV)/bin/torchrun --standalone --nproc_per_node 2 examples/demo_finetune.py $(ARGS)
