@@ -14,3 +14,9 @@ __all__ = ["parallelize", "inspect", "Policy", "AttentionSpec", "Colwise", "Roww
            "TPSplitError"]
 __all__ += ["from_pretrained", "save_pretrained", "save_sharded"]
 __version__ = "0.1.0"
+
+# `accelerate launch` support, at the earliest point tp_plugin code runs in a user's script: the TP degree from
+# the yaml, gloo when there is no GPU, DDP and data sharding over the data-parallel group (integrations/accelerate.py).
+from .integrations.accelerate import on_import as _accelerate_on_import  # noqa: E402
+
+_accelerate_on_import()

@@ -51,7 +51,16 @@ def _from_hf_deepspeed_config() -> tuple[str, int] | None:
     return ("TrainingArguments.deepspeed", size) if size else None
 
 
-SOURCES = [_from_env, _from_accelerate_deepspeed_json, _from_hf_deepspeed_config]
+def _from_accelerate_yaml() -> tuple[str, int] | None:
+    """`parallelism_config: {parallelism_config_tp_size: N}` in the `accelerate launch` yaml (see
+    integrations/accelerate.py: tp_plugin takes that key over from Accelerate's own TP)."""
+    from .integrations.accelerate import yaml_tp_size
+
+    size = yaml_tp_size()
+    return ("accelerate yaml parallelism_config_tp_size", size) if size else None
+
+
+SOURCES = [_from_env, _from_accelerate_yaml, _from_accelerate_deepspeed_json, _from_hf_deepspeed_config]
 
 
 def configured_tp_size() -> int | None:

@@ -1,0 +1,308 @@
+"""Accelerate: a script written for `Accelerator` trains a tp_plugin-split model, with no extra calls.
+
+    accelerate launch --config_file configs/accelerate/cpu_tp2_dp2.yaml train.py
+
+    accelerator = Accelerator()
+    model = tp_plugin.parallelize(AutoModelForCausalLM.from_pretrained(path))   # degree from the yaml
+    model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+
+What `import tp_plugin` does for this (`on_import`, each step a no-op outside its case):
+
+1. TP degree from the yaml. `parallelism_config: {parallelism_config_tp_size: N}` is the one yaml key that
+   `accelerate launch` exports to the processes for a MULTI_GPU or DEEPSPEED config (as
+   `PARALLELISM_CONFIG_TP_SIZE`, with `ACCELERATE_USE_PARALLELISM_CONFIG=true`). tp_plugin reads it as its TP
+   degree (`config._from_accelerate_yaml`) and switches the flag off, so that `Accelerator()` does not build its
+   own DTensor TP (which needs FSDP2 and refuses CPU and DeepSpeed). FSDP launches are left alone.
+2. CPU launches. Without a GPU, a MULTI_GPU config starts N processes but `Accelerator()` finds no backend and
+   runs each as a single process. tp_plugin sets `ACCELERATE_USE_CPU=true` (Accelerate then inits gloo and
+   goes MULTI_CPU); for DEEPSPEED it initialises Accelerate's `PartialState(backend="gloo")` early, which is
+   what `InitProcessGroupKwargs(backend="gloo")` would do. On a GPU machine nothing changes.
+3. `Accelerator.prepare_model / prepare_data_loader / prepare / clip_grad_norm_` are wrapped. When a model
+   split by tp_plugin (TP > 1) is involved, and only then:
+   * DDP is built over the data-parallel group (Accelerate passes no process group, and DDP over the world
+     would average different shards and overwrite them from rank 0): the `ddp_handler` gets `process_group`.
+   * Data loaders are sharded over the DP group only: Accelerate is handed a device mesh with a "tp"
+     dimension (its own mechanism: `torch_device_mesh`), so all TP ranks of a replica get the same batch.
+   * The first training forward checks, once, that the TP ranks got the same batch (`check_tp_batches`).
+   * `clip_grad_norm_` uses the unsplit model's norm (`tp_plugin.grad_norm`).
+   Set `TP_PLUGIN_ACCELERATE_HOOKS=0` to leave Accelerate untouched.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import logging
+import os
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+logger = logging.getLogger("tp_plugin")
+
+_LAUNCH_MARKER = "ACCELERATE_DYNAMO_BACKEND"  # exported by every `accelerate launch` path, never by torchrun
+
+
+def _flag(name: str) -> bool:
+    return os.environ.get(name, "").lower() in ("1", "true", "yes")
+
+
+def launched_by_accelerate() -> bool:
+    return _LAUNCH_MARKER in os.environ and int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def yaml_tp_size() -> int | None:
+    """`parallelism_config_tp_size` from the Accelerate yaml (exported by `accelerate launch`), if it names TP."""
+    if _LAUNCH_MARKER not in os.environ or _flag("ACCELERATE_USE_FSDP"):
+        return None
+    size = int(os.environ.get("PARALLELISM_CONFIG_TP_SIZE", "1") or 1)
+    return size if size > 1 else None
+
+
+def _has_gpu() -> bool:
+    accel = getattr(torch, "accelerator", None)
+    if accel is not None and hasattr(accel, "is_available"):
+        return accel.is_available()
+    return torch.cuda.is_available()
+
+
+def take_over_parallelism_config() -> None:
+    """Keep `Accelerator()` from building its own TP from the yaml key that tp_plugin reads (step 1)."""
+    size = yaml_tp_size()
+    if size is None or not _flag("ACCELERATE_USE_PARALLELISM_CONFIG"):
+        return
+    others = {k: os.environ.get(f"PARALLELISM_CONFIG_{k}", "1") for k in ("CP_SIZE", "SP_SIZE", "DP_SHARD_SIZE")}
+    busy = {k: v for k, v in others.items() if v not in ("", "1")}
+    if busy:
+        raise ValueError(f"tp_plugin: the Accelerate yaml sets parallelism_config_tp_size={size} together with "
+                         f"{busy}; tp_plugin provides TP with DDP or DeepSpeed ZeRO as the data-parallel axis and "
+                         f"cannot combine with Accelerate's cp/sp/dp_shard. Keep only parallelism_config_tp_size.")
+    os.environ["ACCELERATE_USE_PARALLELISM_CONFIG"] = "false"
+
+
+def prepare_cpu_launch() -> None:
+    """Make `accelerate launch` with N processes run N gloo ranks on a machine without a GPU (step 2)."""
+    if not launched_by_accelerate() or _flag("ACCELERATE_USE_CPU") or _has_gpu():
+        return
+    if _flag("ACCELERATE_USE_DEEPSPEED"):
+        # ACCELERATE_USE_CPU would turn DeepSpeed off (Accelerate picks MULTI_CPU), and Accelerate passes no
+        # backend to DeepSpeed without a GPU, so it counts one process. A PartialState made now, with gloo, is
+        # the shared state that Accelerator() then finds.
+        from accelerate import PartialState
+
+        PartialState(backend="gloo")
+    else:
+        os.environ["ACCELERATE_USE_CPU"] = "true"
+
+
+# ---- the Accelerator hooks (step 3) --------------------------------------------------------------------------
+
+
+def mesh_of(model) -> "TPMesh | None":  # noqa: F821 (tp_plugin.mesh.TPMesh)
+    """The (dp, tp) mesh of a split model (through DDP / DeepSpeed / compile wrappers), when TP > 1."""
+    for _ in range(4):
+        state = getattr(model, "tp_plugin_state", None)
+        if state is not None:
+            mesh = state.mesh
+            return mesh if mesh is not None and mesh.tp_size > 1 else None
+        model = getattr(model, "module", None) or getattr(model, "_orig_mod", None)
+        if model is None:
+            return None
+    return None
+
+
+class _WithProcessGroup:
+    """Accelerate's `ddp_handler`, plus the DP process group (DistributedDataParallelKwargs has no such field)."""
+
+    def __init__(self, base, group):
+        self.base, self.group = base, group
+
+    def to_kwargs(self) -> dict:
+        return {**(self.base.to_kwargs() if self.base is not None else {}), "process_group": self.group}
+
+    def register_comm_hook(self, model) -> None:
+        if self.base is not None:
+            self.base.register_comm_hook(model)
+
+
+def data_mesh(mesh, distributed_type) -> "DeviceMesh":  # noqa: F821
+    """The mesh Accelerate's `prepare_data_loader` reads to give every TP rank of a replica the same batch.
+
+    Its DeepSpeed branch divides by the "tp" size; its other branch counts data-parallel ranks in a dimension
+    named "dp_replicate", so that one gets the same groups under that name (no new communicators).
+    """
+    from accelerate.utils import DistributedType
+    from torch.distributed.device_mesh import DeviceMesh
+
+    if distributed_type == DistributedType.DEEPSPEED:
+        return mesh.mesh
+    cached = getattr(mesh, "_accelerate_data_mesh", None)
+    if cached is None:
+        cached = DeviceMesh.from_group([mesh.dp_group, mesh.tp_group], mesh.mesh.device_type,
+                                       mesh=mesh.mesh.mesh, mesh_dim_names=("dp_replicate", "tp"))
+        mesh._accelerate_data_mesh = cached
+    return cached
+
+
+def _register(accelerator, model) -> None:
+    mesh = mesh_of(model)
+    if mesh is None:
+        return
+    known = getattr(accelerator, "_tp_plugin_mesh", None)
+    if known is not None and known is not mesh:
+        raise ValueError("tp_plugin: one Accelerator got two split models with different meshes; prepare models "
+                         "split over the same (dp, tp) layout")
+    accelerator._tp_plugin_mesh = mesh
+
+
+def _wrap_prepare(original):
+    @functools.wraps(original)
+    def prepare(self, *args, **kwargs):
+        for obj in args:  # before any data loader in the same call is prepared
+            if isinstance(obj, nn.Module):
+                _register(self, obj)
+        return original(self, *args, **kwargs)
+    return prepare
+
+
+def _wrap_prepare_model(original):
+    @functools.wraps(original)
+    def prepare_model(self, model, device_placement=None, evaluation_mode=False):
+        mesh = mesh_of(model)
+        if mesh is None:
+            return original(self, model, device_placement, evaluation_mode)
+        _register(self, model)
+        check_tp_batches(model)
+        handler = self.ddp_handler
+        self.ddp_handler = _WithProcessGroup(handler, mesh.dp_group)
+        try:
+            return original(self, model, device_placement, evaluation_mode)
+        finally:
+            self.ddp_handler = handler
+    return prepare_model
+
+
+def _wrap_prepare_data_loader(original):
+    @functools.wraps(original)
+    def prepare_data_loader(self, data_loader, device_placement=None, slice_fn_for_dispatch=None):
+        mesh = getattr(self, "_tp_plugin_mesh", None)
+        if mesh is None or getattr(data_loader, "_is_accelerate_prepared", False):
+            return original(self, data_loader, device_placement, slice_fn_for_dispatch)
+        from accelerate.utils import DistributedType
+
+        deepspeed = self.distributed_type == DistributedType.DEEPSPEED
+        attr = "ds_device_mesh" if deepspeed else "device_mesh"
+        saved = self.state.__dict__.get(attr, _MISSING)
+        setattr(self.state, attr, data_mesh(mesh, self.distributed_type))
+        try:
+            return original(self, data_loader, device_placement, slice_fn_for_dispatch)
+        finally:
+            if saved is _MISSING:
+                delattr(self.state, attr)
+            else:
+                setattr(self.state, attr, saved)
+    return prepare_data_loader
+
+
+def _wrap_clip_grad_norm(original):
+    @functools.wraps(original)
+    def clip_grad_norm_(self, parameters, max_norm, norm_type=2):
+        from accelerate.utils import DistributedType
+
+        mesh = getattr(self, "_tp_plugin_mesh", None)
+        if mesh is None or self.distributed_type == DistributedType.DEEPSPEED:
+            return original(self, parameters, max_norm, norm_type)  # DeepSpeed clips in its engine
+        from ..grad_norm import clip_grad_norm_ as tp_clip
+
+        self.unscale_gradients()
+        return tp_clip(list(parameters), max_norm, norm_type, tp_group=mesh.tp_group)
+    return clip_grad_norm_
+
+
+_MISSING = object()
+
+
+def install() -> None:
+    """Wrap the Accelerator methods (idempotent). Each wrapper defers to Accelerate unless a split model is in play."""
+    from accelerate import Accelerator
+
+    if getattr(Accelerator, "_tp_plugin_hooks", False):
+        return
+    Accelerator.prepare = _wrap_prepare(Accelerator.prepare)
+    Accelerator.prepare_model = _wrap_prepare_model(Accelerator.prepare_model)
+    Accelerator.prepare_data_loader = _wrap_prepare_data_loader(Accelerator.prepare_data_loader)
+    Accelerator.clip_grad_norm_ = _wrap_clip_grad_norm(Accelerator.clip_grad_norm_)
+    Accelerator._tp_plugin_hooks = True
+
+
+def on_import() -> None:
+    """Run by `import tp_plugin` (see the module docstring)."""
+    take_over_parallelism_config()
+    prepare_cpu_launch()
+    if os.environ.get("TP_PLUGIN_ACCELERATE_HOOKS", "1") != "0":
+        try:
+            install()
+        except ImportError:  # accelerate not installed: nothing to hook
+            pass
+
+
+# ---- the once-per-run batch check ----------------------------------------------------------------------------
+
+
+def _digest(args, kwargs) -> int:
+    h = hashlib.blake2b(digest_size=8)
+    for value in list(args) + [kwargs[k] for k in sorted(kwargs)]:
+        if isinstance(value, torch.Tensor):
+            h.update(str((value.shape, value.dtype)).encode())
+            h.update(value.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return int.from_bytes(h.digest(), "little", signed=True)
+
+
+def batch_mismatch(args, kwargs, group) -> str | None:
+    """All-gather a digest of this forward's tensor inputs over the TP group; describe a mismatch, if any."""
+    digest = torch.tensor([_digest(args, kwargs)], dtype=torch.int64)
+    backend = dist.get_backend(group)
+    if backend == "nccl":
+        digest = digest.cuda()
+    digests = [torch.zeros_like(digest) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(digests, digest, group=group)
+    values = [int(d.item()) for d in digests]
+    if len(set(values)) == 1:
+        return None
+    ranks = dist.get_process_group_ranks(group)
+    groups = {}
+    for rank, value in zip(ranks, values):
+        groups.setdefault(value, []).append(rank)
+    return (f"tp_plugin: the ranks of tensor-parallel group {ranks} got different batches in their first training "
+            f"forward (ranks with equal inputs: {list(groups.values())}). The ranks of one TP group compute one "
+            f"model together and must see the same batch; only data-parallel replicas get different ones. Shard "
+            f"the data over the data-parallel group, not the world: pass the loader to accelerator.prepare (tp_plugin "
+            f"shards it over DP) or use DistributedSampler(num_replicas=mesh.dp_size, rank=mesh.dp_rank) with "
+            f"mesh = model.tp_plugin_state.mesh.")
+
+
+def check_tp_batches(model: nn.Module) -> None:
+    """Check once, at the first forward in training mode, that every TP rank got the same inputs.
+
+    One all-gather of an 8-byte digest over the TP group; every rank of the group computes the same verdict,
+    so all raise together. Idempotent; a no-op for an unsplit model or TP = 1.
+    """
+    inner = model
+    while getattr(inner, "tp_plugin_state", None) is None and getattr(inner, "module", None) is not None:
+        inner = inner.module
+    mesh = mesh_of(inner)
+    if mesh is None or getattr(inner, "_tp_plugin_batch_check", None) is not None:
+        return
+
+    def hook(module, args, kwargs):
+        if not module.training:
+            return None
+        inner._tp_plugin_batch_check.remove()
+        inner._tp_plugin_batch_check = "done"
+        message = batch_mismatch(args, kwargs, mesh.tp_group)
+        if message:
+            raise RuntimeError(message)
+        return None
+
+    inner._tp_plugin_batch_check = inner.register_forward_pre_hook(hook, with_kwargs=True)
