@@ -1,0 +1,144 @@
+"""Accelerate trains a split model: TP=2 x DP=2 with DDP over the data-parallel group, data sharded over DP.
+
+The ranks run `Accelerator(cpu=True)` (what `accelerate launch` without GPU gets from tp_plugin, see
+tests/test_accelerate_launch.py for the real launcher) and the usual prepare / backward / step loop.
+
+Tolerance of the loss comparison: the split run differs from the single-process run only in the order of
+floating-point sums (row-parallel partial sums over TP, vocab-parallel softmax, the DDP gradient average over
+DP instead of one mean over the global batch). AdamW turns gradient differences of a few ulps into parameter
+differences of the same relative size, so losses of order 5 agree to ~1e-6 after 5 steps; we allow 1e-5
+absolute. A wrong DP group or a wrong data split changes the losses at the 1e-2 level (different samples, or
+gradients averaged with another shard), and a wrong clipping norm (local instead of global) at ~1e-3 with the
+clipping below: both are far outside the tolerance.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+import tp_plugin
+from tests.dist import run_ranks
+from tests.models import build
+
+STEPS, MICRO, SEQ, LR = 5, 2, 12, 1e-2
+ATOL = 1e-5
+
+
+def _data(n: int) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(3)
+    return torch.randint(3, 101, (n, SEQ), generator=gen)
+
+
+def _reference(model, data, dp: int, clip: float) -> list[float]:
+    """One process, the global batch of each step: the DP replicas' micro batches together."""
+    opt = torch.optim.AdamW(model.parameters(), lr=LR)
+    losses = []
+    for step in range(STEPS):
+        batch = data[step * MICRO * dp:(step + 1) * MICRO * dp]
+        loss = model(batch, labels=batch).loss
+        loss.backward()
+        if clip:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    return losses
+
+
+def _accelerate_run(rank, world, tp, clip):
+    from accelerate import Accelerator
+
+    dp = world // tp
+    data = _data(STEPS * MICRO * dp)
+    model = build("llama", tp)
+    ref = copy.deepcopy(model)
+    tp_plugin.parallelize(model, tp_size=tp)
+    accelerator = Accelerator(cpu=True)
+    # The loader comes first on purpose: it must still be sharded over DP (the model in the same call counts).
+    loader = DataLoader(data, batch_size=MICRO, shuffle=False)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=LR)
+    loader, model, optimizer = accelerator.prepare(loader, model, optimizer)
+    assert isinstance(model, torch.nn.parallel.DistributedDataParallel)
+    assert model.process_group is not None
+    dp_ranks = torch.distributed.get_process_group_ranks(model.process_group)
+    losses, seen = [], []
+    for batch in loader:
+        loss = model(batch, labels=batch).loss
+        accelerator.backward(loss)
+        if clip:
+            accelerator.clip_grad_norm_(model.parameters(), clip)
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(accelerator.reduce(loss.detach(), "mean").item())
+        seen.append(batch.clone())
+    ref_losses = _reference(ref, data, dp, clip) if rank == 0 else None
+    return {"losses": losses, "ref": ref_losses, "dp_ranks": dp_ranks, "batches": len(loader),
+            "first": seen[0].tolist()}  # plain lists: a tensor would travel as shared memory the rank frees
+
+
+@pytest.mark.parametrize("clip", [0.0, 0.5])
+def test_ddp_tp2_dp2_matches_single_process(clip):
+    results = run_ranks(4, _accelerate_run, 2, clip)
+    ref = results[0]["ref"]
+    for rank, r in enumerate(results):
+        # DDP over the DP group: ranks with the same TP rank (0,2) and (1,3), never the TP pair
+        assert r["dp_ranks"] == [rank % 2, rank % 2 + 2], r["dp_ranks"]
+        assert r["batches"] == STEPS  # steps per epoch = samples / (micro x DP), not / world
+        assert len(r["losses"]) == STEPS
+        errors = [abs(a - b) for a, b in zip(r["losses"], ref)]
+        assert max(errors) <= ATOL, (r["losses"], ref)
+    # the TP ranks of one replica got the same batch, the two replicas different ones
+    assert results[0]["first"] == results[1]["first"] and results[2]["first"] == results[3]["first"]
+    assert results[0]["first"] != results[2]["first"]
+
+
+def _wrong_sampler(rank, world):
+    from accelerate import Accelerator
+    from torch.utils.data.distributed import DistributedSampler
+
+    model = tp_plugin.parallelize(build("llama", 2), tp_size=2)
+    accelerator = Accelerator(cpu=True)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=LR)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    # deliberately wrong: sharded over the world, so the two TP ranks of a replica get different samples
+    data = _data(16)
+    loader = DataLoader(data, batch_size=MICRO, sampler=DistributedSampler(data, world, rank, shuffle=False))
+    for batch in loader:
+        model(batch, labels=batch).loss.backward()
+
+
+def test_tp_batch_check_fires_on_every_rank():
+    with pytest.raises(AssertionError) as info:
+        run_ranks(4, _wrong_sampler)
+    report = str(info.value)
+    assert "4 rank(s) failed" in report, report[-3000:]
+    assert report.count("got different batches") == 4, report[-3000:]
+    assert "tensor-parallel group [0, 1]" in report and "tensor-parallel group [2, 3]" in report
+
+
+def _eval_first_then_train(rank, world):
+    """The check looks at the first *training* forward: an eval forward on equal prompts does not use it up."""
+    from accelerate import Accelerator
+
+    model = tp_plugin.parallelize(build("llama", 2), tp_size=2)
+    accelerator = Accelerator(cpu=True)
+    model = accelerator.prepare(model)
+    model.eval()
+    with torch.no_grad():
+        model(_data(1))
+    model.train()
+    batch = _data(4)[rank:rank + 1]  # different on each rank
+    try:
+        model(batch, labels=batch)
+    except RuntimeError as exc:
+        return str(exc)
+    return None
+
+
+def test_tp_batch_check_skips_eval_forwards():
+    messages = run_ranks(2, _eval_first_then_train)
+    assert all(m and "got different batches" in m for m in messages), messages
