@@ -144,3 +144,81 @@ def test_lora_training_matches_unsplit(case):
         assert ref[-1] < ref[0] - 0.05, f"the reference run did not learn: {ref}"  # the test can see drift
         assert split == pytest.approx(ref, abs=ATOL), r["losses"]
         assert r["grad_err"] <= GRAD_ATOL, r["grad_err"]
+
+
+def _logits(model, ids):
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+def _save_load_merge(rank, world, arch, out_dir, lora_kwargs):
+    import json
+    import os
+
+    from peft import PeftModel, get_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    split, ref, mesh = _split_and_ref(arch, 2, lora_kwargs)
+    group = mesh.tp_group
+    _randomize_lora(split, ref, group)
+    ids = batch(seed=3)
+    result = {}
+
+    # 1. save on every rank -> rank 0 writes the ordinary adapter, unsplit shapes, the values of the unsplit one.
+    split.save_pretrained(out_dir)
+    saved = load_file(os.path.join(out_dir, "adapter_model.safetensors"))
+    expected = get_peft_model_state_dict(ref)
+    assert sorted(saved) == sorted(expected), set(saved) ^ set(expected)
+    assert all(saved[k].shape == expected[k].shape for k in saved), {k: saved[k].shape for k in saved}
+    result["saved_err"] = max((saved[k] - expected[k]).abs().max().item() for k in saved)
+    config = json.load(open(os.path.join(out_dir, "adapter_config.json")))
+    result["saved_targets"] = sorted(config["target_modules"])
+    result["files"] = sorted(os.listdir(out_dir))
+    result["leftovers"] = [f for f in os.listdir(os.path.dirname(out_dir)) if f.startswith(".tp_plugin")]
+
+    # 2. plain PEFT loads it into the unsplit model (no tp_plugin involved): equal logits.
+    split_logits, ref_logits = _logits(split, ids), _logits(ref, ids)
+    plain = PeftModel.from_pretrained(build(arch, 2), out_dir)
+    result["plain_vs_split"] = (_logits(plain, ids) - split_logits).abs().max().item()
+    result["split_vs_ref"] = (split_logits - ref_logits).abs().max().item()
+    result["scale"] = ref_logits.abs().max().item()
+
+    # 3. the ordinary adapter loads onto a fresh split model (each rank takes its slices), both load paths.
+    for low_mem in (False, True):
+        fresh = tp_plugin.parallelize(build(arch, 2), tp_size=2)
+        loaded = PeftModel.from_pretrained(fresh, out_dir, low_cpu_mem_usage=low_mem)
+        assert all(hasattr(p, "tp_shard") for _, p in _lora_params(loaded)), "tags lost on load"
+        ref_params = dict(ref.named_parameters())
+        result[f"load_param_err_{low_mem}"] = max(
+            (full_param(p, group) - ref_params[n]).abs().max().item() for n, p in _lora_params(loaded))
+        result[f"load_logits_err_{low_mem}"] = (_logits(loaded, ids) - ref_logits).abs().max().item()
+
+    # 4. merge_and_unload on the split model: each merged shard is the slice of the unsplit merged weight.
+    merged, ref_merged = split.merge_and_unload(), ref.merge_and_unload()
+    ref_params = dict(ref_merged.named_parameters())
+    assert sorted(n for n, _ in merged.named_parameters()) == sorted(ref_params)
+    result["merge_err"] = max((full_param(p, group) - ref_params[n]).abs().max().item()
+                              for n, p in merged.named_parameters())
+    result["merge_logits_err"] = (_logits(merged, ids) - ref_logits).abs().max().item()
+    result["merged_types"] = sorted({type(m).__name__ for m in merged.modules()} & {"ColumnParallelLinear",
+                                                                                   "RowParallelLinear"})
+    return result
+
+
+@pytest.mark.parametrize("arch,lora_kwargs", [("llama", {}), ("gpt2", dict(lora_bias=True))])
+def test_save_load_merge_are_ordinary_peft(arch, lora_kwargs, tmp_path):
+    results = run_ranks(2, _save_load_merge, arch, str(tmp_path / "adapter"), lora_kwargs)
+    for r in results:
+        # Saved tensors are copies of shards cut from the same values: exact.
+        assert r["saved_err"] == 0.0
+        assert "adapter_config.json" in r["files"] and "adapter_model.safetensors" in r["files"], r["files"]
+        assert not r["leftovers"], r["leftovers"]  # the writer's temp dir is gone
+        tol = ATOL * max(1.0, r["scale"])
+        assert r["split_vs_ref"] <= tol and r["plain_vs_split"] <= tol, r
+        for low_mem in (False, True):
+            assert r[f"load_param_err_{low_mem}"] == 0.0, r  # slices of the saved tensors: exact
+            assert r[f"load_logits_err_{low_mem}"] <= tol, r
+        # Merged weight = W + s * B @ A, computed per shard: the same products, summed in the same order.
+        assert r["merge_err"] <= 1e-6, r["merge_err"]
+        assert r["merge_logits_err"] <= tol, r
+        assert r["merged_types"] == ["ColumnParallelLinear", "RowParallelLinear"], r["merged_types"]

@@ -73,9 +73,10 @@ class TPLoraLinear(lora.Linear):
             module = (self.lora_A if key[0] == "A" else self.lora_B)[adapter_name]
             spec = specs[key]
             data = full.data if spec is None else shard_tensor(full.data, spec)
-            param = nn.Parameter(data, requires_grad=full.requires_grad)
-            tag_param(param, spec, replicas=replicas if spec is not None else 1)
-            setattr(module, key.split(".")[1], param)
+            attr = key.split(".")[1]
+            setattr(module, attr, nn.Parameter(data, requires_grad=full.requires_grad))
+            # Tag what got registered: under PEFT's init_empty_weights, registration rebuilds the Parameter.
+            tag_param(getattr(module, attr), spec, replicas=replicas if spec is not None else 1)
         a, b = self.lora_A[adapter_name], self.lora_B[adapter_name]
         a.in_features, b.out_features = a.weight.shape[1], b.weight.shape[0]
 
