@@ -222,3 +222,44 @@ def test_save_load_merge_are_ordinary_peft(arch, lora_kwargs, tmp_path):
         assert r["merge_err"] <= 1e-6, r["merge_err"]
         assert r["merge_logits_err"] <= tol, r
         assert r["merged_types"] == ["ColumnParallelLinear", "RowParallelLinear"], r["merged_types"]
+
+
+def _unsupported(rank, world):
+    import peft
+
+    from tp_plugin import TPSplitError
+
+    cases = {
+        "embedding": lambda: peft.LoraConfig(target_modules=["embed_tokens", "q_proj"]),
+        "lm_head": lambda: peft.LoraConfig(target_modules=["lm_head"]),
+        "ia3": lambda: peft.IA3Config(target_modules=["q_proj", "down_proj"], feedforward_modules=["down_proj"]),
+        "loha": lambda: peft.LoHaConfig(target_modules=["q_proj"]),
+        "prompt": lambda: peft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4),
+        "dora": lambda: peft.LoraConfig(target_modules=["q_proj"], use_dora=True),
+        "pissa": lambda: peft.LoraConfig(target_modules=["q_proj"], init_lora_weights="pissa"),
+    }
+    model = tp_plugin.parallelize(build("llama", 2), tp_size=2)
+    messages = {}
+    for name, make in cases.items():
+        with pytest.raises(TPSplitError) as err:
+            peft.get_peft_model(model, make())
+        messages[name] = str(err.value)
+    assert not any(isinstance(m, peft.tuners.tuners_utils.BaseTunerLayer) for m in model.modules())
+    # The other order: adapters first, then split -> refused, saying which order to use.
+    adapted = peft.get_peft_model(build("llama", 2), peft.LoraConfig(target_modules=["q_proj"]))
+    with pytest.raises(TPSplitError) as err:
+        tp_plugin.parallelize(adapted.get_base_model(), tp_size=2)
+    messages["order"] = str(err.value)
+    return messages
+
+
+def test_unsupported_targets_and_methods_fail_clearly():
+    expected = {"embedding": ["model.embed_tokens", "VocabParallelEmbedding"], "lm_head": ["lm_head", "VocabParallelLMHead"],
+                "ia3": ["IA3"], "loha": ["LOHA"], "prompt": ["PROMPT_TUNING"], "dora": ["use_dora"],
+                "pissa": ["pissa"], "order": ["split the base model first", "get_peft_model"]}
+    for messages in run_ranks(2, _unsupported):  # every rank raises, before any collective: no hang
+        for case, words in expected.items():
+            if case != "order":
+                assert "unsupported" in messages[case], messages[case]
+            for word in words:
+                assert word in messages[case], (case, messages[case])

@@ -18,7 +18,6 @@ import shutil
 import sys
 import tempfile
 
-import torch
 import torch.distributed as dist
 from peft import PeftModel, PeftType
 from peft.tuners.tuners_utils import BaseTuner, _maybe_include_all_linear_layers, check_target_module_exists
@@ -49,8 +48,11 @@ def check_method(model: nn.Module, config) -> None:
     peft_type = getattr(config, "peft_type", None)
     if peft_type != PeftType.LORA:
         name = getattr(peft_type, "value", peft_type)
-        split = [n for n, m in model.named_modules() if isinstance(m, PARALLEL_LAYERS)][:3]
-        raise _unsupported(f"PEFT method {name} ({type(config).__name__}) on the split layers {split}...",
+        split = [n for n, m in model.named_modules() if isinstance(m, PARALLEL_LAYERS)]
+        has_targets = bool(getattr(config, "target_modules", None))
+        targeted = [n for n in split if has_targets and check_target_module_exists(config, n)]
+        where = f"the split layers {targeted}" if targeted else f"a split model ({len(split)} split layers)"
+        raise _unsupported(f"PEFT method {name} ({type(config).__name__}) on {where}",
                            "tp_plugin supports LoRA (peft.LoraConfig) on split models; use LoRA, or apply "
                            f"{name} to the unsplit model without tp_plugin.parallelize")
 
