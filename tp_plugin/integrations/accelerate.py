@@ -255,7 +255,7 @@ def _digest(args, kwargs) -> int:
     for value in list(args) + [kwargs[k] for k in sorted(kwargs)]:
         if isinstance(value, torch.Tensor):
             h.update(str((value.shape, value.dtype)).encode())
-            h.update(value.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+            h.update(value.detach().cpu().reshape(-1).contiguous().view(torch.uint8).numpy().tobytes())
     return int.from_bytes(h.digest(), "little", signed=True)
 
 
