@@ -22,7 +22,7 @@ from torch import nn
 
 from .policy import AttentionSpec, Colwise, Policy, Rowwise
 from .sharding import TPSplitError
-from .styles import Experts, ShardedNorm
+from .styles import Experts, HeadAttrs, ShardedNorm
 from .translate import (base_prefix, dims, generic, head_config, head_dim_of, head_split, is_attention, is_dense,
                         with_replicated_rest)
 
@@ -44,48 +44,6 @@ def find_blocks(base: nn.Module) -> tuple[str, nn.ModuleList] | None:
 
 def hidden_size_of(config) -> int | None:
     return next((getattr(config, a) for a in HIDDEN_ATTRS if isinstance(getattr(config, a, None), int)), None)
-
-
-class HeadAttrs:
-    """Patch the head-count and heads-width attributes of every module under a split attention module
-    (names vary: num_heads, n_head, num_attention_heads, all_head_size, embed_dim, ...)."""
-
-    COUNT = ("num_heads", "num_attention_heads", "n_head", "n_heads", "num_attn_heads", "n_local_heads",
-             "attention_heads", "num_q_heads", "heads")
-    KV = ("num_key_value_heads", "num_kv_heads", "n_kv_heads", "n_local_kv_heads", "kv_heads", "num_heads_kv",
-          "n_head_kv", "num_kv")
-    WIDTH = ("all_head_size", "embed_dim", "hidden_size", "inner_dim", "split_size", "attention_hidden_size",
-             "hidden_size_per_attention_head_x_heads", "inner_size", "projection_size", "attn_dim", "d_model")
-
-    def __repr__(self) -> str:
-        return "HeadAttrs()"
-
-    def plan_entry(self, path, module, tp, attn):
-        from .plan import PlanEntry
-
-        return PlanEntry(path, repr(self), {}, [{} for _ in range(tp)], custom=_PatchHeads(attn))
-
-
-class _PatchHeads:
-    def __init__(self, attn):
-        self.attn = attn
-
-    def build(self, entry, module, rank, group):
-        a, shard = self.attn, self.attn.heads[rank]
-        width = a.num_heads * a.head_dim
-        for sub in module.modules():
-            for name, value in list(vars(sub).items()):
-                if not isinstance(value, int) or isinstance(value, bool):
-                    continue
-                if name in HeadAttrs.COUNT and value == a.num_heads:
-                    setattr(sub, name, shard.num_q)
-                elif name in HeadAttrs.KV and value == a.num_kv_heads:
-                    setattr(sub, name, shard.num_kv)
-                elif name == "num_key_value_groups" and value == a.num_heads // a.num_kv_heads:
-                    setattr(sub, name, shard.num_q // shard.num_kv)
-                elif name in HeadAttrs.WIDTH and value == width:
-                    setattr(sub, name, shard.num_q * a.head_dim)
-        return module
 
 
 def attention_extras(attn_path: str, module: nn.Module, num_heads: int, num_kv: int, head_dim: int):

@@ -17,6 +17,8 @@ own layer (`build`).
 
 from __future__ import annotations
 
+import copy
+
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -157,7 +159,10 @@ class Experts:
             raise TPSplitError(f"{path}: {up_name} {tuple(up.shape)} does not match down_proj {tuple(down.shape)}")
         concatenated = getattr(module, "is_concatenated", True)
         per_rank = []
-        for a, b in even_ranges(inter, tp, what=f"{path} (intermediate size {inter})"):
+        # split in units of 4 rows when I allows it: every shard keeps 16-byte aligned strides (grouped_mm)
+        unit = 4 if inter % 4 == 0 and inter // 4 >= tp else 1
+        for a, b in even_ranges(inter // unit, tp, what=f"{path} (intermediate size {inter})"):
+            a, b = a * unit, b * unit
             if not gated:
                 up_ranges = ((a, b),)
             elif concatenated:  # [gate; up]: this rank's rows of each part
@@ -178,6 +183,13 @@ class Experts:
         for attr in ("intermediate_dim", "intermediate_size", "expert_dim"):
             if isinstance(getattr(module, attr, None), int):
                 setattr(module, attr, local)
+        config = getattr(module, "config", None)
+        if config is not None and (local * module.down_proj.element_size()) % 16:
+            # torch's grouped_mm needs 16-byte aligned strides; an uneven split (e.g. I=50 -> 25) is not, so
+            # this module alone runs the eager per-expert loop (same math) on its own copy of the config
+            config = copy.copy(config)
+            config._experts_implementation = "eager"
+            module.config = config
         module.register_forward_pre_hook(_experts_inputs(group), with_kwargs=True)
         module.register_forward_hook(lambda mod, args, out: reduce_from_tp(out, group))
         return module
@@ -213,21 +225,30 @@ class _AllReduceSum(torch.autograd.Function):
 
 
 class _ShardedRMSNorm(nn.Module):
-    """RMSNorm whose normalised dim is split over the TP group: the mean of squares is all-reduced."""
+    """RMSNorm whose normalised dim is split over the TP group: the sum of squares is all-reduced.
 
-    def __init__(self, norm: nn.Module, spec: ShardSpec, group, eps: float):
+    With replicated KV heads (a k norm at tp > kv) every KV head sits on `replicas` ranks: the all-reduced
+    sum counts it that many times, so it is divided by `replicas`, and the weight's gradient is summed over
+    the ranks that hold the same rows (as for the replicated k projection itself)."""
+
+    def __init__(self, norm: nn.Module, spec: ShardSpec, group, eps: float, replicas: int):
         super().__init__()
-        self.group, self.spec, self.eps = group, spec, eps
         from .layers import _shard_param
 
-        self.weight = _shard_param(norm.weight, spec)
+        self.group, self.spec, self.eps, self.replicas = group, spec, eps, replicas
+        self.weight = _shard_param(norm.weight, spec, replicas=replicas)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from .comm import sum_grad_over_sharers
+
         dtype = x.dtype
         x = x.float()
-        sq = _AllReduceSum.apply(x.pow(2).sum(-1, keepdim=True), self.group)
+        sq = _AllReduceSum.apply(x.pow(2).sum(-1, keepdim=True), self.group) / self.replicas
         x = x * torch.rsqrt(sq / self.spec.full_size + self.eps)
-        return self.weight * x.to(dtype)
+        weight = self.weight
+        if self.replicas > 1:
+            weight = sum_grad_over_sharers(weight, self.group, self.spec.ranges, self.spec.full_size)
+        return weight * x.to(dtype)
 
 
 class ShardedNorm:
@@ -246,16 +267,20 @@ class ShardedNorm:
         width = module.weight.shape[0]
         heads = attn.num_heads if self.kind == "q" else attn.num_kv_heads
         per = _per_head(path, width, heads)
-        if self.kind == "kv" and any(h.kv_shared for h in attn.heads):
-            raise TPSplitError(f"{path}: a full-width k norm cannot be split when KV heads are replicated "
-                               f"(tp > {attn.num_kv_heads} KV heads); use tp <= {attn.num_kv_heads}")
         ranges = [h.q_heads if self.kind == "q" else h.kv_heads for h in attn.heads]
         specs = [{"weight": ShardSpec(0, width, ((a * per, b * per),))} for a, b in ranges]
-        return PlanEntry(path, repr(self), {"weight": (width,)}, specs, custom=self)
+        replicas = ranges.count(ranges[0]) if self.kind == "kv" else 1  # tp // kv when KV heads are replicated
+        return PlanEntry(path, repr(self), {"weight": (width,)}, specs, shared_rows=replicas > 1,
+                         custom=_NormBuilder(replicas))
+
+
+class _NormBuilder:
+    def __init__(self, replicas: int):
+        self.replicas = replicas
 
     def build(self, entry, module, rank, group):
         eps = getattr(module, "variance_epsilon", getattr(module, "eps", 1e-6))
-        return _ShardedRMSNorm(module, entry.specs[rank]["weight"], group, eps)
+        return _ShardedRMSNorm(module, entry.specs[rank]["weight"], group, eps, self.replicas)
 
 
 class AlibiHeads:
@@ -288,4 +313,60 @@ class _AlibiSlice:
             return args, kwargs
 
         module.register_forward_pre_hook(hook, with_kwargs=True)
+        return module
+
+
+HEAD_CONFIG_ATTRS = ("num_attention_heads", "n_head", "num_heads", "n_heads")
+KV_CONFIG_ATTRS = ("num_key_value_heads", "num_kv_heads", "n_kv_heads", "multi_query_group_num")
+
+
+class HeadAttrs:
+    """Patch the head-count and heads-width attributes of every module under a split attention module
+    (names vary: num_heads, n_head, num_attention_heads, all_head_size, embed_dim, ...), and of a private
+    copy of the config when the module reads head counts from `self.config`."""
+
+    COUNT = ("num_heads", "num_attention_heads", "n_head", "n_heads", "num_attn_heads", "n_local_heads",
+             "attention_heads", "num_q_heads", "heads")
+    KV = ("num_key_value_heads", "num_kv_heads", "n_kv_heads", "n_local_kv_heads", "kv_heads", "num_heads_kv",
+          "n_head_kv", "num_kv")
+    WIDTH = ("all_head_size", "embed_dim", "hidden_size", "inner_dim", "split_size", "attention_hidden_size",
+             "hidden_size_per_attention_head_x_heads", "inner_size", "projection_size", "attn_dim", "d_model")
+
+    def __repr__(self) -> str:
+        return "HeadAttrs()"
+
+    def plan_entry(self, path, module, tp, attn):
+        from .plan import PlanEntry
+
+        return PlanEntry(path, repr(self), {}, [{} for _ in range(tp)], custom=_PatchHeads(attn))
+
+
+class _PatchHeads:
+    def __init__(self, attn):
+        self.attn = attn
+
+    def build(self, entry, module, rank, group):
+        a, shard = self.attn, self.attn.heads[rank]
+        width = a.num_heads * a.head_dim
+        for sub in module.modules():
+            config = getattr(sub, "config", None)
+            if config is not None and hasattr(config, "to_dict"):  # forward reads head counts off the config
+                sub.config = config = copy.copy(config)  # (Phi-3's `config.num_attention_heads * head_dim`)
+                for name in HEAD_CONFIG_ATTRS:
+                    if getattr(config, name, None) == a.num_heads:
+                        setattr(config, name, shard.num_q)
+                for name in KV_CONFIG_ATTRS:
+                    if getattr(config, name, None) == a.num_kv_heads:
+                        setattr(config, name, shard.num_kv)
+            for name, value in list(vars(sub).items()):
+                if not isinstance(value, int) or isinstance(value, bool):
+                    continue
+                if name in HeadAttrs.COUNT and value == a.num_heads:
+                    setattr(sub, name, shard.num_q)
+                elif name in HeadAttrs.KV and value == a.num_kv_heads:
+                    setattr(sub, name, shard.num_kv)
+                elif name == "num_key_value_groups" and value == a.num_heads // a.num_kv_heads:
+                    setattr(sub, name, shard.num_q // shard.num_kv)
+                elif name in HeadAttrs.WIDTH and value == width:
+                    setattr(sub, name, shard.num_q * a.head_dim)
         return module

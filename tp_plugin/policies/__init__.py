@@ -1,3 +1,3 @@
 """Built-in policies, one small module per model family; importing this package registers them."""
 
-from . import gpt2, llama  # noqa: F401
+from . import bert, gpt2, llama, moe, opt_bloom, parallel_blocks, phi  # noqa: F401
