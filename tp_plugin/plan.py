@@ -81,7 +81,7 @@ def _base_prefix(model: nn.Module) -> str:
 
 def _head_counts(config, spec: AttentionSpec) -> tuple[int, int, int]:
     num_heads = getattr(config, spec.num_heads)
-    num_kv = getattr(config, spec.num_kv_heads, None) if spec.num_kv_heads else None
+    num_kv = getattr(config, spec.num_kv_heads, None) if isinstance(spec.num_kv_heads, str) else spec.num_kv_heads
     num_kv = num_kv or num_heads
     head_dim = (getattr(config, spec.head_dim, None) if spec.head_dim else None) or config.hidden_size // num_heads
     return num_heads, num_kv, head_dim

@@ -60,7 +60,7 @@ class AttentionSpec:
 
     module: str
     num_heads: str = "num_attention_heads"
-    num_kv_heads: str | None = "num_key_value_heads"  # None: multi-head attention (kv heads = heads)
+    num_kv_heads: str | int | None = "num_key_value_heads"  # None: multi-head (kv = heads); int: fixed (MQA: 1)
     head_dim: str | None = "head_dim"  # None or missing on the config: hidden_size // num_heads
     local_dims: tuple[str, ...] = ()
 
