@@ -189,6 +189,14 @@ def _sum_over_tp(group):
     return hook
 
 
+def _retie(model: nn.Module, old: nn.Parameter, new: nn.Parameter) -> None:
+    """Point every other module that shared `old` (a tied parameter) at its replacement `new`."""
+    for owner in model.modules():
+        for pname, param in list(owner._parameters.items()):
+            if param is old:
+                owner._parameters[pname] = new
+
+
 def apply_plan(model: nn.Module, plan: Plan, rank: int, group, *, loss_parallel: bool) -> None:
     """Swap every planned module for its parallel layer holding this rank's shard; patch head counts."""
     embed_weight = model.get_input_embeddings().weight
@@ -203,6 +211,8 @@ def apply_plan(model: nn.Module, plan: Plan, rank: int, group, *, loss_parallel:
         if entry.style == "VocabEmbedding":
             new_embed = layer
         setattr(parent, name, layer)
+        if entry.style == "VocabLMHead" and getattr(module, "bias", None) is not None:
+            _retie(model, module.bias, layer.bias)  # BERT-style heads share their bias with `predictions.bias`
         if entry.style == "VocabLMHead" and loss_parallel:
             model.loss_function = VocabParallelCausalLMLoss(layer.vocab_start, layer.vocab_stop, group)
     if plan.attention is not None:
