@@ -13,6 +13,8 @@ from .checkpoint import from_pretrained, save_pretrained, save_sharded
 __all__ = ["parallelize", "inspect", "Policy", "AttentionSpec", "Colwise", "Rowwise", "register_policy",
            "TPSplitError"]
 __all__ += ["from_pretrained", "save_pretrained", "save_sharded"]
+from .grad_norm import clip_grad_norm_  # noqa: E402  (the unsplit model's norm, for plain torch loops)
+__all__ += ["clip_grad_norm_"]
 __version__ = "0.1.0"
 
 # `accelerate launch` support, at the earliest point tp_plugin code runs in a user's script: the TP degree from
