@@ -1,6 +1,7 @@
 """The `tp-plugin` command line: a registry of subcommands, each a small function pair.
 
     tp-plugin consolidate SHARDED_DIR OUT_DIR [--max-shard-size 5GB]
+    tp-plugin verify MODEL_OR_CONFIG [--tp N] | --all-architectures [--tp 2 --tp 4] [--markdown FILE]
 
 Adding a subcommand: write `_configure_x(parser)` and `_run_x(args) -> int`, then
 `register("x", "one-line help", _configure_x, _run_x)`.
@@ -48,6 +49,26 @@ def _run_consolidate(args: argparse.Namespace) -> int:
 
 register("consolidate", "turn a per-rank (sharded) checkpoint into an ordinary Hugging Face checkpoint",
          _configure_consolidate, _run_consolidate)
+
+
+def _configure_verify(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("target", nargs="?", metavar="MODEL_OR_CONFIG",
+                        help="a model_type (a tiny random model is built) or a local model directory")
+    parser.add_argument("--tp", type=int, action="append", help="tensor-parallel size (repeatable; default 2)")
+    parser.add_argument("--all-architectures", action="store_true",
+                        help="every causal-LM architecture of the installed transformers, from tiny configs")
+    parser.add_argument("--only", help="comma-separated model types (with --all-architectures)")
+    parser.add_argument("--markdown", metavar="FILE", help="also write the table as markdown (docs/architectures.md)")
+
+
+def _run_verify(args: argparse.Namespace) -> int:
+    from .verify import main_verify
+
+    return main_verify(args)
+
+
+register("verify", "split a model on N local CPU ranks and compare it with the unsplit model (parity)",
+         _configure_verify, _run_verify)
 
 
 def build_parser() -> argparse.ArgumentParser:
