@@ -25,8 +25,11 @@ $(STAMP): constraints-dev.txt pyproject.toml
 	rm -f $(VENV)/.installed-*
 	touch $@
 
+# DeepSpeed compiles a shared-memory op on first init (about 45 s); build it once here, cached in .cache/,
+# so no test's timeout has to absorb it.
 test: venv
 	mkdir -p .tmp
+	$(RUN_ENV) $(PY) -c "from deepspeed.ops.op_builder.cpu import ShareMemCommBuilder as B; B().load(verbose=False)"
 	$(RUN_ENV) $(PY) -m pytest -x -q
 
 # The gguf is converted once (about 45 s) before torchrun, so the two ranks do not race to do it.
