@@ -55,18 +55,6 @@ def batches(ids: torch.Tensor, seq_len: int, batch_size: int, seed: int):
                 yield chunks[idx]
 
 
-def data_parallel_group(tp_size: int):
-    """This rank's DP group: the ranks holding the same shard (TP groups are consecutive ranks)."""
-    world, rank = dist.get_world_size(), dist.get_rank()
-    mine = None
-    for tp_rank in range(tp_size):
-        ranks = list(range(tp_rank, world, tp_size))
-        group = dist.new_group(ranks)  # collective: every rank creates every group
-        if rank in ranks:
-            mine = group
-    return mine
-
-
 def complete(model, tokenizer, prompt: str) -> str:
     """Greedy completion. Every rank must call this: each holds only part of the model."""
     inputs = tokenizer(prompt, return_tensors="pt")
@@ -105,7 +93,7 @@ def main() -> None:
 
     ids = tokenizer(CORPUS.read_text(), return_tensors="pt").input_ids[0]
     data = batches(ids, args.seq_len, args.batch_size, seed=1234 + dp_rank)
-    dp_group = data_parallel_group(tp_size) if dp_size > 1 else None
+    dp_group = model.tp_plugin_state.mesh.dp_group if dp_size > 1 else None  # ranks holding the same shards
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr)
     log(f"{ids.numel()} tokens, tp={tp_size} dp={dp_size}, {args.steps} steps of {args.batch_size}x{args.seq_len}")
 
