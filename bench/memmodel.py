@@ -1,0 +1,102 @@
+"""Per-rank training memory of big shapes at tp=1..8, in one process, without real ranks.
+
+A fake process group (`torch.testing._internal.distributed.fake_pg`) of world size tp makes this process
+"rank 0 of tp"; the model is built on the meta device and split by `tp_plugin.parallelize` (its weight sync
+is skipped for meta params, its layers slice meta tensors), so nothing is allocated and no byte is sent.
+
+* parameters and gradients: the local shards' sizes, in the training dtype (bf16);
+* optimizer: AdamW's 2 states per local parameter, kept in fp32;
+* activations: measured, not modelled: the bytes autograd saves for backward (`saved_tensors_hooks`) in one
+  training forward with the vocab-parallel loss on the meta device, counting each storage once and leaving
+  out parameters (saved weights are not activations). On the meta device SDPA would pick its math kernel
+  (which saves [s, s] probabilities no real run keeps), so attention is routed to the CPU flash kernel, whose
+  backward saves q, k, v, the output and the log-sum-exp, like the flash kernels used in practice.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from .shapes import config
+
+GiB = 2 ** 30
+
+
+@contextlib.contextmanager
+def _flash_attention():
+    original = F.scaled_dot_product_attention
+
+    def flash(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
+        if attn_mask is not None:
+            raise RuntimeError("memory model: expected a causal SDPA call without an explicit mask")
+        if enable_gqa:  # the CPU flash kernel wants as many KV heads as query heads
+            k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+            v = v.repeat_interleave(q.shape[1] // v.shape[1], dim=1)
+        return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, dropout_p, is_causal,
+                                                                          scale=scale)[0]
+    F.scaled_dot_product_attention = flash
+    try:
+        yield
+    finally:
+        F.scaled_dot_product_attention = original
+
+
+def _saved_bytes(model, batch: int, seq: int) -> int:
+    params = {p.untyped_storage()._cdata for p in model.parameters()}
+    seen: dict[int, int] = {}
+
+    def pack(t):
+        storage = t.untyped_storage()
+        if storage._cdata not in params:
+            seen[storage._cdata] = storage.nbytes()
+        return t
+
+    ids = torch.zeros(batch, seq, dtype=torch.long, device="meta")
+    with _flash_attention(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = model(input_ids=ids, labels=ids).loss
+    del loss
+    return sum(seen.values())
+
+
+def rank0_memory(shape: str, tp: int, *, batch: int, seq: int, layers: int | None = None,
+                 dtype: torch.dtype = torch.bfloat16) -> dict:
+    """Bytes on TP rank 0 of `tp` ranks for one training step of `shape` (fake process group, meta device)."""
+    import transformers
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    import tp_plugin
+
+    dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=tp)
+    try:
+        with torch.device("meta"):
+            model = transformers.LlamaForCausalLM(config(shape, layers)).to(dtype)
+        tp_plugin.parallelize(model, tp_size=tp, loss_parallel=tp > 1)
+        params = {id(p): p for p in model.parameters()}.values()
+        numel = sum(p.numel() for p in params)
+        out = {"shape": shape, "tp": tp, "batch": batch, "seq": seq, "layers": model.config.num_hidden_layers,
+               "params": numel * dtype.itemsize, "grads": numel * dtype.itemsize, "optimizer": numel * 2 * 4,
+               "activations": _saved_bytes(model, batch, seq)}
+    finally:
+        dist.destroy_process_group()
+    out["total"] = out["params"] + out["grads"] + out["optimizer"] + out["activations"]
+    return out
+
+
+def memory_table(shapes=("llama3-8b", "llama3-70b"), tps=(1, 2, 4, 8), *, batch: int = 1, seq: int = 4096,
+                 layers: int | None = None) -> list[dict]:
+    rows = []
+    for shape in shapes:
+        base = None
+        for tp in tps:
+            row = rank0_memory(shape, tp, batch=batch, seq=seq, layers=layers)
+            base = base or row
+            row["ratio_to_ideal"] = row["total"] / (base["total"] / tp)
+            row["weights_ratio_to_ideal"] = (row["params"] + row["grads"] + row["optimizer"]) / \
+                ((base["params"] + base["grads"] + base["optimizer"]) / tp)
+            row["activations_ratio_to_ideal"] = row["activations"] / (base["activations"] / tp)
+            rows.append(row)
+    return rows
