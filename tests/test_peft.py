@@ -16,7 +16,7 @@ import torch.distributed as dist
 
 import tp_plugin
 from tests.dist import run_ranks
-from tests.models import batch, build, full_grad, full_param
+from tests.models import batch, build, full_param
 
 ATOL = 1e-5
 GRAD_ATOL = 2e-5
@@ -70,6 +70,25 @@ def _randomize_lora(split, ref, group, seed: int = 7):
             param.copy_(full if spec is None else shard_tensor(full, spec))
 
 
+def _grad_error(split, ref, group, grads: dict | None = None) -> float:
+    """Max |gathered split gradient - unsplit gradient| over the trainable parameters (one collective).
+
+    `grads` overrides `param.grad` (ZeRO-2 keeps the averaged gradient partitioned elsewhere)."""
+    from tp_plugin.sharding import unshard_tensor
+
+    mine = {n: ((grads or {}).get(n, p.grad).detach(), p.tp_shard) for n, p in split.named_parameters()
+            if p.requires_grad}
+    everyone = [None] * dist.get_world_size(group)
+    dist.all_gather_object(everyone, mine, group=group)
+    ref_params = dict(ref.named_parameters())
+    worst = 0.0
+    for name, (grad, spec) in mine.items():
+        if spec is not None:
+            grad = unshard_tensor([r[name][0] for r in everyone], [r[name][1] for r in everyone])
+        worst = max(worst, (grad - ref_params[name].grad).abs().max().item())
+    return worst
+
+
 def _replicated_identical(model, group) -> float:
     """Max difference, over the TP group, of every replicated LoRA factor and its gradient (must be 0)."""
     worst = 0.0
@@ -109,10 +128,7 @@ def _train(rank, world, arch, tp, lora_kwargs, dropout_seeded):
             loss = m(input_ids=ids, labels=ids).loss
             loss.backward()
             pair.append(loss.item())
-        ref_params = dict(ref.named_parameters())
-        for name, param in split.named_parameters():
-            if param.requires_grad:
-                grad_err = max(grad_err, (full_grad(split, name, param, group) - ref_params[name].grad).abs().max().item())
+        grad_err = max(grad_err, _grad_error(split, ref, group))
         replica_err = max(replica_err, _replicated_identical(split, group))
         for opt in opts:
             opt.step()
@@ -254,8 +270,8 @@ def _unsupported(rank, world):
 
 
 def test_unsupported_targets_and_methods_fail_clearly():
-    expected = {"embedding": ["model.embed_tokens", "VocabParallelEmbedding"], "lm_head": ["lm_head", "VocabParallelLMHead"],
-                "ia3": ["IA3"], "loha": ["LOHA"], "prompt": ["PROMPT_TUNING"], "dora": ["use_dora"],
+    expected = {"embedding": ["model.embed_tokens", "VocabParallelEmbedding"],
+                "lm_head": ["lm_head", "VocabParallelLMHead"], "ia3": ["IA3"], "loha": ["LOHA"], "prompt": ["PROMPT_TUNING"], "dora": ["use_dora"],
                 "pissa": ["pissa"], "order": ["split the base model first", "get_peft_model"]}
     for messages in run_ranks(2, _unsupported):  # every rank raises, before any collective: no hang
         for case, words in expected.items():
@@ -263,3 +279,50 @@ def test_unsupported_targets_and_methods_fail_clearly():
                 assert "unsupported" in messages[case], messages[case]
             for word in words:
                 assert word in messages[case], (case, messages[case])
+
+
+def _zero2(rank, world, steps):
+    """TP=2 x DP=2: the split LoRA model under DeepSpeed ZeRO-2 vs. unsplit LoRA on the same global batch."""
+    import deepspeed
+    from deepspeed.utils import safe_get_full_grad
+
+    split, ref, mesh = _split_and_ref("llama", 2, dict(target_modules=["q_proj", "v_proj", "o_proj", "down_proj"]))
+    group = mesh.tp_group
+    _randomize_lora(split, ref, group)
+    trainable = [p for p in split.parameters() if p.requires_grad]
+    config = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1, "zero_optimization": {"stage": 2},
+              "gradient_clipping": 0.0, "tensor_parallel": {"autotp_size": 2}, "steps_per_print": 10 ** 9}
+    engine, *_ = deepspeed.initialize(model=split, optimizer=torch.optim.AdamW(trainable, lr=1e-2), config=config)
+    ref_opt = torch.optim.AdamW([p for p in ref.parameters() if p.requires_grad], lr=1e-2)
+    q_proj = split.base_model.model.model.layers[0].self_attn.q_proj.base_layer
+    result = {"frozen_base_split": tuple(q_proj.weight.shape) == (q_proj.spec.local_size, 72)
+              and not q_proj.weight.requires_grad, "losses": [], "grad_err": 0.0, "replica_err": 0.0}
+    for step in range(steps):
+        ids = batch(seed=100, batch_size=4, seq=12)  # the global batch (one, memorised: the loss must fall)
+        mine = ids[mesh.dp_rank * 2:(mesh.dp_rank + 1) * 2]             # this replica's half (same on both TP ranks)
+        loss = engine(input_ids=mine, labels=mine).loss
+        engine.backward(loss)
+        ref_loss = ref(input_ids=ids, labels=ids).loss
+        ref_loss.backward()
+        # The DP-averaged gradient (ZeRO-2 holds it partitioned; this assembles it), then gathered over TP.
+        grads = {n: safe_get_full_grad(p) for n, p in split.named_parameters() if p.requires_grad}
+        result["grad_err"] = max(result["grad_err"], _grad_error(split, ref, group, grads))
+        engine.step()
+        ref_opt.step()
+        ref_opt.zero_grad()
+        mean = loss.detach().clone()
+        dist.all_reduce(mean, group=mesh.dp_group)
+        result["losses"].append((mean.item() / mesh.dp_size, ref_loss.item()))
+        result["replica_err"] = max(result["replica_err"], _replicated_identical(split, group))
+    engine.destroy()
+    return result
+
+
+def test_tp2_dp2_zero2_matches_unsplit():
+    for r in run_ranks(4, _zero2, STEPS, timeout_s=240):
+        assert r["frozen_base_split"]
+        assert r["replica_err"] == 0.0, r["replica_err"]
+        split, ref = zip(*r["losses"])
+        assert ref[-1] < ref[0] - 0.05, f"the reference run did not learn: {ref}"
+        assert split == pytest.approx(ref, abs=ATOL), r["losses"]
+        assert r["grad_err"] <= GRAD_ATOL, r["grad_err"]
