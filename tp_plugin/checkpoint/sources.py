@@ -44,6 +44,16 @@ def _pad(pieces: list[torch.Tensor], spec: ShardSpec, like: torch.Tensor) -> tor
     return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=spec.dim)
 
 
+def _open(path: Path):
+    """`pread` reads just the requested bytes into memory the tensor owns: a rank's resident memory is then its
+    shards (not also the file pages it touched, as with mmap), and no tensor stays a lazy view of the file.
+    safetensors < 0.7 has no `backend` and memory-maps."""
+    try:
+        return safe_open(str(path), framework="pt", device="cpu", backend="pread")
+    except TypeError:
+        return safe_open(str(path), framework="pt", device="cpu")
+
+
 class _Files:
     """Lazily opened `safe_open` handles, one per file (every header checked for truncation up front)."""
 
@@ -53,7 +63,7 @@ class _Files:
 
     def handle(self, path: Path):
         if path not in self._handles:
-            self._handles[path] = safe_open(str(path), framework="pt", device="cpu")
+            self._handles[path] = _open(path)
         return self._handles[path]
 
     def close(self) -> None:
