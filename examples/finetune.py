@@ -18,7 +18,7 @@ import time
 
 import torch
 import transformers
-from accelerate import Accelerator
+from accelerate import Accelerator, PartialState
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -55,20 +55,23 @@ def token_chunks(tokenizer, seq_len: int) -> torch.Tensor:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    accelerator = Accelerator(gradient_accumulation_steps=args.grad_accum)
+    state = PartialState()  # torch.distributed up (what Accelerator() would do), so the model can be split first
     torch.set_num_threads(1)  # one process per core; more threads only fight over them
     torch.manual_seed(args.seed)
-    log = accelerator.print
-    if not accelerator.is_main_process:
+    log = state.print
+    if not state.is_main_process:
         transformers.utils.logging.disable_progress_bar()
 
     if args.model is None:
-        with accelerator.main_process_first():  # the first use converts the gguf: once, not once per rank
+        with state.main_process_first():  # the first use converts the gguf: once, not once per rank
             args.model = default_model_dir()
     tokenizer = AutoTokenizer.from_pretrained(args.model)
+    # Load and split before Accelerator(): under a ZeRO-3 config, Accelerator() makes from_pretrained partition
+    # the weights over all ranks as it loads them, which a TP split cannot start from.
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
     model = tp_plugin.parallelize(model)  # TP degree from the launch config
     mesh = model.tp_plugin_state.mesh
+    accelerator = Accelerator(gradient_accumulation_steps=args.grad_accum)
     tp, dp = (mesh.tp_size, mesh.dp_size) if mesh is not None else (1, accelerator.num_processes)
     log(tp_plugin.inspect(model))
     if not args.no_generate:
@@ -125,7 +128,8 @@ def main(argv=None) -> None:
         log(f"{len(losses)} steps, {samples} samples in {seconds:.1f} s ({seconds / len(losses):.2f} s/step); "
             f"mean loss first {k}: {sum(losses[:k]) / k:.4f}, last {k}: {sum(losses[-k:]) / k:.4f}")
 
-    tp_plugin.save_pretrained(model, args.output_dir)  # an ordinary HF checkpoint, consolidated from the shards
+    # an ordinary HF checkpoint, consolidated from the shards (and from ZeRO-3 partitions): every rank takes part
+    tp_plugin.save_pretrained(accelerator.unwrap_model(model), args.output_dir)
     if accelerator.is_main_process:
         tokenizer.save_pretrained(args.output_dir)
         log(f"saved {args.output_dir}")
@@ -133,7 +137,9 @@ def main(argv=None) -> None:
             args.losses_json.write_text(json.dumps({"losses": losses, "samples": samples, "tp": tp, "dp": dp,
                                                     "global_batch": global_batch,
                                                     "steps_per_epoch": steps_per_epoch}))
-    if not args.no_generate:
+    zero3 = (accelerator.state.deepspeed_plugin is not None
+             and accelerator.state.deepspeed_plugin.zero_stage == 3)
+    if not args.no_generate and not zero3:  # ZeRO-3 holds 1/dp of each shard; generate would need its gathers
         inner = accelerator.unwrap_model(model)
         inner.eval()
         log(f"after:  {complete(inner, tokenizer, PROMPT)!r}")

@@ -14,9 +14,9 @@ What `import tp_plugin` does for this (`on_import`, each step a no-op outside it
    degree (`config._from_accelerate_yaml`) and switches the flag off, so that `Accelerator()` does not build its
    own DTensor TP (which needs FSDP2 and refuses CPU and DeepSpeed). FSDP launches are left alone.
 2. CPU launches. Without a GPU, a MULTI_GPU config starts N processes but `Accelerator()` finds no backend and
-   runs each as a single process. tp_plugin sets `ACCELERATE_USE_CPU=true` (Accelerate then inits gloo and
-   goes MULTI_CPU); for DEEPSPEED it initialises Accelerate's `PartialState(backend="gloo")` early, which is
-   what `InitProcessGroupKwargs(backend="gloo")` would do. On a GPU machine nothing changes.
+   runs each as a single process. tp_plugin initialises Accelerate's shared `PartialState` at import, with
+   gloo: `cpu=True` (MULTI_CPU, plus `ACCELERATE_USE_CPU=true` for `Accelerator()`), or for DEEPSPEED
+   `backend="gloo"` (what `InitProcessGroupKwargs(backend="gloo")` would do). On a GPU machine nothing changes.
 3. `Accelerator.prepare_model / prepare_data_loader / prepare / clip_grad_norm_` are wrapped. When a model
    split by tp_plugin (TP > 1) is involved, and only then:
    * DDP is built over the data-parallel group (Accelerate passes no process group, and DDP over the world
@@ -41,7 +41,7 @@ from torch import nn
 
 logger = logging.getLogger("tp_plugin")
 
-_LAUNCH_MARKER = "ACCELERATE_DYNAMO_BACKEND"  # exported by every `accelerate launch` path, never by torchrun
+_LAUNCH_MARKER = "ACCELERATE_MIXED_PRECISION"  # exported by every `accelerate launch` path (DDP and DeepSpeed)
 
 
 def _flag(name: str) -> bool:
@@ -85,15 +85,17 @@ def prepare_cpu_launch() -> None:
     """Make `accelerate launch` with N processes run N gloo ranks on a machine without a GPU (step 2)."""
     if not launched_by_accelerate() or _flag("ACCELERATE_USE_CPU") or _has_gpu():
         return
+    from accelerate import PartialState
+
+    # The shared state made now is what PartialState() / Accelerator() find later, so the script may also
+    # split its model before creating its Accelerator (needed under ZeRO-3, see examples/finetune.py).
     if _flag("ACCELERATE_USE_DEEPSPEED"):
         # ACCELERATE_USE_CPU would turn DeepSpeed off (Accelerate picks MULTI_CPU), and Accelerate passes no
-        # backend to DeepSpeed without a GPU, so it counts one process. A PartialState made now, with gloo, is
-        # the shared state that Accelerator() then finds.
-        from accelerate import PartialState
-
+        # backend to DeepSpeed without a GPU, so it would count one process.
         PartialState(backend="gloo")
     else:
-        os.environ["ACCELERATE_USE_CPU"] = "true"
+        os.environ["ACCELERATE_USE_CPU"] = "true"  # Accelerator(): cpu=True
+        PartialState(cpu=True)  # MULTI_CPU: gloo over the launched processes
 
 
 # ---- the Accelerator hooks (step 3) --------------------------------------------------------------------------

@@ -98,7 +98,7 @@ class TPTrainerMixin:
         from ..checkpoint import save_pretrained
 
         output_dir = output_dir if output_dir is not None else self.args.output_dir
-        save_pretrained(self.model_wrapped, output_dir)  # collective: every rank walks the same tensors
+        save_pretrained(self.model, output_dir)  # collective: every rank walks the same tensors (ZeRO-3 gathers too)
         if self.args.should_save:
             if self.processing_class is not None:
                 self.processing_class.save_pretrained(output_dir)
