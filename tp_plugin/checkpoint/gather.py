@@ -21,10 +21,12 @@ from ..sharding import ShardSpec, unshard_tensor
 
 def unwrap(model_or_engine) -> nn.Module:
     """The transformers model inside a DeepSpeed engine / DDP / Accelerate wrapper."""
+    from transformers import PreTrainedModel
+
     model = model_or_engine
-    while not hasattr(model, "config") and isinstance(getattr(model, "module", None), nn.Module):
-        model = model.module
-    if not hasattr(model, "config"):
+    while not isinstance(model, PreTrainedModel) and isinstance(getattr(model, "module", None), nn.Module):
+        model = model.module  # (a DeepSpeed engine has a `.config` too: its own dict)
+    if not hasattr(getattr(model, "config", None), "save_pretrained"):
         raise TypeError(f"{type(model_or_engine).__name__} is not a transformers model (no `.config`), nor a "
                         f"wrapper (DeepSpeed engine, DDP) holding one as `.module`")
     return model
