@@ -35,8 +35,13 @@ class _CopyToTP(torch.autograd.Function):
 class _ReduceFromTP(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, group):
-        # `x` is the fresh output of a local matmul, so reducing it in place is safe.
-        return _all_reduce(x, group)
+        # `x` is the fresh output of a local matmul, so reducing it in place is safe; marking it dirty tells
+        # autograd so, and the caller may then modify the result in place (Falcon's `mlp_output += attn`).
+        if not x.is_contiguous():
+            return _all_reduce(x, group)  # a contiguous copy: a new tensor
+        dist.all_reduce(x, group=group)
+        ctx.mark_dirty(x)
+        return x
 
     @staticmethod
     def backward(ctx, grad):
