@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
 
 from .sharding import TPSplitError
@@ -40,6 +41,19 @@ def _from_accelerate_deepspeed_json() -> tuple[str, int] | None:
     return None
 
 
+def _from_deepspeed_cli_arg() -> tuple[str, int] | None:
+    """`--deepspeed_config PATH` on the command line (DeepSpeed's `add_config_arguments`), read before
+    `deepspeed.initialize` parses it, so a plain DeepSpeed script needs no tp_size."""
+    argv = sys.argv[1:]
+    for i, arg in enumerate(argv):
+        path = arg.split("=", 1)[1] if arg.startswith("--deepspeed_config=") else \
+            (argv[i + 1] if arg == "--deepspeed_config" and i + 1 < len(argv) else None)
+        if path and path.endswith(".json") and Path(path).is_file():
+            size = autotp_size(path)
+            return (path, size) if size else None
+    return None
+
+
 def _from_hf_deepspeed_config() -> tuple[str, int] | None:
     """`TrainingArguments(deepspeed=...)` registers its DeepSpeed config with transformers."""
     try:
@@ -60,7 +74,8 @@ def _from_accelerate_yaml() -> tuple[str, int] | None:
     return ("accelerate yaml parallelism_config_tp_size", size) if size else None
 
 
-SOURCES = [_from_env, _from_accelerate_yaml, _from_accelerate_deepspeed_json, _from_hf_deepspeed_config]
+SOURCES = [_from_env, _from_accelerate_yaml, _from_accelerate_deepspeed_json, _from_hf_deepspeed_config,
+           _from_deepspeed_cli_arg]
 
 
 def configured_tp_size() -> int | None:

@@ -16,6 +16,7 @@ from torch.distributed.tensor import DTensor
 
 from .comm import copy_to_tp
 from .config import configured_tp_size
+from .integrations.deepspeed import prepare_model as prepare_for_deepspeed
 from .integrations.peft import enable as enable_peft
 from .layers import (PARALLEL_LAYERS, ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding,
                      VocabParallelLMHead, tag_param)
@@ -60,6 +61,7 @@ def parallelize(model: nn.Module, tp_size: int | None = None, *, policy: Policy 
             apply_plan(model, plan, mesh.tp_rank, mesh.tp_group, loss_parallel=loss_parallel)
     model.tp_plugin_state = TPState(plan, mesh, loss_parallel)
     if mesh is not None and tp_size > 1:
+        prepare_for_deepspeed(model)  # deepspeed.initialize then trains it on these groups, no AutoTP
         enable_peft()  # peft.get_peft_model(model, LoraConfig(...)) then builds TP-aware LoRA layers
     return model
 
