@@ -50,7 +50,8 @@ def _config(arch: str, tp: int):
                                           max_position_embeddings=64, **NO_DROPOUT)
     if arch in ("falcon", "falcon_gqa"):
         gqa = arch == "falcon_gqa"
-        return transformers.FalconConfig(vocab_size=101, hidden_size=72, num_hidden_layers=2, bias=True,
+        # bias=False (the real Falcon's setting): the block adds attention into the MLP output in place
+        return transformers.FalconConfig(vocab_size=101, hidden_size=72, num_hidden_layers=2, bias=gqa,
                                          num_attention_heads=HEADS[tp]["num_attention_heads"] if gqa else heads,
                                          num_kv_heads=HEADS[tp]["num_key_value_heads"] if gqa else None,
                                          new_decoder_architecture=gqa, multi_query=not gqa, **NO_DROPOUT)

@@ -23,7 +23,8 @@ from torch import nn
 from .policy import AttentionSpec, Colwise, Policy, Rowwise
 from .sharding import TPSplitError
 from .styles import Experts, HeadAttrs, ShardedNorm
-from .translate import (base_prefix, dims, generic, head_config, head_dim_of, head_split, is_attention, is_dense,
+from .translate import (NO_MODULE, base_prefix, dims, generic, head_config, head_dim_of, head_split, is_attention, is_dense,
+                        mlp_scalars, packed_qkv,
                         with_replicated_rest)
 
 OUT_NAMES = {"o_proj", "out_proj", "dense", "c_proj", "o", "wo", "out", "proj", "out_lin", "fc_out", "attn_out",
@@ -58,7 +59,7 @@ def attention_extras(attn_path: str, module: nn.Module, num_heads: int, num_kv: 
             continue
         path = f"{attn_path}.{name}" if name else attn_path
         sizes = {p.shape[-1] for _, p in own}
-        if sizes == {head_dim} and all(p.dim() == 1 for _, p in own):
+        if sizes == {head_dim} and all(p.dim() == 1 for _, p in own) and "norm" in type(sub).__name__.lower():
             partial.append(path)  # per-head norm (Qwen3's q_norm): acts on this rank's heads only
         elif len(own) == 1 and own[0][0] == "weight" and own[0][1].dim() == 1 and name and \
                 "norm" in type(sub).__name__.lower() and "rms" in type(sub).__name__.lower():
@@ -118,15 +119,16 @@ def structural_policy(model: nn.Module) -> Policy:
                 layers.update(styles)
                 layers[path] = HeadAttrs()
                 partial += part
-        attention = AttentionSpec(pattern, num_heads=heads_attr, num_kv_heads=kv_attr, head_dim="head_dim")
+        attention = AttentionSpec(NO_MODULE, num_heads=heads_attr, num_kv_heads=kv_attr, head_dim="head_dim")
     if not layers:
         raise TPSplitError(
             f"{type(model).__name__} (model_type={model_type!r}): the structural fallback found no attention or "
             f"MLP it can split safely in {blocks_path}.* (no head counts on the config, or projections of "
             f"unexpected shapes). Register a policy: tp_plugin.register_policy({model_type!r}, "
             f"Policy(layers={{'layers.*.attn.q_proj': Colwise('q'), ...}}, attention=AttentionSpec(...)))")
+    partial += mlp_scalars(model, layers, base_prefix(model))
     policy = Policy(name=f"{model_type} (structural fallback)", layers=layers, attention=attention,
-                    partial_grad=tuple(partial))
+                    partial_grad=tuple(sorted({generic(p) for p in partial})))
     return with_replicated_rest(model, policy)
 
 
@@ -147,12 +149,13 @@ def _split_attention(path, attn, hidden, num_heads, num_kv, hd):
             (n.rpartition(".")[2] in OUT_NAMES or n.split(".")[0] in ("output", "out"))]
     if len(outs) != 1:
         return None
-    styles = {}
+    styles, packed = {}, packed_qkv(attn)
+    fused = len(linears) == 2  # one in-projection besides the out-projection: it may be a fused qkv
     for n, m in linears:
         is_out = (n, m) == outs[0]
         if not is_out and dims(m)[1] != hidden:
             return None  # reads something other than the hidden state (low-rank MLA, gates): keep whole
-        style = head_split(n, m, num_heads, num_kv, hd, colwise=not is_out)
+        style = head_split(n, m, num_heads, num_kv, hd, colwise=not is_out, packed=packed, fused=fused)
         if style is None:
             return None
         styles[f"{path}.{n}"] = style
@@ -184,6 +187,11 @@ def _split_mlps(block_path, block, hidden, skip) -> dict[str, object]:
             continue
         if inp != hidden:
             return {p: s for p, s in styles.items() if isinstance(s, Experts)}  # unsure: keep the MLPs whole
+    # a parameter of the width X outside the linears (BitNet's ffn_sub_norm over the intermediate activation)
+    # would need the full activation: those MLPs stay whole
+    others = [p for n, m in block.named_modules() if id(m) not in skip and not is_dense(m)
+              for p in m.parameters(recurse=False)]
+    widths -= {p.shape[-1] for p in others}
     fed = {w for w in widths if any((n, m) not in outs and (dims(m)[0] == w or dims(m)[0] == 2 * w)
                                     for n, m in linears)}
     for n, m in linears:

@@ -22,6 +22,7 @@ attention module is kept whole when one of its projections fits no rule (safe: r
 
 from __future__ import annotations
 
+import inspect
 import re
 
 from torch import nn
@@ -42,6 +43,7 @@ IGNORE = {"embedding_rowwise", "embedding_colwise", "grouped_gemm", "ep_router",
           "vocab_parallel", "vocab_parallel_rowwise"}
 UNSUPPORTED = {"moe_identity_expert"}
 
+NO_MODULE = "(patched by HeadAttrs)"  # an AttentionSpec.module pattern that matches no module
 HEAD_ATTRS = ("num_attention_heads", "n_head", "num_heads", "n_heads", "decoder_attention_heads",
               "num_attention_heads_per_layer")
 KV_ATTRS = ("num_key_value_heads", "num_kv_heads", "n_kv_heads", "multi_query_group_num", "n_head_kv")
@@ -69,7 +71,19 @@ def head_config(config) -> tuple[str | None, str | None]:
     return heads, kv
 
 
-def head_split(path: str, module: nn.Module, num_heads: int, num_kv: int, head_dim: int, *, colwise: bool):
+def packed_qkv(attention: nn.Module) -> bool:
+    """Whether a fused multi-head qkv is laid out [q | k | v] (split or chunked after the projection, as GPT-1,
+    MPT) rather than per head [h0: q k v | h1: ...] (viewed as (..., heads, 3 * head_dim), as GPT-NeoX)."""
+    try:
+        src = inspect.getsource(type(attention).forward)
+    except (OSError, TypeError):
+        return False
+    per_head = re.search(r"3\s*\*\s*self\.head|,\s*3\s*,\s*self\.head|3\s*\*\s*head_dim", src)
+    return not per_head and bool(re.search(r"\.split\(|\.chunk\(3|torch\.split\(", src))
+
+
+def head_split(path: str, module: nn.Module, num_heads: int, num_kv: int, head_dim: int, *, colwise: bool,
+               packed: bool = False, fused: bool = True):
     """The head-aware style of one attention projection, or None when its width fits no head rule."""
     out, inp = dims(module)
     if not colwise:
@@ -78,8 +92,8 @@ def head_split(path: str, module: nn.Module, num_heads: int, num_kv: int, head_d
         return HeadColwise("q")
     if num_kv != num_heads and out == num_kv * head_dim:
         return HeadColwise("kv")
-    if num_kv != num_heads and out == (num_heads + 2 * num_kv) * head_dim:
-        return Colwise("q", "kv", "kv")  # fused [q | k | v] (Phi-3 qkv_proj, GPT-BigCode c_attn)
+    if fused and out == (num_heads + 2 * num_kv) * head_dim and (num_kv != num_heads or packed):
+        return Colwise("q", "kv", "kv")  # fused [q | k | v] (Phi-3 qkv_proj, GPT-BigCode c_attn, MPT Wqkv)
     if out % num_heads == 0:  # any per-head width: MLA projections, per-head interleaved q|k|v
         return HeadColwise("q")
     if out % num_kv == 0:
@@ -141,7 +155,7 @@ def translate_tp_plan(model: nn.Module, plan: dict[str, str] | None = None) -> P
         if style in EXPERTS:
             layers[pattern] = Experts()
         elif style in PARTIAL:
-            partial.append(pattern)
+            pass  # norms on split heads are found structurally (attention_extras), only where heads are split
         elif style in COLWISE or style in ROWWISE:
             path, module = found[0]
             if not is_dense(module):
@@ -162,27 +176,37 @@ def translate_tp_plan(model: nn.Module, plan: dict[str, str] | None = None) -> P
     attention = None
     for parent, projections in attn_parents.items():
         hd = head_dim_of(config, num_heads)
-        styles = {p: head_split(p, m, num_heads, num_kv, hd, colwise=c) for p, m, c in projections}
+        parent_mod = next(iter(_modules(model, parent, prefix)), (None, None))[1]
+        packed = parent_mod is not None and packed_qkv(parent_mod)
+        fused = sum(c for _, _, c in projections) == 1  # one in-projection: it may be a fused qkv
+        styles = {p: head_split(p, m, num_heads, num_kv, hd, colwise=c, packed=packed, fused=fused)
+                  for p, m, c in projections}
         complete = any(not c for _, _, c in projections) and any(c for _, _, c in projections)
-        extras = _extras(model, prefix, parent, num_heads, num_kv, hd)
+        extras = _extras(model, prefix, parent, num_heads, num_kv, hd, styles)
         if attention is None and complete and all(styles.values()) and extras is not None:
-            attention = AttentionSpec(parent, num_heads=heads_attr, num_kv_heads=kv_attr, head_dim="head_dim")
+            # Head attributes are patched by the HeadAttrs entries, on split attention modules only; the spec's
+            # own module pattern then names none (a hybrid may hold another attention kind under `parent`).
+            attention = AttentionSpec(NO_MODULE, num_heads=heads_attr, num_kv_heads=kv_attr, head_dim="head_dim")
             layers.update(styles)
             layers.update(extras[0])
             partial += extras[1]
-        else:  # keep the whole attention replicated: it is then exact
-            pass
-    partial = sorted({p for p in partial if attention is not None and generic(p).startswith(attention.module + ".")})
+    partial += mlp_scalars(model, layers, prefix)
+    # one pattern per module: the plan's entry and the structural check may both name the same norm
+    partial = sorted({generic(p) for p in partial}) if attention is not None else []
     return with_replicated_rest(model, Policy(name=f"{config.model_type} (translated tp_plan)", layers=layers,
                                               attention=attention, partial_grad=tuple(partial)))
 
 
-def _extras(model, prefix, parent, num_heads, num_kv, hd):
+def _extras(model, prefix, parent, num_heads, num_kv, hd, split):
     """Per-head norms / full-width norms / head attributes of every attention module matched by `parent`."""
     from .fallback import HeadAttrs, attention_extras
 
     styles, partial = {}, []
+    split_full = _split_paths(model, split, prefix)
     for path, module in _modules(model, parent, prefix):
+        full = f"{prefix}.{path}" if prefix else path
+        if not any(name.startswith(full + ".") for name in split_full):
+            continue  # another kind of attention under the same path (MiniMax's lightning layers): left whole
         extras = attention_extras(path, module, num_heads, num_kv, hd)
         if extras is None:
             return None
@@ -190,6 +214,34 @@ def _extras(model, prefix, parent, num_heads, num_kv, hd):
         partial += extras[1]
         styles[path] = HeadAttrs()
     return styles, partial
+
+
+def _split_paths(model, patterns, prefix) -> list[str]:
+    found = []
+    for pattern in patterns:
+        body = re.escape(pattern).replace(r"\*", r"[^.]+")
+        regex = re.compile((re.escape(prefix + ".") if prefix else "") + body)
+        found += [name for name, _ in model.named_modules() if regex.fullmatch(name)]
+    return found
+
+
+def mlp_scalars(model: nn.Module, layers: dict, prefix: str) -> list[str]:
+    """Learnable scalars of activations inside split MLPs (Apertus' xIELU alpha): they act on this rank's
+    slice of the intermediate activation only, so their gradients are partial sums (summed over TP)."""
+    found = []
+    for pattern, style in layers.items():
+        if not isinstance(style, Rowwise) or style.part:
+            continue
+        for path, _ in _modules(model, pattern, prefix):
+            parent_path = path.rpartition(".")[0]
+            parent = model.get_submodule(f"{prefix}.{parent_path}".strip(".")) if parent_path else None
+            if parent is None or is_attention(parent) or parent_path == "":
+                continue
+            for name, sub in parent.named_modules():
+                own = list(sub.parameters(recurse=False))
+                if name and not is_dense(sub) and own and all(p.numel() == 1 for p in own):
+                    found.append(f"{parent_path}.{name}")
+    return found
 
 
 def with_replicated_rest(model: nn.Module, policy: Policy) -> Policy:
@@ -201,6 +253,10 @@ def with_replicated_rest(model: nn.Module, policy: Policy) -> Policy:
     for pattern in policy.layers:
         planned |= {path for path, _ in _modules(model, pattern, prefix)}
     base = getattr(model, "base_model", model)
+    owners = set()  # modules whose own style covers their children (fused experts)
+    for pattern, style in policy.layers.items():
+        if isinstance(style, Experts):
+            owners |= {path for path, _ in _modules(model, pattern, prefix)}
     rest = sorted({generic(name) for name, mod in base.named_modules() if is_dense(mod) and name not in planned
-                   and not any(name.startswith(p + ".") for p in planned)})
+                   and not any(name.startswith(p + ".") for p in owners)})
     return replace(policy, replicate=tuple(policy.replicate) + tuple(rest))
