@@ -96,6 +96,48 @@ def test_ddp_tp2_dp2_matches_single_process(clip):
     assert results[0]["first"] != results[2]["first"]
 
 
+def _deepspeed_run(rank, world, tp, clip):
+    """The same loop under DeepSpeed ZeRO-2 (config built in code: what a DEEPSPEED yaml + json give)."""
+    import os
+
+    from accelerate import Accelerator
+    from accelerate.utils import DeepSpeedPlugin, InitProcessGroupKwargs
+
+    dp = world // tp
+    data = _data(STEPS * MICRO * dp)
+    model = build("llama", tp)
+    ref = copy.deepcopy(model)
+    tp_plugin.parallelize(model, tp_size=tp)
+    os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"  # what `accelerate launch` exports for a DEEPSPEED config
+    config = {"train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": 1,
+              "gradient_clipping": clip, "zero_optimization": {"stage": 2},
+              "tensor_parallel": {"autotp_size": tp}}
+    accelerator = Accelerator(deepspeed_plugin=DeepSpeedPlugin(hf_ds_config=config),
+                              kwargs_handlers=[InitProcessGroupKwargs(backend="gloo")])
+    loader = DataLoader(data, batch_size=MICRO, shuffle=False)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=LR)
+    loader, engine, optimizer = accelerator.prepare(loader, model, optimizer)
+    losses = []
+    for batch in loader:
+        loss = engine(batch, labels=batch).loss
+        accelerator.backward(loss)
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(accelerator.reduce(loss.detach(), "mean").item())
+    ref_losses = _reference(ref, data, dp, clip) if rank == 0 else None
+    return {"losses": losses, "ref": ref_losses, "batches": len(loader), "zero": engine.zero_optimization_stage()}
+
+
+def test_deepspeed_zero2_tp2_dp2_matches_single_process():
+    # clipping on (0.5, below the ~2.5 gradient norm): DeepSpeed must clip with the unsplit model's norm
+    results = run_ranks(4, _deepspeed_run, 2, 0.5, timeout_s=240)
+    ref = results[0]["ref"]
+    for r in results:
+        assert r["zero"] == 2 and r["batches"] == STEPS
+        errors = [abs(a - b) for a, b in zip(r["losses"], ref)]
+        assert len(r["losses"]) == STEPS and max(errors) <= ATOL, (r["losses"], ref)
+
+
 def _wrong_sampler(rank, world):
     from accelerate import Accelerator
     from torch.utils.data.distributed import DistributedSampler
