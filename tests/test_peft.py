@@ -337,3 +337,35 @@ def test_tp2_dp2_zero2_matches_unsplit():
         assert ref[-1] < ref[0] - 0.05, f"the reference run did not learn: {ref}"
         assert split == pytest.approx(ref, abs=ATOL), r["losses"]
         assert r["grad_err"] <= GRAD_ATOL, r["grad_err"]
+
+
+def _count(rank, world, arch):
+    from peft import get_peft_model
+
+    from tests.collective_counter import CollectiveCounter
+
+    counts = {}
+    for adapted in (False, True):
+        model = tp_plugin.parallelize(build(arch, 2), tp_size=2)
+        if adapted:
+            model = get_peft_model(model, _lora())  # all-linear: every column and row layer gets LoRA
+        ids = batch()
+        with CollectiveCounter() as fwd:
+            loss = model(input_ids=ids, labels=ids).loss
+        with CollectiveCounter() as bwd:
+            loss.backward()
+        counts[adapted] = {"fwd": dict(fwd.counts), "bwd": dict(bwd.counts),
+                           "lora_layers": len(_lora_names(model)) if adapted else 0}
+    return counts
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_lora_adds_no_forward_collective_and_one_small_backward_one_per_layer(arch):
+    for counts in run_ranks(2, _count, arch):
+        base, lora = counts[False], counts[True]
+        assert lora["fwd"] == base["fwd"], (lora["fwd"], base["fwd"])  # the row LoRA rides on the base all-reduce
+        # one all-reduce per LoRA layer: the partial gradient of the replicated factor ([r, in] or [out, r], or
+        # the [tokens, r] output gradient of A when the base syncs its own input gradient); and one fewer for
+        # the base: with the embedding frozen, nothing needs the first block's input gradient.
+        expected = dict(base["bwd"], all_reduce=base["bwd"]["all_reduce"] + lora["lora_layers"] - 1)
+        assert lora["bwd"] == expected, (lora["bwd"], base["bwd"], lora["lora_layers"])
