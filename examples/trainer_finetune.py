@@ -18,7 +18,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, TrainingArguments
 
 import tp_plugin
-from tp_plugin.integrations.trainer import TPTrainer
+from tp_plugin.integrations.trainer import TPTrainer, prepare_cpu_deepspeed
 from demo_model import REPO_ROOT, default_model_dir  # examples/ is on sys.path: it is the script's directory
 from finetune import token_chunks
 
@@ -57,6 +57,8 @@ class Chunks(torch.utils.data.Dataset):
 def main(argv=None) -> None:
     args = parse_args(argv)
     gpu = torch.cuda.is_available()
+    # without a GPU only: gloo for DeepSpeed (transformers passes it no backend); {} otherwise
+    cpu_deepspeed = prepare_cpu_deepspeed() if args.deepspeed else {}
     training_args = TrainingArguments(
         output_dir=str(args.output_dir), max_steps=args.max_steps, per_device_train_batch_size=args.batch_size,
         per_device_eval_batch_size=args.batch_size, gradient_accumulation_steps=args.grad_accum,
@@ -64,7 +66,7 @@ def main(argv=None) -> None:
         eval_strategy="steps", eval_steps=args.eval_steps, report_to="none", seed=0, dataloader_drop_last=True,
         deepspeed=args.deepspeed,
         # Without a GPU: gloo, and MULTI_CPU unless DeepSpeed drives the processes (see ENVIRONMENT notes)
-        use_cpu=not gpu and not args.deepspeed, ddp_backend=None if gpu else "gloo")
+        use_cpu=not gpu and not args.deepspeed, ddp_backend=None if gpu else "gloo", **cpu_deepspeed)
     torch.set_num_threads(1)
     _ = training_args.device  # initialises torch.distributed (the Trainer's PartialState) before the split
     if args.model is None:

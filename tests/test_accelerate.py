@@ -184,3 +184,35 @@ def _eval_first_then_train(rank, world):
 def test_tp_batch_check_skips_eval_forwards():
     messages = run_ranks(2, _eval_first_then_train)
     assert all(m and "got different batches" in m for m in messages), messages
+
+
+def test_every_accelerate_config_says_what_its_name_says():
+    """Each yaml in configs/accelerate/ loads in Accelerate and names the layout its file name promises
+    (tpT[_dpD][_zeroZ], TP inside a node); the GPU ones cannot run here, so this is their check."""
+    import json
+    import re
+    from pathlib import Path
+
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    root = Path(__file__).resolve().parent.parent
+    files = sorted((root / "configs" / "accelerate").glob("*.yaml"))
+    assert len(files) >= 7, files
+    for path in files:
+        config = load_config_from_file(str(path))
+        name = path.stem
+        tp = int(re.search(r"tp(\d+)", name).group(1))
+        dp = int(m.group(1)) if (m := re.search(r"dp(\d+)", name)) else 1
+        zero = int(m.group(1)) if (m := re.search(r"zero(\d)", name)) else None
+        assert config.num_processes == tp * dp, (name, config.num_processes)
+        assert tp <= config.num_processes // config.num_machines, f"{name}: a TP group would span nodes"
+        if zero is None:
+            assert config.distributed_type.value == "MULTI_GPU", name
+            assert config.parallelism_config == {"parallelism_config_tp_size": tp}, name
+        else:
+            assert config.distributed_type.value == "DEEPSPEED", name
+            ds = json.loads((root / config.deepspeed_config["deepspeed_config_file"]).read_text())
+            assert ds["tensor_parallel"]["autotp_size"] == tp and ds["zero_optimization"]["stage"] == zero, name
+            assert "train_batch_size" not in ds, f"{name}: DeepSpeed derives it from micro x accum x DP"
+            if zero == 3:
+                assert config.deepspeed_config.get("zero3_init_flag") is False, f"{name}: load, split, then ZeRO-3"

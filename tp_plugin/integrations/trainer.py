@@ -36,6 +36,24 @@ from transformers.trainer import SCHEDULER_NAME, TRAINING_ARGS_NAME
 from .accelerate import check_tp_batches, install, mesh_of
 
 
+def prepare_cpu_deepspeed() -> dict:
+    """CPU only: `TrainingArguments(deepspeed=..., **prepare_cpu_deepspeed())` on a machine without GPU.
+
+    transformers gives Accelerate no backend when DeepSpeed is on (`TrainingArguments._setup_devices`), and
+    without a GPU Accelerate then counts one process. This initialises the shared `PartialState` with gloo and
+    returns the TrainingArguments keyword that makes the Trainer use it; on a GPU machine it returns {}.
+    """
+    from accelerate import PartialState
+
+    from .accelerate import _has_gpu
+
+    if _has_gpu() or int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return {}
+    os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"
+    PartialState(backend="gloo")
+    return {"accelerator_config": {"use_configured_state": True}}
+
+
 def optimizer_file(tp_rank: int, tp_size: int) -> str:
     return f"optimizer.tp-rank-{tp_rank}-of-{tp_size}.pt"
 
