@@ -369,3 +369,42 @@ def test_lora_adds_no_forward_collective_and_one_small_backward_one_per_layer(ar
         # the base: with the embedding frozen, nothing needs the first block's input gradient.
         expected = dict(base["bwd"], all_reduce=base["bwd"]["all_reduce"] + lora["lora_layers"] - 1)
         assert lora["bwd"] == expected, (lora["bwd"], base["bwd"], lora["lora_layers"])
+
+
+def _trainer(rank, world, out_dir):
+    """The HF Trainer (tp_plugin's TPTrainer) trains a split LoRA model like a plain loop trains the unsplit one."""
+    from transformers import TrainingArguments
+
+    from tp_plugin.integrations.trainer import TPTrainer
+
+    split, ref, mesh = _split_and_ref("llama", 2, {})
+    _randomize_lora(split, ref, mesh.tp_group)
+    ids = batch(seed=0)
+    data = [{"input_ids": ids[i], "labels": ids[i]} for i in range(len(ids))]  # one batch = the whole data set
+    args = TrainingArguments(output_dir=out_dir, max_steps=STEPS, per_device_train_batch_size=len(ids),
+                             learning_rate=1e-2, lr_scheduler_type="constant", weight_decay=0.0, max_grad_norm=0.0,
+                             logging_steps=1, report_to=[], save_strategy="no", use_cpu=True, disable_tqdm=True)
+    trainer = TPTrainer(model=split, args=args, train_dataset=data)
+    trainer.train()
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    opt = torch.optim.AdamW([p for p in ref.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.0)
+    ref_losses = []
+    for _ in range(STEPS):
+        loss = ref(input_ids=ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        ref_losses.append(loss.item())
+    trainer.model.save_pretrained(out_dir)  # the PEFT way, on every rank
+    return {"losses": list(zip(losses, ref_losses)), "replica_err": _replicated_identical(split, mesh.tp_group)}
+
+
+def test_trainer_trains_split_lora_like_unsplit(tmp_path):
+    import os
+
+    for r in run_ranks(2, _trainer, str(tmp_path / "trainer")):
+        split, ref = zip(*r["losses"])
+        assert len(split) == STEPS and ref[-1] < ref[0] - 0.05, r["losses"]
+        assert split == pytest.approx(ref, abs=ATOL), r["losses"]
+        assert r["replica_err"] == 0.0
+    assert {"adapter_config.json", "adapter_model.safetensors"} <= set(os.listdir(tmp_path / "trainer"))
