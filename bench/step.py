@@ -97,10 +97,15 @@ def _setup(job: dict):
 
 def _replay(calls: list[Collective], repeats: int = 3) -> float:
     """Median time of issuing exactly these collectives (sizes, dtypes, order) back to back."""
-    if dist.get_world_size() == 1 or not calls:
-        return 0.0
-    buffers = [(c.kind, torch.zeros(c.numel, dtype=c.dtype)) for c in calls if c.kind != "barrier"]
     world = dist.get_world_size()
+    if world == 1:
+        return 0.0
+    # Ranks may record different sizes (uneven shards): replay the largest at each position on every rank.
+    lists = [None] * world
+    dist.all_gather_object(lists, [(c.kind, c.numel, c.dtype) for c in calls if c.kind != "barrier"])
+    if len({len(x) for x in lists}) > 1 or any(len({(k, d) for k, _, d in col}) > 1 for col in zip(*lists)):
+        return float("nan")  # the ranks issue different collectives: no common replay
+    buffers = [(col[0][0], torch.zeros(max(n for _, n, _ in col), dtype=col[0][2])) for col in zip(*lists)]
     times = []
     for _ in range(repeats):
         dist.barrier()
@@ -195,7 +200,8 @@ def run_variant(job: dict, *, timeout_s: float = 600.0) -> dict:
 
 
 def _first_error(report: str) -> str:
-    """The most telling line of the ranks' tracebacks: the last exception line of the first rank."""
+    """The most telling line of the ranks' tracebacks: the first exception that is not a peer's disconnect."""
     lines = [ln.strip() for ln in report.splitlines() if ln.strip()]
     errors = [ln for ln in lines if re.match(r"^[\w.]+(Error|Exception)\b", ln)]
-    return (errors[0] if errors else lines[-1])[:300]
+    cause = [ln for ln in errors if not re.search(r"Connection (reset|closed)|timed out|Timeout", ln)]
+    return ((cause or errors)[0] if errors else lines[-1])[:300]

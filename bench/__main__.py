@@ -1,0 +1,143 @@
+"""`python -m bench` (or `make bench`): every section in one run; markdown printed, JSON + markdown written.
+
+    python -m bench                   # the full grid (about 10 minutes on 2 quiet cores)
+    python -m bench --quick           # toy sizes, seconds
+    python -m bench --sections step   # only some of: step, profile, memory, gpu
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+import warnings
+
+from . import report
+from .comm_count import megatron_minimum
+from .shapes import config
+
+# (shape, layers or None for all, seq, dtype). Chosen to finish in ~10 minutes on 2 cores: the SmolLM2 shape
+# whole at seq 256; its dividing-heads twin (so transformers' TP runs); seq 1024 and the 0.5B shape with fewer
+# layers; bf16 with few layers (no AVX-512/AMX here: bf16 matmuls run about 10x slower than fp32).
+FULL_GRID = [("smollm2-135m", None, 256, "fp32"), ("smollm2-135m-h12", None, 256, "fp32"),
+             ("smollm2-135m-h12", 8, 1024, "fp32"), ("llama-0.5b", 6, 256, "fp32"),
+             ("smollm2-135m-h12", 4, 256, "bf16")]
+QUICK_GRID = [("toy", None, 32, "fp32"), ("toy-h4", None, 32, "fp32")]
+VARIANTS = ["unsplit", "tp_plugin", "tp_plugin+loss_parallel", "deepspeed_autotp", "transformers_tp"]
+
+
+def _log(msg: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def _megatron_min(job: dict) -> dict:
+    import torch
+
+    cfg = config(job["shape"], job["layers"])
+    # DeepSpeed AutoTP keeps a tied LM head vocabulary-sharded and computes its loss vocab-parallel
+    loss_parallel = job["variant"] == "tp_plugin+loss_parallel" or \
+        (job["variant"] == "deepspeed_autotp" and cfg.tie_word_embeddings)
+    return megatron_minimum(cfg, batch=job["batch"], seq=job["seq"], dtype=getattr(torch, {"fp32": "float32",
+                            "bf16": "bfloat16"}[job["dtype"]]), tp=2, loss_parallel=loss_parallel)
+
+
+def run_steps(grid, *, warmup: int, steps: int, batch: int, ckpt_root: str, timeout_s: float) -> list[dict]:
+    from .step import run_variant, save_checkpoint
+
+    rows = []
+    for shape, layers, seq, dtype in grid:
+        base = dict(shape=shape, layers=layers, seq=seq, dtype=dtype, batch=batch, warmup=warmup, steps=steps)
+        base["ckpt"] = save_checkpoint(base, ckpt_root)
+        for variant in VARIANTS:
+            job = {**base, "variant": variant}
+            row = run_variant(job, timeout_s=timeout_s)
+            if variant != "unsplit":
+                row["megatron_min"] = _megatron_min(job)
+            _log(f"{report.config_name(report.config_key(row))} {variant}: "
+                 + (f"failed: {row['error']}" if "error" in row else
+                    f"{row['step_s']:.3f} s/step, peak {row['peak_rss_mb']:.0f} MB, {row['wall_s']:.0f} s wall"))
+            rows.append(row)
+    return rows
+
+
+def run_profile(grid, *, batch: int, timeout_s: float) -> str:
+    from tests.dist import run_ranks
+
+    from .step import profile_rank
+
+    shape, layers, seq, dtype = grid[0]
+    job = dict(shape=shape, layers=layers, seq=seq, dtype=dtype, batch=batch, variant="tp_plugin+loss_parallel")
+    table = run_ranks(2, profile_rank, job, timeout_s=timeout_s)[0]
+    return f"torch.profiler, rank 0 of 2, one step of tp_plugin+loss_parallel on {report.config_name(grid[0][:4])}\n" \
+        + table
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="toy sizes (seconds); results go to --out/quick.*")
+    parser.add_argument("--sections", default="step,profile,memory,gpu")
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--steps", type=int, default=3, help="measured steps per variant (median reported)")
+    parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
+    args = parser.parse_args(argv)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    sections = set(args.sections.split(","))
+    grid = QUICK_GRID if args.quick else FULL_GRID
+    timeout_s = 120.0 if args.quick else 600.0
+    ckpt_root = os.path.join(os.environ.get("TMPDIR", "/tmp"), "bench-checkpoints")
+    results: dict = {"machine": report.machine(), "grid": grid, "warmup": args.warmup, "steps": args.steps,
+                     "batch": 1}
+    t0 = time.time()
+    md = [f"Measured {results['machine']['date_utc']} UTC on {results['machine']['nproc']} × "
+          f"{results['machine']['cpu']} ({results['machine']['simd']}), {results['machine']['mem_gib']} GiB, "
+          f"torch {results['machine']['torch']}, 1 thread per rank, batch 1, median of {args.steps} steps after "
+          f"{args.warmup} warm-up; load average at start {results['machine']['loadavg_start']:.1f}."]
+    if "step" in sections:
+        _log("training step: " + ", ".join(report.config_name(g) for g in grid))
+        results["step"] = run_steps(grid, warmup=args.warmup, steps=args.steps, batch=1, ckpt_root=ckpt_root,
+                                    timeout_s=timeout_s)
+        results["goals"] = report.goals(results["step"])
+        md += ["", "### Training step, TP=2 on 2 CPU ranks (gloo)", "", report.step_table(results["step"]),
+               "", "### Goals (issue 8)", "", report.goals_table(results["step"]),
+               "", "### Collectives per rank per training step", "", report.comm_table(results["step"])]
+    if "profile" in sections:
+        _log("profile")
+        results["profile"] = run_profile(grid, batch=1, timeout_s=timeout_s)
+        md += ["", "### Profile", "", "```", results["profile"].strip(), "```"]
+    if "memory" in sections:
+        from .memmodel import memory_table
+
+        _log("memory model")
+        if args.quick:
+            results["memory"] = memory_table(("toy-h4",), (1, 2, 4), seq=64)
+        else:
+            results["memory"] = memory_table(("llama3-8b", "llama3-70b"), (1, 2, 4, 8), seq=4096)
+        md += ["", "### Memory model: rank 0 of tp, meta device + fake process group (bf16 weights/grads, fp32 AdamW "
+               "states, measured saved-for-backward activations)", "", report.memory_table_md(results["memory"])]
+    if "gpu" in sections:
+        from .gpu import gpu_section
+
+        _log("gpu")
+        results["gpu"] = gpu_section()
+        md += ["", "### GPU", "", report.gpu_md(results["gpu"])]
+    results["machine"]["loadavg_end"] = os.getloadavg()[0]
+    results["wall_s"] = time.time() - t0
+    md += ["", f"Load average at end {results['machine']['loadavg_end']:.1f}; whole run {results['wall_s']:.0f} s."]
+    text = "\n".join(md) + "\n"
+    os.makedirs(args.out, exist_ok=True)
+    stem = os.path.join(args.out, "quick" if args.quick else "latest")
+    with open(stem + ".json.partial", "w") as f:
+        json.dump(results, f, indent=1, default=str)
+    os.replace(stem + ".json.partial", stem + ".json")
+    with open(stem + ".md.partial", "w") as f:
+        f.write(text)
+    os.replace(stem + ".md.partial", stem + ".md")
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

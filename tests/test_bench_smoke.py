@@ -1,0 +1,72 @@
+"""The benchmark's code paths on toy sizes: collective counting, the per-rank step runner, the meta-device
+memory model and the report. No timing or memory-size assertions: those are measured by `python -m bench`."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import tp_plugin
+from bench import report
+from bench.comm_count import CommCounter, megatron_minimum
+from bench.memmodel import memory_table
+from bench.shapes import config, param_count
+from bench.step import _first_error, build_model, run_variant
+from tests.dist import run_ranks
+
+TOY_JOB = dict(shape="toy", layers=None, seq=16, batch=1, dtype="fp32", warmup=0, steps=1)
+
+
+def _counted_step(rank, world, loss_parallel):
+    model = build_model(TOY_JOB)
+    tp_plugin.parallelize(model, tp_size=2, loss_parallel=loss_parallel)
+    ids = torch.randint(3, 1000, (1, TOY_JOB["seq"]), generator=torch.Generator().manual_seed(1))
+    with CommCounter() as counter:
+        model(input_ids=ids, labels=ids).loss.backward()
+    return counter.summary()
+
+
+@pytest.mark.parametrize("loss_parallel", [False, True])
+def test_dispatcher_counter_sees_exactly_the_megatron_minimum(loss_parallel):
+    expected = megatron_minimum(config("toy"), batch=1, seq=TOY_JOB["seq"], dtype=torch.float32, tp=2,
+                                loss_parallel=loss_parallel)
+    for summary in run_ranks(2, _counted_step, loss_parallel):
+        assert summary == expected
+
+
+def test_step_runner_unsplit_and_tp_plugin_agree():
+    ref = run_variant({**TOY_JOB, "variant": "unsplit"}, timeout_s=60)
+    split = run_variant({**TOY_JOB, "variant": "tp_plugin+loss_parallel"}, timeout_s=60)
+    for row in (ref, split):
+        assert "error" not in row, row.get("error")
+        assert row["step_s"] > 0 and row["peak_rss_mb"] > 0 and row["param_mb"] > 0
+    # same seeded model and batch: the first loss agrees up to fp32 reduction-order differences
+    assert abs(ref["loss0"] - split["loss0"]) < 1e-4
+    assert ref["comm"] == {} and ref["comm_replay_s"] == 0.0
+    assert split["world"] == 2 and split["comm_replay_s"] > 0
+    split["megatron_min"] = megatron_minimum(config("toy"), batch=1, seq=TOY_JOB["seq"], dtype=torch.float32, tp=2,
+                                             loss_parallel=True)
+    (goal,) = report.goals([ref, split])
+    assert goal["collectives"] == goal["megatron_min"] and math.isclose(goal["bytes_vs_min"], 1.0)
+    assert "tp_plugin+loss_parallel" in report.step_table([ref, split])
+
+
+def test_a_failing_variant_is_a_result_with_its_cause():
+    tb = ("--- rank 0 ---\nTraceback...\nRuntimeError: [pair.cc:537] Read error: Connection reset by peer\n"
+          "--- rank 1 ---\nTraceback...\nRuntimeError: shape '[1, 32, -1, 64]' is invalid for input of size 1\n")
+    assert _first_error(tb) == "RuntimeError: shape '[1, 32, -1, 64]' is invalid for input of size 1"
+
+
+def test_memory_model_on_meta_with_a_fake_process_group():
+    rows = memory_table(("toy-h4",), (1, 2, 4), seq=16)
+    assert [r["tp"] for r in rows] == [1, 2, 4]
+    cfg = config("toy-h4")
+    assert rows[0]["params"] == param_count(cfg) * 2  # bf16, unsplit: every parameter once
+    for r in rows:
+        assert r["activations"] > 0
+        assert r["optimizer"] == 2 * r["params"] * 2  # 2 fp32 states per bf16 parameter
+    # split weights shrink with tp (vocab padding and replicated norms keep them above the ideal 1/tp)
+    assert rows[0]["params"] > rows[1]["params"] > rows[2]["params"] >= rows[0]["params"] / 4
+    assert not torch.distributed.is_initialized()
