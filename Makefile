@@ -1,6 +1,7 @@
 # make venv   build .venv with the pinned dev stack (no-op when already up to date)
 # make test   run the test suite
 # make demo   fine-tune SmolLM2-135M split over 2 CPU ranks (extra flags: make demo ARGS=--loss-parallel)
+# make bench  benchmarks: tp_plugin vs DeepSpeed AutoTP and transformers TP (bench/results/)
 SHELL := /bin/bash
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -12,7 +13,7 @@ STAMP := $(VENV)/.installed-$(shell cat constraints-dev.txt pyproject.toml | sha
 RUN_ENV := HF_HUB_OFFLINE=1 DS_ACCELERATOR=cpu OMP_NUM_THREADS=1 TMPDIR=$(CURDIR)/.tmp \
 	TORCH_EXTENSIONS_DIR=$(CURDIR)/.cache/torch_extensions
 
-.PHONY: venv test demo
+.PHONY: venv test demo bench
 
 venv: $(STAMP)
 
@@ -37,3 +38,10 @@ demo: venv
 	mkdir -p .tmp
 	$(RUN_ENV) $(PY) examples/demo_model.py
 	$(RUN_ENV) $(VENV)/bin/torchrun --standalone --nproc_per_node 2 examples/demo_finetune.py $(ARGS)
+
+# tp_plugin vs DeepSpeed AutoTP vs transformers' TP vs unsplit, one run (~10 min on 2 quiet cores);
+# tables printed, bench/results/latest.{json,md} written. ARGS="--quick" for toy sizes.
+bench: venv
+	mkdir -p .tmp
+	$(RUN_ENV) $(PY) -c "from deepspeed.ops.op_builder.cpu import ShareMemCommBuilder as B; B().load(verbose=False)"
+	$(RUN_ENV) $(PY) -m bench $(ARGS)
