@@ -156,6 +156,7 @@ def _register(accelerator, model) -> None:
         raise ValueError("tp_plugin: one Accelerator got two split models with different meshes; prepare models "
                          "split over the same (dp, tp) layout")
     accelerator._tp_plugin_mesh = mesh
+    check_tp_batches(model)  # also under DeepSpeed, where prepare_model is not used
 
 
 def _wrap_prepare(original):
@@ -175,7 +176,6 @@ def _wrap_prepare_model(original):
         if mesh is None:
             return original(self, model, device_placement, evaluation_mode)
         _register(self, model)
-        check_tp_batches(model)
         handler = self.ddp_handler
         self.ddp_handler = _WithProcessGroup(handler, mesh.dp_group)
         try:
