@@ -10,16 +10,18 @@ How DeepSpeed learns our (dp, tp) groups, and why this way (DeepSpeed 0.19.8):
   registry `deepspeed.utils.groups` (module globals `_TENSOR_MODEL_PARALLEL_GROUP`, `_DATA_PARALLEL_GROUP`,
   ...). A config that carries `tensor_parallel.autotp_size` (the key this library reads as the TP degree)
   makes the engine use the registry *as* its mpu (`engine.mpu = groups`): ZeRO 1/2/3 partition over
-  `groups.get_data_parallel_group()`, the grad-norm reductions run over `get_model_parallel_group()`, the
-  batch-size checks and checkpoint `mp_rank_XX` names use `get_model_parallel_rank()`. So the key alone
-  switches DeepSpeed into (dp x tp) mode; an `mpu` argument is not needed.
+  `groups.get_data_parallel_group()`, the grad-norm reductions run over `get_model_parallel_group()`, and
+  checkpoint files are named `mp_rank_XX` by `get_model_parallel_rank()`. So the key alone switches
+  DeepSpeed into (dp x tp) mode. We choose the registry over an `mpu` argument because the callers that
+  matter do not pass one: the HF Trainer and Accelerate call `deepspeed.initialize` themselves, without mpu,
+  but they do pass the user's json, key included.
 * The registry is filled by `groups._init_tp_mesh_device(autotp_size)`, which builds a (dp, tp) mesh with TP
   innermost: the same layout as ours. DeepSpeed then calls `set_deepspeed_parallelism()` on every module that
   has it (its MoE hook) *after* the registry is set and *before* any parameter is broadcast or partitioned.
   `prepare_model` gives the split model such a hook. It checks DeepSpeed's layout against the model's mesh
   (a config whose autotp_size differs from the split, or a config without the key, is an error that names
-  both degrees, raised identically on every rank before any collective), then installs the model's own
-  groups in the registry, so every later ZeRO / grad-norm collective runs on them.
+  both degrees, raised identically on every rank before DeepSpeed broadcasts or partitions anything), then
+  installs the model's own groups in the registry, so every later ZeRO / grad-norm collective runs on them.
 * DeepSpeed's AutoTP would split the model a second time. `_apply_autotp_partitioning` returns at once for a
   model flagged `ds_autotp_parsed` (its own "already split" flag), which `prepare_model` sets.
 * DeepSpeed's gradient clipping counts a parameter on every TP rank when it is tagged `model_parallel` /
@@ -30,6 +32,11 @@ How DeepSpeed learns our (dp, tp) groups, and why this way (DeepSpeed 0.19.8):
 
 Without the key, `deepspeed.initialize(..., mpu=tp_plugin.integrations.deepspeed.mpu(model))` works too
 (Megatron's mpu contract), e.g. for a config that must not carry `tensor_parallel`.
+
+Known limits (DeepSpeed's, shared by its own AutoTP): with the key and no mpu, DeepSpeed computes
+`train_batch_size` as micro batch x accumulation x *world* size (it builds its config before its TP groups),
+so give `train_micro_batch_size_per_gpu` and `gradient_accumulation_steps`, not `train_batch_size`; the
+registry is process-global, so two live engines in one process must use the same TP degree.
 """
 
 from __future__ import annotations
