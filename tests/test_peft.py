@@ -339,6 +339,68 @@ def test_tp2_dp2_zero2_matches_unsplit():
         assert r["grad_err"] <= GRAD_ATOL, r["grad_err"]
 
 
+def _layer_parity(rank, world, sync_input_grad):
+    """Column -> row MLP built from the parallel layers directly, with LoRA on both, vs. unsplit PEFT LoRA.
+
+    Covers both ways a column layer's LoRA sums A's partial gradient: the base syncs its own input gradient
+    (no policy here uses that today), or an enclosing region does (emulated by copy_to_tp on the input)."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    from tp_plugin.comm import copy_to_tp
+    from tp_plugin.integrations.peft.layers import TPLoraColumnLinear, TPLoraRowLinear
+    from tp_plugin.layers import ColumnParallelLinear, RowParallelLinear
+    from tp_plugin.sharding import even_specs, shard_tensor, unshard_tensor
+
+    torch.manual_seed(0)
+    ref = torch.nn.Sequential(torch.nn.Linear(6, 11), torch.nn.Linear(11, 6))
+    config = dict(r=3, lora_alpha=6, lora_bias=True)
+    ref = inject_adapter_in_model(LoraConfig(target_modules=["0", "1"], **config), ref)
+    group, tp = dist.group.WORLD, world
+    col_specs, row_specs = even_specs(11, tp, 0, what="col"), even_specs(11, tp, 1, what="row")
+    col = ColumnParallelLinear(ref[0].base_layer.weight, ref[0].base_layer.bias, col_specs[rank], group,
+                               sync_input_grad=sync_input_grad)
+    row = RowParallelLinear(ref[1].base_layer.weight, ref[1].base_layer.bias, row_specs[rank], group)
+    split = torch.nn.Sequential(TPLoraColumnLinear(col, "default", LoraConfig(**config), r=3, lora_alpha=6),
+                                TPLoraRowLinear(row, "default", LoraConfig(**config), r=3, lora_alpha=6))
+    gen = torch.Generator().manual_seed(1)
+    ref_params = dict(ref.named_parameters())
+    with torch.no_grad():
+        for name, param in split.named_parameters():
+            if "lora_" in name:
+                ref_params[name].copy_(torch.randn(ref_params[name].shape, generator=gen) * 0.3)
+                param.copy_(ref_params[name] if param.tp_shard is None else shard_tensor(ref_params[name],
+                                                                                         param.tp_shard))
+    x = torch.randn(4, 5, 6, generator=gen)
+    xs, xr = x.clone().requires_grad_(), x.clone().requires_grad_()
+    weight = torch.randn(4, 5, 6, generator=gen)
+    out = split(xs if sync_input_grad else copy_to_tp(xs, group))
+    (out * weight).sum().backward()
+    ref_out = ref(xr)
+    (ref_out * weight).sum().backward()
+    def rel(a, b):  # relative to the values' scale: a few fp32 ulps, whatever the size of the numbers
+        return ((a - b).abs().max() / b.abs().max().clamp_min(1.0)).item()
+
+    errors = {"out": rel(out, ref_out), "x.grad": rel(xs.grad, xr.grad)}
+    for name, param in split.named_parameters():
+        if param.requires_grad:
+            grad = param.grad
+            if param.tp_shard is not None:
+                grads, specs = [None] * tp, [None] * tp
+                dist.all_gather_object(grads, grad, group=group)
+                dist.all_gather_object(specs, param.tp_shard, group=group)
+                grad = unshard_tensor(grads, specs)
+            errors[name] = rel(grad, ref_params[name].grad)
+    return errors
+
+
+@pytest.mark.parametrize("sync_input_grad", [True, False])
+def test_lora_layers_match_unsplit_lora(sync_input_grad):
+    for errors in run_ranks(2, _layer_parity, sync_input_grad):
+        assert len(errors) == 2 + 2 * 3, errors  # output, input grad, A/B weights and B bias of both layers
+        worst = max(errors.items(), key=lambda kv: kv[1])
+        assert worst[1] <= 1e-6, f"{worst[0]} differs by {worst[1]:.2e} (relative): {errors}"
+
+
 def _count(rank, world, arch):
     from peft import get_peft_model
 
@@ -408,3 +470,19 @@ def test_trainer_trains_split_lora_like_unsplit(tmp_path):
         assert split == pytest.approx(ref, abs=ATOL), r["losses"]
         assert r["replica_err"] == 0.0
     assert {"adapter_config.json", "adapter_model.safetensors"} <= set(os.listdir(tmp_path / "trainer"))
+
+
+def test_peft_imported_after_parallelize_still_gets_the_tp_layers():
+    """`parallelize` runs before `import peft`: the import hook installs the patches when peft arrives."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("import sys; from tp_plugin.integrations import peft as tp_peft; tp_peft.enable(); "
+            "assert 'peft' not in sys.modules, 'peft imported too early'; "
+            "import peft; from peft.tuners.tuners_utils import BaseTuner; from peft import PeftModel; "
+            "print(hasattr(BaseTuner.inject_adapter, '__wrapped__'), hasattr(PeftModel.save_pretrained, '__wrapped__'))")
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == ["True", "True"], out.stdout
