@@ -163,12 +163,14 @@ def test_tp_batch_check_fires_on_every_rank():
 
 
 def _eval_first_then_train(rank, world):
-    """The check looks at the first *training* forward: an eval forward on equal prompts does not use it up."""
+    """The check looks at the first *training* forward: an eval forward on equal prompts does not use it up.
+    (Also the other order: Accelerator() first, then the split.)"""
     from accelerate import Accelerator
 
-    model = tp_plugin.parallelize(build("llama", 2), tp_size=2)
     accelerator = Accelerator(cpu=True)
+    model = tp_plugin.parallelize(build("llama", 2), tp_size=2)
     model = accelerator.prepare(model)
+    assert torch.distributed.get_process_group_ranks(model.process_group) == [rank]  # DP group of one
     model.eval()
     with torch.no_grad():
         model(_data(1))
