@@ -59,14 +59,14 @@ def _falcon_mqa_layout(rank, world):
     model = build_arch("falcon", world)
     tp_plugin.parallelize(model, tp_size=world)
     qkv = model.transformer.h[0].self_attention.query_key_value
-    return qkv.weight.tp_shard.ranges, qkv.weight.tp_replicas
+    return qkv.weight.tp_shard.ranges, qkv.shared_rows  # shared rows: their gradient is summed over holders
 
 
 def test_falcon_multi_query_replicates_the_kv_head():
     results = run_ranks(4, _falcon_mqa_layout)
     hd = 12  # hidden 72 / 6 heads at tp=4; rows: q 0..71, k 72..83, v 84..95
-    for ranges, replicas in results:
-        assert ranges[-2:] == ((72, 84), (84, 96)) and replicas == 4, (ranges, replicas)
+    for ranges, shared in results:
+        assert ranges[-2:] == ((72, 84), (84, 96)) and shared, (ranges, shared)
     assert [r[0][0] for r, _ in results] == [(0, 2 * hd), (2 * hd, 4 * hd), (4 * hd, 5 * hd), (5 * hd, 6 * hd)]
 
 

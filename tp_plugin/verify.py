@@ -25,6 +25,7 @@ import datetime
 import math
 import multiprocessing as mp
 import os
+import shutil
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -44,6 +45,7 @@ _SIZES = {  # config attribute -> tiny value (names vary between architectures)
     "encoder_attention_heads": 4,
     "num_key_value_heads": 2, "num_kv_heads": 2, "n_kv_heads": 2, "multi_query_group_num": 2, "n_head_kv": 2,
     "head_dim": 16, "kv_channels": 16, "attention_head_dim": 16,
+    "swa_num_attention_heads": 4, "swa_num_key_value_heads": 2, "swa_head_dim": 16,
     "intermediate_size": 96, "n_inner": 96, "ffn_dim": 96, "ffn_hidden_size": 96, "decoder_ffn_dim": 96,
     "encoder_ffn_dim": 96, "d_ff": 96, "inner_dim": 96, "mlp_dim": 96, "intermediate_dim": 96,
     "moe_intermediate_size": 32, "shared_expert_intermediate_size": 48, "expert_intermediate_size": 32,
@@ -55,15 +57,16 @@ _SIZES = {  # config attribute -> tiny value (names vary between architectures)
     "rotary_dim": 8, "q_lora_rank": 32, "kv_lora_rank": 16, "qk_rope_head_dim": 8, "qk_nope_head_dim": 8, "v_head_dim": 16,
     "max_position_embeddings": 128, "n_positions": 128, "n_ctx": 128, "max_seq_len": 128,
     "vocab_size": VOCAB,
+    "axial_pos_embds_dim": [16, 48], "axial_pos_shape": [2, 5],  # Reformer: sum = hidden, product = seq
 }
-_FORCE = ("num_experts_per_tok", "n_routed_experts", "moe_intermediate_size")  # set even where the default is None (DeepSeek-V2: None means "all")
+_FORCE = ("num_experts_per_tok", "n_routed_experts", "moe_intermediate_size", "head_dim")  # set even where the default is None (DeepSeek-V2: None means "all")
 _LISTS = ("layer_types", "layers_block_type", "mlp_layer_types", "block_types", "attn_type_list")
 
 
 def _shrink(defaults: dict, keep_layer_kinds: bool = True) -> dict:
     kwargs = {}
     for key, value in defaults.items():
-        if key in _SIZES and (isinstance(value, int) and not isinstance(value, bool) or key in _FORCE):
+        if key in _SIZES and (isinstance(value, (int, list)) and not isinstance(value, bool) or key in _FORCE):
             kwargs[key] = _SIZES[key]
         elif ("dropout" in key or "pdrop" in key) and isinstance(value, float):
             kwargs[key] = 0.0
@@ -72,7 +75,9 @@ def _shrink(defaults: dict, keep_layer_kinds: bool = True) -> dict:
     if "qk_rope_head_dim" in defaults and "head_dim" in kwargs:  # MLA: head_dim is the rotary part
         kwargs["head_dim"] = _SIZES["qk_rope_head_dim"]
     heads, kv = defaults.get("num_attention_heads"), defaults.get("num_key_value_heads")
-    if "num_key_value_heads" in kwargs:
+    if "is_decoder" in defaults:  # encoder families used as causal LMs (BERT, Reformer, ...)
+        kwargs["is_decoder"] = True
+    if "num_key_value_heads" in defaults:
         if kv is None or kv == heads:  # multi-head (and MLA) attention stays multi-head
             kwargs["num_key_value_heads"] = _SIZES["num_attention_heads"]
         elif kv == 1:  # multi-query stays multi-query
@@ -184,7 +189,35 @@ def _rel(a, b) -> float:
     return (a.float() - b.float()).abs().max().item() / max(1.0, b.float().abs().max().item())
 
 
-def check_one(name: str, tp: int, load=None) -> Result:
+def _peer_split(engine: str, model, name: str, tp: int):
+    """Split `model` with a peer's own tensor parallelism; returns the module to run (forward only)."""
+    if engine == "deepspeed":  # DeepSpeed AutoTP (module-name heuristics)
+        import deepspeed
+
+        # the training path (the inference path's CPU shm all-reduce hangs under forked gloo ranks)
+        engine, *_ = deepspeed.initialize(model=model, config={
+            "train_micro_batch_size_per_gpu": 1, "tensor_parallel": {"autotp_size": tp},
+            "zero_optimization": {"stage": 0}, "gradient_clipping": 0.0})
+        return engine.module
+    if engine == "transformers":  # transformers' own tp_plan (DTensor), loaded from a saved copy
+        import tempfile
+
+        from transformers import AutoModelForCausalLM
+
+        path = os.path.join(tempfile.gettempdir(), f"tp_plugin_verify_{os.environ['MASTER_PORT']}_{name}")
+        if dist.get_rank() == 0:
+            model.save_pretrained(path)
+        dist.barrier()
+        try:
+            return AutoModelForCausalLM.from_pretrained(path, tp_plan="auto", torch_dtype=torch.float32).eval()
+        finally:
+            dist.barrier()
+            if dist.get_rank() == 0:
+                shutil.rmtree(path, ignore_errors=True)
+    raise ValueError(f"unknown engine {engine!r} (tp_plugin, deepspeed, transformers)")
+
+
+def check_one(name: str, tp: int, load=None, engine: str = "tp_plugin") -> Result:
     """On every rank of an initialised gloo world: build, split, compare. Same result on every rank."""
     import tp_plugin
     from .sharding import TPSplitError
@@ -200,6 +233,17 @@ def check_one(name: str, tp: int, load=None) -> Result:
         ref_out.loss.backward()
     except Exception as exc:  # noqa: BLE001  (the unsplit model itself does not run: not ours to judge)
         return Result(name, "unbuildable", detail=f"{type(exc).__name__}: {str(exc)[:200]}")
+    if engine != "tp_plugin":  # a peer: logits only (its shards' layouts are its own)
+        try:
+            split = _peer_split(engine, model, name, tp)
+            with torch.no_grad():
+                logits = split(input_ids=ids).logits
+            logits = logits.full_tensor() if hasattr(logits, "full_tensor") else logits
+            err = _rel(logits, ref_out.logits.detach())
+        except Exception as exc:  # noqa: BLE001
+            return Result(name, "error", how=engine, detail=f"{type(exc).__name__}: {str(exc)[:200]}")
+        return Result(name, "match" if err <= TOL else "mismatch", how=engine, errors={"logits": err},
+                      detail="" if err <= TOL else f"logits {err:.2e}")
     try:
         tp_plugin.parallelize(model, tp_size=tp)
     except TPSplitError as exc:
@@ -238,7 +282,7 @@ def check_one(name: str, tp: int, load=None) -> Result:
 
 # ---------------------------------------------------------------- ranks
 
-def _rank_main(rank, world, port, names, tp, load, queue, timeout_s):
+def _rank_main(rank, world, port, names, tp, load, queue, timeout_s, engine="tp_plugin"):
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), HF_HUB_OFFLINE="1")
     torch.set_num_threads(1)
@@ -250,7 +294,7 @@ def _rank_main(rank, world, port, names, tp, load, queue, timeout_s):
                                 timeout=datetime.timedelta(seconds=timeout_s))
         for name in names:
             current = name
-            result = check_one(name, tp, load)
+            result = check_one(name, tp, load, engine)
             if rank == 0:
                 queue.put(result)
     except BaseException:  # noqa: BLE001
@@ -260,13 +304,14 @@ def _rank_main(rank, world, port, names, tp, load, queue, timeout_s):
             dist.destroy_process_group()
 
 
-def run_on_ranks(names: list[str], tp: int, *, load=None, timeout_s: float = 60.0) -> list[Result]:
+def run_on_ranks(names: list[str], tp: int, *, load=None, timeout_s: float = 60.0,
+                 engine: str = "tp_plugin") -> list[Result]:
     """Check `names` one after another in one set of `tp` forked ranks; a timeout marks the rest as errors."""
     ctx = mp.get_context("fork")
     store = dist.TCPStore("127.0.0.1", 0, tp + 1, is_master=True, wait_for_workers=False,
                           timeout=datetime.timedelta(seconds=timeout_s))
     queue = ctx.Queue()
-    procs = [ctx.Process(target=_rank_main, args=(r, tp, store.port, names, tp, load, queue, timeout_s))
+    procs = [ctx.Process(target=_rank_main, args=(r, tp, store.port, names, tp, load, queue, timeout_s, engine))
              for r in range(tp)]
     for p in procs:
         p.start()
@@ -312,7 +357,8 @@ def _preimport(names: list[str]) -> None:
             pass
 
 
-def sweep(tp: int, names: list[str] | None = None, *, chunk: int = 12, progress=None) -> list[Result]:
+def sweep(tp: int, names: list[str] | None = None, *, chunk: int = 12, progress=None,
+          engine: str = "tp_plugin") -> list[Result]:
     """Verify many architectures at `tp`, `chunk` per set of ranks (a crash costs at most one chunk)."""
     names = names or causal_lm_types()
     _preimport(names)
@@ -320,7 +366,7 @@ def sweep(tp: int, names: list[str] | None = None, *, chunk: int = 12, progress=
     pending = list(names)
     while pending:
         batch, pending = pending[:chunk], pending[chunk:]
-        got = run_on_ranks(batch, tp)
+        got = run_on_ranks(batch, tp, timeout_s=150.0, engine=engine)  # hybrid SSMs run reference kernels: slow on CPU
         # after a crash, the architectures after the culprit in its chunk are re-run on fresh ranks
         ok = [r for r in got if not r.detail.startswith("timed out or crashed")]
         retry = [r.name for r in got if r.detail.startswith("timed out or crashed")]
@@ -339,10 +385,11 @@ def sweep(tp: int, names: list[str] | None = None, *, chunk: int = 12, progress=
 
 # ---------------------------------------------------------------- reports
 
-def summary_line(results: list[Result], tp: int) -> str:
+def summary_line(results: list[Result], tp: int, engine: str = "tp_plugin") -> str:
     buildable = [r for r in results if r.status != "unbuildable"]
     matched = [r for r in buildable if r.status == "match"]
-    return (f"tp={tp}: {len(matched)}/{len(buildable)} architectures match "
+    label = "" if engine == "tp_plugin" else f" [{engine}, logits only]"
+    return (f"tp={tp}{label}: {len(matched)}/{len(buildable)} architectures match "
             f"({len(results) - len(buildable)} of {len(results)} could not be built from a tiny config)")
 
 
@@ -400,16 +447,17 @@ def main_verify(args) -> int:
             code |= r.status != "match"
         return code
     names = args.only.split(",") if args.only else None
+    engine = getattr(args, "engine", None) or "tp_plugin"
     results_by_tp = {}
     for tp in tps:
         start = time.time()
-        results_by_tp[tp] = sweep(tp, names, progress=lambda r, tp=tp: print(
+        results_by_tp[tp] = sweep(tp, names, engine=engine, progress=lambda r, tp=tp: print(
             f"  tp={tp} {r.name:28s} {r.status:11s} {r.how:16s} {r.detail.splitlines()[-1][:100] if r.detail else ''}",
             flush=True))
-        print(f"{summary_line(results_by_tp[tp], tp)} in {time.time() - start:.0f} s", flush=True)
+        print(f"{summary_line(results_by_tp[tp], tp, engine)} in {time.time() - start:.0f} s", flush=True)
     print(table(results_by_tp))
     for tp in tps:
-        print(summary_line(results_by_tp[tp], tp))
+        print(summary_line(results_by_tp[tp], tp, engine))
     if args.markdown:
         lines = ["# Architectures", "",
                  "Generated by `tp-plugin verify --all-architectures " + " ".join(f"--tp {t}" for t in tps) +
