@@ -23,29 +23,36 @@ __all__ = ["enable"]
 def enable() -> None:
     """Make PEFT split-model aware, now or when `peft` is first imported."""
     if "peft" in sys.modules:
-        from .patches import install
-        install()
-    elif importlib.util.find_spec("peft") is not None and not any(isinstance(f, _InstallOnImport)
-                                                                  for f in sys.meta_path):
-        sys.meta_path.insert(0, _InstallOnImport())
+        _install()
+    elif importlib.util.find_spec("peft") is not None and not any(
+            isinstance(f, RunAfterImport) and f.name == "peft" for f in sys.meta_path):
+        sys.meta_path.insert(0, RunAfterImport("peft", _install))
 
 
-class _InstallOnImport(importlib.abc.MetaPathFinder):
-    """Finds nothing itself; when `peft` is being imported, wraps its loader to install the patches after."""
+def _install() -> None:
+    from .patches import install
+
+    install()
+
+
+class RunAfterImport(importlib.abc.MetaPathFinder):
+    """Finds nothing itself; when module `name` is being imported, runs `callback` right after it executes."""
+
+    def __init__(self, name: str, callback) -> None:
+        self.name, self.callback = name, callback
 
     def find_spec(self, fullname, path=None, target=None):
-        if fullname != "peft":
+        if fullname != self.name:
             return None
-        sys.meta_path.remove(self)  # one shot; let the normal finders locate peft
-        spec = importlib.util.find_spec("peft")
+        sys.meta_path.remove(self)  # one shot; let the normal finders locate the module
+        spec = importlib.util.find_spec(fullname)
         if spec is None or spec.loader is None:
             return spec
-        exec_module = spec.loader.exec_module
+        exec_module, callback = spec.loader.exec_module, self.callback
 
-        def exec_and_install(module):
+        def exec_then_callback(module):
             exec_module(module)
-            from .patches import install
-            install()
+            callback()
 
-        spec.loader.exec_module = exec_and_install
+        spec.loader.exec_module = exec_then_callback
         return spec
