@@ -41,11 +41,11 @@ def _trainer(model, out, micro, **overrides):
 
     from tp_plugin.integrations.trainer import TPTrainer
 
-    args = TrainingArguments(output_dir=str(out), max_steps=STEPS, per_device_train_batch_size=micro,
-                             per_device_eval_batch_size=micro, learning_rate=1e-2, lr_scheduler_type="linear",
-                             logging_steps=1, save_steps=SAVE_AT, report_to="none", seed=0, use_cpu=True,
-                             ddp_backend="gloo", train_sampling_strategy="sequential", disable_tqdm=True,
-                             **overrides)
+    settings = dict(output_dir=str(out), max_steps=STEPS, per_device_train_batch_size=micro,
+                    per_device_eval_batch_size=micro, learning_rate=1e-2, lr_scheduler_type="linear",
+                    logging_steps=1, save_steps=SAVE_AT, report_to="none", seed=0, use_cpu=True,
+                    ddp_backend="gloo", train_sampling_strategy="sequential", disable_tqdm=True)
+    args = TrainingArguments(**{**settings, **overrides})
     return TPTrainer(model=model, args=args, train_dataset=_Chunks(STEPS * GLOBAL, 1), eval_dataset=_Chunks(8, 2))
 
 
