@@ -264,8 +264,7 @@ def _digest(args, kwargs) -> int:
 def batch_mismatch(args, kwargs, group) -> str | None:
     """All-gather a digest of this forward's tensor inputs over the TP group; describe a mismatch, if any."""
     digest = torch.tensor([_digest(args, kwargs)], dtype=torch.int64)
-    backend = dist.get_backend(group)
-    if backend == "nccl":
+    if "nccl" in str(dist.get_backend(group)):  # NCCL gathers CUDA tensors only
         digest = digest.cuda()
     digests = [torch.zeros_like(digest) for _ in range(dist.get_world_size(group))]
     dist.all_gather(digests, digest, group=group)
