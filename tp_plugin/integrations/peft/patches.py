@@ -148,6 +148,18 @@ def gather_adapter_state(model: nn.Module, local: dict, selected: dict) -> dict:
     return out
 
 
+def _local_state_dict(model: nn.Module) -> dict:
+    """model.state_dict(), with the trainable (adapter) tensors that ZeRO-3 partitions over the data-parallel
+    group gathered back to this TP rank's shard first (copies: they are re-partitioned on exit)."""
+    partitioned = [p for p in model.parameters() if p.requires_grad and hasattr(p, "ds_id")]
+    if not partitioned:
+        return model.state_dict()
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(partitioned):
+        return {k: v.clone() for k, v in model.state_dict().items()}
+
+
 def _wrap_get_state_dict(original):
     if getattr(original, "_tp_plugin", False):
         return original
@@ -156,7 +168,7 @@ def _wrap_get_state_dict(original):
     def get_peft_model_state_dict(model, state_dict=None, adapter_name="default", *args, **kwargs):
         if tp_state(model) is None:
             return original(model, state_dict, adapter_name, *args, **kwargs)
-        local = model.state_dict() if state_dict is None else state_dict
+        local = _local_state_dict(model) if state_dict is None else state_dict
         selected = original(model, local, adapter_name, *args, **kwargs)
         return gather_adapter_state(model, local, selected)
     get_peft_model_state_dict._tp_plugin = True
