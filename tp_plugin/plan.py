@@ -80,10 +80,12 @@ def _base_prefix(model: nn.Module) -> str:
 
 
 def _head_counts(config, spec: AttentionSpec) -> tuple[int, int, int]:
-    num_heads = getattr(config, spec.num_heads)
-    num_kv = getattr(config, spec.num_kv_heads, None) if isinstance(spec.num_kv_heads, str) else spec.num_kv_heads
-    num_kv = num_kv or num_heads
-    head_dim = (getattr(config, spec.head_dim, None) if spec.head_dim else None) or config.hidden_size // num_heads
+    def count(attr):  # a config attribute name, or the number itself (derived policies, sub-configs)
+        return getattr(config, attr, None) if isinstance(attr, str) else attr
+
+    num_heads = count(spec.num_heads)
+    num_kv = count(spec.num_kv_heads) or num_heads
+    head_dim = count(spec.head_dim) or config.hidden_size // num_heads
     return num_heads, num_kv, head_dim
 
 

@@ -59,9 +59,9 @@ class AttentionSpec:
     """
 
     module: str
-    num_heads: str = "num_attention_heads"
+    num_heads: str | int = "num_attention_heads"  # a config attribute, or the count itself
     num_kv_heads: str | int | None = "num_key_value_heads"  # None: multi-head (kv = heads); int: fixed (MQA: 1)
-    head_dim: str | None = "head_dim"  # None or missing on the config: hidden_size // num_heads
+    head_dim: str | int | None = "head_dim"  # None or missing on the config: hidden_size // num_heads
     local_dims: tuple[str, ...] = ()
 
 
