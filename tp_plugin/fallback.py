@@ -24,7 +24,7 @@ from .policy import AttentionSpec, Colwise, Policy, Rowwise
 from .sharding import TPSplitError
 from .styles import Experts, HeadAttrs, ShardedNorm
 from .translate import (NO_MODULE, base_prefix, dims, generic, head_config, head_dim_of, head_split, is_attention, is_dense,
-                        mlp_scalars, packed_qkv,
+                        mlp_scalars, packed_qkv, text_config,
                         with_replicated_rest)
 
 OUT_NAMES = {"o_proj", "out_proj", "dense", "c_proj", "o", "wo", "out", "proj", "out_lin", "fc_out", "attn_out",
@@ -32,15 +32,14 @@ OUT_NAMES = {"o_proj", "out_proj", "dense", "c_proj", "o", "wo", "out", "proj", 
 HIDDEN_ATTRS = ("hidden_size", "n_embd", "d_model", "embed_dim", "dim", "model_dim", "hidden_dim")
 
 
-def find_blocks(base: nn.Module) -> tuple[str, nn.ModuleList] | None:
-    """The repeated blocks: the longest ModuleList whose entries hold linear layers."""
-    best = None
-    for name, module in base.named_modules():
-        if isinstance(module, nn.ModuleList) and len(module) > 0 and \
-                any(is_dense(m) for block in module for m in block.modules()):
-            if best is None or len(module) > len(best[1]):
-                best = (name, module)
-    return best
+def find_blocks(base: nn.Module) -> list[tuple[str, nn.ModuleList]]:
+    """The repeated blocks: the longest ModuleList(s) whose entries hold linear layers (XLM keeps attentions
+    and MLPs in parallel lists of the same length)."""
+    lists = [(name, module) for name, module in base.named_modules()
+             if isinstance(module, nn.ModuleList) and len(module) > 0
+             and any(is_dense(m) for block in module for m in block.modules())]
+    longest = max((len(m) for _, m in lists), default=0)
+    return [(name, module) for name, module in lists if len(module) == longest]
 
 
 def hidden_size_of(config) -> int | None:
@@ -77,11 +76,11 @@ def attention_extras(attn_path: str, module: nn.Module, num_heads: int, num_kv: 
 
 def structural_policy(model: nn.Module) -> Policy:
     """The fallback policy of `model`; raises TPSplitError when nothing at all can be split."""
-    config = model.config
+    config = text_config(model.config)
     base = getattr(model, "base_model", model)
-    found = find_blocks(base)
+    found = find_blocks(base) or None
     hidden = hidden_size_of(config)
-    model_type = getattr(config, "model_type", type(model).__name__)
+    model_type = getattr(model.config, "model_type", type(model).__name__)
     if found is None or hidden is None:
         raise TPSplitError(
             f"{type(model).__name__} (model_type={model_type!r}): no policy, no base_model_tp_plan, and the "
@@ -89,7 +88,7 @@ def structural_policy(model: nn.Module) -> Policy:
                                              else "no hidden size on the config") +
             f". Register a policy: tp_plugin.register_policy({model_type!r}, Policy(layers={{...}}, "
             f"attention=AttentionSpec(...)))")
-    blocks_path, blocks = found
+    blocks_path = found[0][0]
     heads_attr, kv_attr = head_config(config)
     num_heads = getattr(config, heads_attr) if heads_attr else None
     num_kv = (getattr(config, kv_attr, None) if kv_attr else None) or num_heads
@@ -97,15 +96,17 @@ def structural_policy(model: nn.Module) -> Policy:
 
     layers: dict[str, object] = {}
     split_attn: dict[str, tuple[dict, list]] = {}  # attention path -> (its styles, its partial-grad modules)
-    for index, block in enumerate(blocks):
-        block_path = f"{blocks_path}.{index}" if blocks_path else str(index)
-        attn_modules = _outermost(block, is_attention)
-        for name, attn in attn_modules:
-            split = _split_attention(f"{block_path}.{name}", attn, hidden, num_heads, num_kv, hd)
-            if split is not None:
-                split_attn[f"{block_path}.{name}"] = split
-        in_attn = {id(m) for _, a in attn_modules for m in a.modules()}
-        layers.update(_split_mlps(block_path, block, hidden, in_attn))
+    for list_path, blocks in found:
+        for index, block in enumerate(blocks):
+            block_path = f"{list_path}.{index}" if list_path else str(index)
+            attn_modules = [("", block)] if is_attention(block) else _outermost(block, is_attention)
+            for name, attn in attn_modules:
+                path = f"{block_path}.{name}".rstrip(".")
+                split = _split_attention(path, attn, hidden, num_heads, num_kv, hd)
+                if split is not None:
+                    split_attn[path] = split
+            in_attn = {id(m) for _, a in attn_modules for m in a.modules()}
+            layers.update(_split_mlps(block_path, block, hidden, in_attn))
 
     attention, partial = None, []
     if split_attn:
@@ -119,7 +120,7 @@ def structural_policy(model: nn.Module) -> Policy:
                 layers.update(styles)
                 layers[path] = HeadAttrs()
                 partial += part
-        attention = AttentionSpec(NO_MODULE, num_heads=heads_attr, num_kv_heads=kv_attr, head_dim="head_dim")
+        attention = AttentionSpec(NO_MODULE, num_heads=num_heads, num_kv_heads=num_kv, head_dim=hd)
     if not layers:
         raise TPSplitError(
             f"{type(model).__name__} (model_type={model_type!r}): the structural fallback found no attention or "

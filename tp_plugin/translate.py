@@ -64,6 +64,13 @@ def generic(path: str) -> str:
     return re.sub(r"(^|\.)\d+(?=\.|$)", r"\1*", path)
 
 
+def text_config(config):
+    """The config holding the language model's sizes (a multimodal model's `text_config`, else itself)."""
+    getter = getattr(config, "get_text_config", None)
+    text = getter() if callable(getter) else None
+    return text if text is not None else config
+
+
 def head_config(config) -> tuple[str | None, str | None]:
     """Names of the config attributes counting query heads and KV heads (None when absent)."""
     heads = next((a for a in HEAD_ATTRS if isinstance(getattr(config, a, None), int)), None)
@@ -134,7 +141,7 @@ def translate_tp_plan(model: nn.Module, plan: dict[str, str] | None = None) -> P
     if not plan:
         return None
     prefix = base_prefix(model)
-    config = model.config
+    config = text_config(model.config)
     heads_attr, kv_attr = head_config(config)
     num_heads = getattr(config, heads_attr) if heads_attr else None
     num_kv = (getattr(config, kv_attr, None) if kv_attr else None) or num_heads
@@ -149,7 +156,7 @@ def translate_tp_plan(model: nn.Module, plan: dict[str, str] | None = None) -> P
             continue
         if style in UNSUPPORTED:
             raise TPSplitError(f"{type(model).__name__}: tp_plan style {style!r} on {pattern!r} has no tp_plugin "
-                               f"equivalent; register a policy for model_type={config.model_type!r}")
+                               f"equivalent; register a policy for model_type={model.config.model_type!r}")
         if not found:  # a parameter of a module (the experts' 3-D tensors): covered by its module's style
             continue
         if style in EXPERTS:
@@ -171,7 +178,7 @@ def translate_tp_plan(model: nn.Module, plan: dict[str, str] | None = None) -> P
                 layers[pattern] = Rowwise()
         else:
             raise TPSplitError(f"{type(model).__name__}: unknown tp_plan style {style!r} on {pattern!r}; "
-                               f"register a policy for model_type={config.model_type!r}")
+                               f"register a policy for model_type={model.config.model_type!r}")
 
     attention = None
     for parent, projections in attn_parents.items():
@@ -186,14 +193,14 @@ def translate_tp_plan(model: nn.Module, plan: dict[str, str] | None = None) -> P
         if attention is None and complete and all(styles.values()) and extras is not None:
             # Head attributes are patched by the HeadAttrs entries, on split attention modules only; the spec's
             # own module pattern then names none (a hybrid may hold another attention kind under `parent`).
-            attention = AttentionSpec(NO_MODULE, num_heads=heads_attr, num_kv_heads=kv_attr, head_dim="head_dim")
+            attention = AttentionSpec(NO_MODULE, num_heads=num_heads, num_kv_heads=num_kv, head_dim=hd)
             layers.update(styles)
             layers.update(extras[0])
             partial += extras[1]
     partial += mlp_scalars(model, layers, prefix)
     # one pattern per module: the plan's entry and the structural check may both name the same norm
     partial = sorted({generic(p) for p in partial}) if attention is not None else []
-    return with_replicated_rest(model, Policy(name=f"{config.model_type} (translated tp_plan)", layers=layers,
+    return with_replicated_rest(model, Policy(name=f"{model.config.model_type} (translated tp_plan)", layers=layers,
                                               attention=attention, partial_grad=tuple(partial)))
 
 
