@@ -15,6 +15,8 @@ to the TP summation order, 1e-5.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
 import tp_plugin
@@ -79,7 +81,7 @@ def _split_run(rank, world, out):
     resumed = _trainer(model2, out, GLOBAL // dp)
     resumed.train(resume_from_checkpoint=f"{out}/checkpoint-{SAVE_AT}")
     torch.distributed.barrier()
-    files = sorted(p.name for p in __import__("pathlib").Path(f"{out}/checkpoint-{SAVE_AT}").iterdir())
+    files = sorted(p.name for p in Path(f"{out}/checkpoint-{SAVE_AT}").iterdir())
     return {"losses": full, "resumed": _losses(resumed), "eval": eval_loss, "total": total,
             "logits_err": logits_err, "files": files, "epoch": trainer.state.epoch}
 

@@ -32,14 +32,11 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import logging
 import os
 
 import torch
 import torch.distributed as dist
 from torch import nn
-
-logger = logging.getLogger("tp_plugin")
 
 _LAUNCH_MARKER = "ACCELERATE_MIXED_PRECISION"  # exported by every `accelerate launch` path (DDP and DeepSpeed)
 
