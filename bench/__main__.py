@@ -18,12 +18,13 @@ from . import report
 from .comm_count import megatron_minimum
 from .shapes import config
 
-# (shape, layers or None for all, seq, dtype). Chosen to finish in ~10 minutes on 2 cores: the SmolLM2 shape
-# whole at seq 256; its dividing-heads twin (so transformers' TP runs); seq 1024 and the 0.5B shape with fewer
-# layers; bf16 with few layers (no AVX-512/AMX here: bf16 matmuls run about 10x slower than fp32).
+# (shape, layers or None for all, seq, dtype). Chosen to finish in ~10 minutes on 2 quiet cores: the SmolLM2
+# shape whole at seq 256 (9/3 heads: transformers' TP cannot split it); its dividing-heads twin, so transformers'
+# TP runs; seq 1024 and the 0.5B shape with fewer layers; bf16 with 2 layers (no AVX-512/AMX on this CPU: bf16
+# matmuls run about 10x slower than fp32 here).
 FULL_GRID = [("smollm2-135m", None, 256, "fp32"), ("smollm2-135m-h12", None, 256, "fp32"),
-             ("smollm2-135m-h12", 8, 1024, "fp32"), ("llama-0.5b", 6, 256, "fp32"),
-             ("smollm2-135m-h12", 4, 256, "bf16")]
+             ("llama-0.5b", 4, 256, "fp32"), ("smollm2-135m-h12", 6, 1024, "fp32"),
+             ("smollm2-135m-h12", 2, 256, "bf16")]
 QUICK_GRID = [("toy", None, 32, "fp32"), ("toy-h4", None, 32, "fp32")]
 VARIANTS = ["unsplit", "tp_plugin", "tp_plugin+loss_parallel", "deepspeed_autotp", "transformers_tp"]
 
@@ -43,22 +44,24 @@ def _megatron_min(job: dict) -> dict:
                             "bf16": "bfloat16"}[job["dtype"]]), tp=2, loss_parallel=loss_parallel)
 
 
-def run_steps(grid, *, warmup: int, steps: int, batch: int, ckpt_root: str, timeout_s: float) -> list[dict]:
+def run_steps(grid, *, warmup: int, steps: int, batch: int, ckpt_root: str, timeout_s: float,
+              on_config=lambda rows: None) -> list[dict]:
     from .step import run_variant, save_checkpoint
 
-    rows = []
+    rows: list[dict] = []
     for shape, layers, seq, dtype in grid:
         base = dict(shape=shape, layers=layers, seq=seq, dtype=dtype, batch=batch, warmup=warmup, steps=steps)
         base["ckpt"] = save_checkpoint(base, ckpt_root)
         for variant in VARIANTS:
             job = {**base, "variant": variant}
-            row = run_variant(job, timeout_s=timeout_s)
+            row = {**run_variant(job, timeout_s=timeout_s), "loadavg_after": os.getloadavg()[0]}
             if variant != "unsplit":
                 row["megatron_min"] = _megatron_min(job)
             _log(f"{report.config_name(report.config_key(row))} {variant}: "
                  + (f"failed: {row['error']}" if "error" in row else
                     f"{row['step_s']:.3f} s/step, peak {row['peak_rss_mb']:.0f} MB, {row['wall_s']:.0f} s wall"))
             rows.append(row)
+        on_config(rows)
     return rows
 
 
@@ -81,32 +84,41 @@ def main(argv=None) -> int:
     parser.add_argument("--sections", default="step,profile,memory,gpu")
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--steps", type=int, default=3, help="measured steps per variant (median reported)")
+    parser.add_argument("--configs", default=None, help="comma-separated indexes into the grid (default: all)")
     parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
     args = parser.parse_args(argv)
     warnings.filterwarnings("ignore", category=FutureWarning)
     sections = set(args.sections.split(","))
     grid = QUICK_GRID if args.quick else FULL_GRID
+    if args.configs:
+        grid = [grid[int(i)] for i in args.configs.split(",")]
     timeout_s = 120.0 if args.quick else 600.0
     ckpt_root = os.path.join(os.environ.get("TMPDIR", "/tmp"), "bench-checkpoints")
     results: dict = {"machine": report.machine(), "grid": grid, "warmup": args.warmup, "steps": args.steps,
                      "batch": 1}
+    stem = os.path.join(args.out, "quick" if args.quick else "latest")
     t0 = time.time()
-    md = [f"Measured {results['machine']['date_utc']} UTC on {results['machine']['nproc']} × "
-          f"{results['machine']['cpu']} ({results['machine']['simd']}), {results['machine']['mem_gib']} GiB, "
-          f"torch {results['machine']['torch']}, 1 thread per rank, batch 1, median of {args.steps} steps after "
-          f"{args.warmup} warm-up; load average at start {results['machine']['loadavg_start']:.1f}."]
-    if "step" in sections:
-        _log("training step: " + ", ".join(report.config_name(g) for g in grid))
-        results["step"] = run_steps(grid, warmup=args.warmup, steps=args.steps, batch=1, ckpt_root=ckpt_root,
-                                    timeout_s=timeout_s)
-        results["goals"] = report.goals(results["step"])
-        md += ["", "### Training step, TP=2 on 2 CPU ranks (gloo)", "", report.step_table(results["step"]),
-               "", "### Goals (issue 8)", "", report.goals_table(results["step"]),
-               "", "### Collectives per rank per training step", "", report.comm_table(results["step"])]
-    if "profile" in sections:
-        _log("profile")
-        results["profile"] = run_profile(grid, batch=1, timeout_s=timeout_s)
-        md += ["", "### Profile", "", "```", results["profile"].strip(), "```"]
+    m = results["machine"]
+    head = [f"Measured {m['date_utc']} UTC on {m['nproc']} × {m['cpu']} ({m['simd']}), {m['mem_gib']} GiB, "
+            f"torch {m['torch']}, 1 thread per rank, batch 1, median of {args.steps} steps after {args.warmup} "
+            f"warm-up; load average at start {m['loadavg_start']:.1f}."]
+    parts: dict[str, list[str]] = {}
+
+    def write() -> str:
+        """(Re)write JSON + markdown with what is done so far, so a cut-short run still leaves its results."""
+        m["loadavg_end"] = os.getloadavg()[0]
+        results["wall_s"] = time.time() - t0
+        order = ["step", "profile", "memory", "gpu"]
+        md = head + [line for key in order for line in parts.get(key, [])]
+        md += ["", f"Load average at end {m['loadavg_end']:.1f}; whole run {results['wall_s']:.0f} s."]
+        text = "\n".join(md) + "\n"
+        os.makedirs(args.out, exist_ok=True)
+        for ext, content in ((".json", json.dumps(results, indent=1, default=str)), (".md", text)):
+            with open(stem + ext + ".partial", "w") as f:
+                f.write(content)
+            os.replace(stem + ext + ".partial", stem + ext)
+        return text
+
     if "memory" in sections:
         from .memmodel import memory_table
 
@@ -115,26 +127,33 @@ def main(argv=None) -> int:
             results["memory"] = memory_table(("toy-h4",), (1, 2, 4), seq=64)
         else:
             results["memory"] = memory_table(("llama3-8b", "llama3-70b"), (1, 2, 4, 8), seq=4096)
-        md += ["", "### Memory model: rank 0 of tp, meta device + fake process group (bf16 weights/grads, fp32 AdamW "
-               "states, measured saved-for-backward activations)", "", report.memory_table_md(results["memory"])]
+        parts["memory"] = ["", "### Memory model: rank 0 of tp, meta device + fake process group (bf16 weights and "
+                           "grads, fp32 AdamW states, measured saved-for-backward activations)", "",
+                           report.memory_table_md(results["memory"])]
+        write()
     if "gpu" in sections:
         from .gpu import gpu_section
 
         _log("gpu")
         results["gpu"] = gpu_section()
-        md += ["", "### GPU", "", report.gpu_md(results["gpu"])]
-    results["machine"]["loadavg_end"] = os.getloadavg()[0]
-    results["wall_s"] = time.time() - t0
-    md += ["", f"Load average at end {results['machine']['loadavg_end']:.1f}; whole run {results['wall_s']:.0f} s."]
-    text = "\n".join(md) + "\n"
-    os.makedirs(args.out, exist_ok=True)
-    stem = os.path.join(args.out, "quick" if args.quick else "latest")
-    with open(stem + ".json.partial", "w") as f:
-        json.dump(results, f, indent=1, default=str)
-    os.replace(stem + ".json.partial", stem + ".json")
-    with open(stem + ".md.partial", "w") as f:
-        f.write(text)
-    os.replace(stem + ".md.partial", stem + ".md")
+        parts["gpu"] = ["", "### GPU", "", report.gpu_md(results["gpu"])]
+        write()
+    if "step" in sections:
+        _log("training step: " + "; ".join(report.config_name(g) for g in grid))
+
+        def on_config(rows):
+            results["step"], results["goals"] = rows, report.goals(rows)
+            parts["step"] = ["", "### Training step, TP=2 on 2 CPU ranks (gloo)", "", report.step_table(rows),
+                             "", "### Goals (issue 8)", "", report.goals_table(rows),
+                             "", "### Collectives per rank per training step", "", report.comm_table(rows)]
+            write()
+        run_steps(grid, warmup=args.warmup, steps=args.steps, batch=1, ckpt_root=ckpt_root, timeout_s=timeout_s,
+                  on_config=on_config)
+    if "profile" in sections:
+        _log("profile")
+        results["profile"] = run_profile(grid, batch=1, timeout_s=timeout_s)
+        parts["profile"] = ["", "### Profile", "", "```", results["profile"].strip(), "```"]
+    text = write()
     print(text)
     return 0
 

@@ -12,6 +12,8 @@ import collections
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
+from torch.distributed.distributed_c10d import _resolve_process_group
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
@@ -55,6 +57,21 @@ def _op_name(func) -> str:
     return f"{func.namespace}::{func._schema.name.split('::', 1)[-1]}"
 
 
+def _group_size(args, kwargs) -> int | None:
+    """Size of the process group a collective runs on (c10d ops carry the group, functional ops its name)."""
+    for arg in list(args) + list((kwargs or {}).values()):
+        if isinstance(arg, torch.ScriptObject) and "ProcessGroup" in str(arg._type()):
+            return dist.ProcessGroup.unbox(arg).size()
+        if isinstance(arg, dist.ProcessGroup):
+            return arg.size()
+        if isinstance(arg, str):
+            try:
+                return _resolve_process_group(arg).size()
+            except Exception:  # not a group name (e.g. a reduce op given as a string)
+                continue
+    return None
+
+
 class CommCounter(TorchDispatchMode):
     """`with CommCounter() as c: step()`; then `c.calls` (in order), `c.summary()`."""
 
@@ -68,7 +85,7 @@ class CommCounter(TorchDispatchMode):
         if entry is None and func.namespace in ("c10d", "_c10d_functional", "deepspeed") \
                 and not any(w in name for w in ("wait", "work", "_wrap_tensor")):
             entry = (name.split("::")[-1], 0)  # an op this table does not know: still counted, under its name
-        if entry is not None:
+        if entry is not None and _group_size(args, kwargs) != 1:  # a 1-rank group sends nothing
             kind, index = entry
             payload = [] if index is None else [t for t in tree_leaves(args[index]) if isinstance(t, torch.Tensor)]
             numel = sum(t.numel() for t in payload)

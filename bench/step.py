@@ -9,6 +9,8 @@ the time to replay exactly those collectives alone (the communication part of th
 
 from __future__ import annotations
 
+import ctypes
+import gc
 import os
 import re
 import statistics
@@ -127,15 +129,15 @@ def rank_step(rank: int, world: int, job: dict) -> dict:
     """Per-rank body: set up the variant, time warm-up + measured steps, count one step, replay its comm."""
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     torch.set_num_threads(job.get("threads", 1))
+    start_rss_kb = _status_kb("VmRSS")  # torch + transformers imported (forked from the preloaded server)
     t_setup = time.perf_counter()
     model, step = _setup(job)
     setup_s = time.perf_counter() - t_setup
     params = {id(p): _local(p) for p in model.parameters()}
     param_bytes = sum(p.numel() * p.element_size() for p in params.values())
     setup_peak_kb = _status_kb("VmHWM")
-    import gc
-
     gc.collect()
+    ctypes.CDLL("libc.so.6").malloc_trim(0)  # hand freed heap (e.g. the unsplit weights) back before the reset
     _reset_peak_rss()
     gen = torch.Generator().manual_seed(1)
     ids = torch.randint(3, model.config.vocab_size, (job["batch"], job["seq"]), generator=gen)
@@ -151,7 +153,8 @@ def rank_step(rank: int, world: int, job: dict) -> dict:
         step(ids)
     comm_s = _replay(counter.calls)
     return {"rank": rank, "times": times, "losses": losses, "setup_s": setup_s, "param_bytes": param_bytes,
-            "setup_peak_kb": setup_peak_kb, "train_peak_kb": train_peak_kb, "comm": counter.summary(),
+            "setup_peak_kb": setup_peak_kb, "start_rss_kb": start_rss_kb, "train_peak_kb": train_peak_kb, "comm": counter.summary(),
+            "comm_calls": [(c.kind, c.numel, str(c.dtype).removeprefix("torch.")) for c in counter.calls],
             "comm_replay_s": comm_s}
 
 
@@ -193,8 +196,11 @@ def run_variant(job: dict, *, timeout_s: float = 600.0) -> dict:
     return {**job, "world": world, "step_s": statistics.median(per_step), "step_s_all": per_step,
             "peak_rss_mb": max(r["train_peak_kb"] for r in ranks) / 1024,
             "setup_peak_rss_mb": max(r["setup_peak_kb"] for r in ranks) / 1024,
+            "start_rss_mb": max(r["start_rss_kb"] for r in ranks) / 1024,
+            "peak_above_start_mb": max(r["train_peak_kb"] - r["start_rss_kb"] for r in ranks) / 1024,
             "param_mb": max(r["param_bytes"] for r in ranks) / 2 ** 20,
             "loss0": ranks[0]["losses"][0], "comm": ranks[0]["comm"], "comm_per_rank": [r["comm"] for r in ranks],
+            "comm_calls_rank0": ranks[0]["comm_calls"],
             "comm_replay_s": max(r["comm_replay_s"] for r in ranks),
             "setup_s": max(r["setup_s"] for r in ranks), "wall_s": time.perf_counter() - t0}
 
