@@ -11,12 +11,12 @@ Variants, each in fresh processes (2 gloo ranks started with torchrun, 1 thread 
       "tensor_parallel": {"autotp_size": 2} (ZeRO stage 0), which splits the loaded model
   (d) transformers' own TP: AutoModelForCausalLM.from_pretrained(dir, tp_plan="auto") (DTensor shards)
 
-Per rank: wall time of the load call plus one read of every parameter it holds (loaders, transformers' own and
-tp_plugin's, may return tensors that are still views of the mmapped file, read lazily; reading them makes the
-numbers comparable), peak RSS (VmHWM) and its growth over the RSS after imports, and the bytes of parameters
-the rank holds. Each variant then runs one forward pass on 8
-tokens; the last position's first 16 logits are compared with variant (a), so a variant that loads "fast" but
-wrong (or cannot run) shows up. Checkpoints: `examples/demo_model.py`'s SmolLM2-135M (fp32, as converted from
+Per rank: wall time (and CPU time of the rank process, steadier on a shared machine) of the load call plus
+one read of every parameter it holds (transformers' loader returns tensors that are still views of the
+mmapped file, read lazily; reading them makes the numbers comparable), peak RSS (VmHWM) and its growth over
+the RSS after imports, and the bytes of parameters the rank holds. Each variant then runs one forward pass on
+8 tokens; the last position's first 16 logits are compared with variant (a), so a variant that loads "fast"
+but wrong (or cannot run) shows up. Checkpoints: `examples/demo_model.py`'s SmolLM2-135M (fp32, as converted from
 the gguf), and a Llama-shaped 1.1B model (TinyLlama's shape, random weights, bf16 to halve disk and time)
 written once to .cache/bench/llama-1.1b by streaming random tensors through tp_plugin's checkpoint writer.
 Results: printed as a markdown table and written to .cache/bench/load_checkpoint.{json,md}.
@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import subprocess
 import sys
 import time
@@ -107,6 +108,11 @@ def _rss_kib(field: str) -> int:
     raise RuntimeError(field)
 
 
+def _cpu_s() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
 def _load(variant: str, model_dir: str, dtype):
     import transformers
 
@@ -145,9 +151,14 @@ def worker(variant: str, model_dir: str, dtype: str, out: str) -> None:
         import tp_plugin  # noqa: F401
     if variant == "c":
         import deepspeed  # noqa: F401
+    # transformers imports the model's modules lazily, on first use (several seconds here): do it for every
+    # variant before the clock starts, so the timings compare loading, not importing.
+    config = transformers.AutoConfig.from_pretrained(model_dir)
+    transformers.AutoModelForCausalLM._model_mapping[type(config)]  # noqa: B018  (imports modeling_<type>)
+    import transformers.integrations.tensor_parallel  # noqa: F401
     result = {"variant": variant, "rank": rank, "rss_before_mib": _rss_kib("VmRSS") / 1024}
     dist.barrier()
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), _cpu_s()
     try:
         model = _load(variant, model_dir, getattr(torch, dtype))
         error = None
@@ -158,6 +169,7 @@ def worker(variant: str, model_dir: str, dtype: str, out: str) -> None:
             for p in model.parameters():
                 (p.to_local() if hasattr(p, "to_local") else p).sum()
     result["load_s"] = time.perf_counter() - started
+    result["cpu_s"] = _cpu_s() - cpu_started
     result["peak_rss_mib"] = _rss_kib("VmHWM") / 1024
     result["load_error"] = error
     if model is not None:
@@ -214,7 +226,8 @@ def _row(model: str, variant: str, ranks: list[dict], ref: list[dict] | None) ->
     row = {"model": model, "variant": f"({variant}) {VARIANTS[variant]}", "ok": ok,
            "error": next((r.get("load_error") for r in ranks if r.get("load_error")), None)}
     if "peak_rss_mib" in ranks[0]:
-        row.update(load_s=max(r["load_s"] for r in ranks), peak_rss_mib=max(r["peak_rss_mib"] for r in ranks),
+        row.update(load_s=max(r["load_s"] for r in ranks), cpu_s=max(r["cpu_s"] for r in ranks),
+                   peak_rss_mib=max(r["peak_rss_mib"] for r in ranks),
                    growth_mib=max(r["peak_rss_mib"] - r["rss_before_mib"] for r in ranks),
                    param_mib=max(r.get("param_mib", 0) for r in ranks))
     forward = next((r.get("forward_error") for r in ranks if r.get("forward_error")), None)
@@ -227,18 +240,19 @@ def _row(model: str, variant: str, ranks: list[dict], ref: list[dict] | None) ->
 
 
 def markdown(rows: list[dict]) -> str:
-    lines = ["| model | variant | load s | peak RSS / rank MiB | RSS growth MiB | params held MiB | "
-             "peak vs (a) | growth vs (a) | forward |", "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| model | variant | load s | CPU s | peak RSS / rank MiB | RSS growth MiB | params held MiB | "
+             "peak vs (a) | growth vs (a) | forward |", "|---|---|---|---|---|---|---|---|---|---|"]
     refs = {r["model"]: r for r in rows if r["variant"].startswith("(a)") and r["ok"]}
     for r in rows:
         if "peak_rss_mib" not in r:
-            lines.append(f"| {r['model']} | {r['variant']} | failed | | | | | | {r['error']} |")
+            lines.append(f"| {r['model']} | {r['variant']} | failed | | | | | | | {r['error']} |")
             continue
         ref = refs.get(r["model"])
         ratio = f"{r['peak_rss_mib'] / ref['peak_rss_mib']:.2f}x" if ref else "-"
         growth = f"{r['growth_mib'] / ref['growth_mib']:.2f}x" if ref else "-"
         status = r["forward"] if r["ok"] else f"load failed: {r['error']}"
-        lines.append(f"| {r['model']} | {r['variant']} | {r['load_s']:.1f} | {r['peak_rss_mib']:.0f} | "
+        lines.append(f"| {r['model']} | {r['variant']} | {r['load_s']:.1f} | {r['cpu_s']:.1f} | "
+                     f"{r['peak_rss_mib']:.0f} | "
                      f"{r['growth_mib']:.0f} | {r['param_mib']:.0f} | {ratio} | {growth} | {status} |")
     return "\n".join(lines)
 
