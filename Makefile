@@ -34,10 +34,14 @@ test: venv
 	$(RUN_ENV) $(PY) -m pytest -x -q
 
 # The gguf is converted once (about 45 s) before torchrun, so the two ranks do not race to do it.
+# The main job: the embedded SmolLM2-135M split over 2 CPU ranks (TP=2, degree from the yaml), fully fine-tuned
+# through `accelerate launch`, then LoRA-fine-tuned with PEFT and its ordinary adapter re-checked in plain PEFT.
+ACCEL := $(RUN_ENV) $(VENV)/bin/accelerate launch --config_file configs/accelerate/cpu_tp2.yaml
 demo: venv
 	mkdir -p .tmp
 	$(RUN_ENV) $(PY) examples/demo_model.py
-	$(RUN_ENV) $(VENV)/bin/torchrun --standalone --nproc_per_node 2 examples/demo_finetune.py $(ARGS)
+	$(ACCEL) examples/finetune.py $(ARGS)
+	$(ACCEL) examples/lora_finetune.py --max-steps 20 --check
 
 # tp_plugin vs DeepSpeed AutoTP vs transformers' TP vs unsplit, one run (~10 min on 2 quiet cores);
 # tables printed, bench/results/latest.{json,md} written. ARGS="--quick" for toy sizes.
