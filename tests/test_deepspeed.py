@@ -7,13 +7,15 @@ Tolerances. fp32: the split only reorders floating-point sums (row-parallel part
 softmax, DP gradient averaging, ZeRO's flat buffers), which moves the first losses by ~1e-7. Adam divides
 each update by the root of its running squared gradient, so for entries whose gradient is tiny the same
 ~1e-7 relative noise can change the update by a fraction of lr; over 10 steps at lr 1e-2 this grows to at
-most ~5e-5 on the unclipped GPT-2 run (measured: llama <= 3e-6, GPT-2 4.3e-5 at a loss spike). We allow
+most ~5e-5 on the unclipped GPT-2 run (measured: llama <= 3.4e-6, GPT-2 4.3e-5 at a loss spike). We allow
 1e-4 absolute on losses of ~4: still far below the effect of a wrong split, a missing all-reduce, a wrong DP
 group or a wrongly counted grad norm (each moves the losses by 1e-2 or more within 10 steps; the clipping
-test checks that clipping itself changes the trajectory by >100x the tolerance). bf16: parameters,
-activations and gradients are rounded to 8 mantissa bits (relative 2^-8 = 0.4%), so the bf16 run's loss
-differs from the fp32 unsplit run by that rounding of logits of order 1-10; we allow 5e-2 (1% of the loss;
-measured below 3e-2), still below what training on a wrong split does to the loss.
+test checks that clipping itself changes the trajectory by >100x the tolerance). bf16 (ZeRO-2): module
+weights, activations and gradients are rounded to 8 mantissa bits (relative 2^-8 = 0.4% per operation),
+against an fp32 unsplit reference; the rounding compounds over 2 layers and 10 steps (measured: 3.6e-2 on
+losses falling from 4.7 to 3.1). We allow 8e-2 (2% of the loss): this test shows the bf16 path trains and
+tracks the fp32 trajectory; subtle TP errors (e.g. replicated KV heads counted twice in the norm: 1.4e-2, measured) are
+the fp32 tests' job, at 1e-4.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ if "deepspeed" not in dist_helpers.PRELOAD:
 
 STEPS = 10
 FP32_TOL = 1e-4
-BF16_TOL = 5e-2
+BF16_TOL = 8e-2
 
 
 def _parity_runs(rank, world, runs):
