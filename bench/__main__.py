@@ -149,6 +149,7 @@ def main(argv=None) -> int:
         def on_config(rows):
             results["step"], results["goals"] = rows, report.goals(rows)
             parts["step"] = ["", "### Training step, TP=2 on 2 CPU ranks (gloo)", "", report.step_table(rows),
+                             "", report.load_line(rows),
                              "", "### Goals (issue 8)", "", report.goals_table(rows),
                              "", "### Collectives per rank per training step", "", report.comm_table(rows)]
             write()

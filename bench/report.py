@@ -158,3 +158,10 @@ def gpu_md(gpu: dict) -> str:
     lines += [f"| {r['tp']} | {r['step_s']:.4f} | {r['time_vs_ideal']:.2f} | {r['peak_gib']:.2f} | "
               f"{r['memory_vs_ideal']:.2f} |" for r in gpu["rows"]]
     return "\n".join(lines)
+
+
+def load_line(rows: list[dict]) -> str:
+    """The 1-minute load average after each config's last variant: how noisy its timings are."""
+    loads = {config_name(config_key(r)): r.get("loadavg_after") for r in rows}
+    return "Load average (1 min) after each config, on 2 cores: " + "; ".join(
+        f"{name}: {load:.1f}" for name, load in loads.items() if load is not None) + "."
