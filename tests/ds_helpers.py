@@ -103,15 +103,17 @@ def _train(engine, mesh, batches) -> list[float]:
     return losses
 
 
-def resume_losses(arch: str, config: dict, ckpt_dir: str, hf_dir: str, steps: int = 6) -> dict:
+def resume_losses(arch: str, config: dict, ckpt_dir: str, hf_dir: str, steps: int = 6, resume: bool = True) -> dict:
     """Uninterrupted run vs. save_checkpoint after half the steps + a fresh engine that load_checkpoint()s.
 
     At the save point the engine is also exported with `tp_plugin.save_pretrained` (an ordinary HF
     checkpoint), and its logits on a probe batch are returned for comparison with the exported model."""
     batches = global_batches(steps)
-    engine, mesh = _engine(arch, config)
-    straight = _train(engine, mesh, batches)
-    engine.destroy()
+    straight = None
+    if resume:
+        engine, mesh = _engine(arch, config)
+        straight = _train(engine, mesh, batches)
+        engine.destroy()
 
     engine, mesh = _engine(arch, config)
     first = _train(engine, mesh, batches[: steps // 2])
@@ -120,6 +122,8 @@ def resume_losses(arch: str, config: dict, ckpt_dir: str, hf_dir: str, steps: in
     with torch.no_grad():
         probe = engine(batch(seed=7)).logits.detach().clone()
     engine.destroy()
+    if not resume:
+        return {"probe": probe}
     engine, mesh = _engine(arch, config)  # fresh weights and optimizer: everything must come from the checkpoint
     path, _ = engine.load_checkpoint(ckpt_dir, tag="half")
     assert path is not None, "load_checkpoint found nothing"
