@@ -477,7 +477,7 @@ def _trainer(rank, world, out_dir):
         opt.step()
         opt.zero_grad()
         ref_losses.append(loss.item())
-    trainer.model.save_pretrained(out_dir)  # the PEFT way, on every rank
+    trainer.save_model(out_dir)  # TPTrainer saves a LoRA model as the ordinary adapter (every rank joins)
     return {"losses": list(zip(losses, ref_losses)), "replica_err": _replicated_identical(split, mesh.tp_group)}
 
 

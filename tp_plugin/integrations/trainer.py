@@ -87,6 +87,10 @@ def load_consolidated(model: torch.nn.Module, directory: str | os.PathLike) -> N
         source.close()
 
 
+def _is_peft(model) -> bool:
+    return type(model).__module__.startswith("peft.")
+
+
 class TPTrainerMixin:
     """Put in front of `Trainer` or of a Trainer subclass: `class MyTrainer(TPTrainerMixin, SFTTrainer)`."""
 
@@ -116,7 +120,10 @@ class TPTrainerMixin:
         from ..checkpoint import save_pretrained
 
         output_dir = output_dir if output_dir is not None else self.args.output_dir
-        save_pretrained(self.model, output_dir)  # collective: every rank walks the same tensors (ZeRO-3 gathers too)
+        if _is_peft(self.model):  # LoRA: the ordinary (unsplit) adapter, gathered by tp_plugin's PEFT integration
+            self.model.save_pretrained(output_dir)  # collective too: every rank calls it, rank 0 writes
+        else:
+            save_pretrained(self.model, output_dir)  # collective: every rank walks the same tensors (ZeRO-3 too)
         if self.args.should_save:
             if self.processing_class is not None:
                 self.processing_class.save_pretrained(output_dir)
@@ -136,7 +143,8 @@ class TPTrainerMixin:
 
     # -- resuming --------------------------------------------------------------------------------------------
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
-        if self._tp_mesh is None:
+        if self._tp_mesh is None or _is_peft(model if model is not None else self.model):  # adapters: PEFT's load,
+            # which tp_plugin's PEFT integration slices for each rank
             return super()._load_from_checkpoint(resume_from_checkpoint, model)
         load_consolidated(model if model is not None else self.model, resume_from_checkpoint)
 
