@@ -19,7 +19,7 @@ the RSS after imports, and the bytes of parameters the rank holds. Each variant 
 but wrong (or cannot run) shows up. Checkpoints: `examples/demo_model.py`'s SmolLM2-135M (fp32, as converted from
 the gguf), and a Llama-shaped 1.1B model (TinyLlama's shape, random weights, bf16 to halve disk and time)
 written once to .cache/bench/llama-1.1b by streaming random tensors through tp_plugin's checkpoint writer.
-Results: printed as a markdown table and written to .cache/bench/load_checkpoint.{json,md}.
+The page cache is warmed (the files read once) before each variant. Results: printed as a markdown table and written to .cache/bench/load_checkpoint.{json,md}.
 """
 
 from __future__ import annotations
@@ -196,7 +196,16 @@ def worker(variant: str, model_dir: str, dtype: str, out: str) -> None:
         pass
 
 
+def warm_page_cache(model_dir: Path) -> None:
+    """Read the checkpoint once so that every variant starts from the same (cached) state, whatever ran before."""
+    for path in sorted(model_dir.glob("*.safetensors")):
+        with open(path, "rb") as f:
+            while f.read(64 << 20):
+                pass
+
+
 def run_variant(variant: str, model_dir: Path, dtype: str, tag: str, timeout_s: int) -> list[dict]:
+    warm_page_cache(model_dir)
     out = CACHE / "runs" / f"{tag}-{variant}"
     out.parent.mkdir(parents=True, exist_ok=True)
     for old in out.parent.glob(f"{out.name}.rank*.json"):

@@ -40,7 +40,14 @@ def _init_non_persistent_buffers(model: nn.Module) -> None:
         parent, _, leaf = name.rpartition(".")
         module = model.get_submodule(parent)
         module._buffers[leaf] = torch.empty_like(buffer, device="cpu")
+    # The flag transformers sets on loaded weights: its init functions then skip them (on meta they would only
+    # cost time). Removed afterwards so that the loaded parameters do not carry it.
+    params = list(model.parameters())
+    for param in params:
+        param._is_hf_initialized = True
     model.initialize_weights()
+    for param in params:
+        del param._is_hf_initialized
 
 
 def _owners(model: nn.Module) -> dict[int, list[tuple[nn.Module, str, str]]]:
