@@ -67,7 +67,7 @@ def test_falcon_multi_query_replicates_the_kv_head():
     hd = 12  # hidden 72 / 6 heads at tp=4; rows: q 0..71, k 72..83, v 84..95
     for ranges, shared in results:
         assert ranges[-2:] == ((72, 84), (84, 96)) and shared, (ranges, shared)
-    assert [r[0][0] for r, _ in results] == [(0, 2 * hd), (2 * hd, 4 * hd), (4 * hd, 5 * hd), (5 * hd, 6 * hd)]
+    assert [r[0] for r, _ in results] == [(0, 2 * hd), (2 * hd, 4 * hd), (4 * hd, 5 * hd), (5 * hd, 6 * hd)]
 
 
 # ---------------------------------------------------------------- the policy chain for unregistered models
