@@ -112,7 +112,11 @@ def main() -> None:
     print(f"model: SmolLM2-135M shape, {args.layers} layers, random weights; seq {args.seq}, batch {args.batch}; "
           f"TP=2 (2 gloo ranks) under DeepSpeed ZeRO-1; {args.warmup} warm-up + {args.steps} measured steps")
     with tempfile.TemporaryDirectory() as tmp:
-        results = {v: launch(v, args, Path(tmp)) for v in VARIANTS}
+        results = {}
+        for v in VARIANTS:
+            results[v] = launch(v, args, Path(tmp))
+            # the machine may be shared: a high load average means noisy step times
+            print(f"{v}: done, load average {os.getloadavg()[0]:.1f}", flush=True)
     print(f"{'variant':12} {'rank':>4} {'local params':>13} {'step (median)':>14} {'peak RSS':>10}  losses")
     for variant, ranks in results.items():
         for r in ranks:
