@@ -1,21 +1,29 @@
 """tp_plugin: Megatron-style tensor parallelism for Hugging Face transformers models.
 
-    model = AutoModelForCausalLM.from_pretrained(path)
-    model = tp_plugin.parallelize(model, tp_size=2)   # policy picked from model.config.model_type
+    model = AutoModelForCausalLM.from_pretrained(path)   # or tp_plugin.from_pretrained(path, tp_size=2)
+    model = tp_plugin.parallelize(model, tp_size=2)      # policy picked from model.config.model_type
     print(tp_plugin.inspect(model))
+    tp_plugin.save_pretrained(model_or_engine, out_dir)  # an ordinary HF checkpoint
 """
 
+from .checkpoint import from_pretrained, save_pretrained, save_sharded
+from .grad_norm import clip_grad_norm_
 from .parallelize import inspect, parallelize
 from .policy import AttentionSpec, Colwise, Policy, Rowwise, register_policy
 from .sharding import TPSplitError
-from .checkpoint import from_pretrained, save_pretrained, save_sharded
 
-__all__ = ["parallelize", "inspect", "Policy", "AttentionSpec", "Colwise", "Rowwise", "register_policy",
-           "TPSplitError"]
-__all__ += ["from_pretrained", "save_pretrained", "save_sharded"]
-from .grad_norm import clip_grad_norm_  # noqa: E402  (the unsplit model's norm, for plain torch loops)
-__all__ += ["clip_grad_norm_"]
+__all__ = ["parallelize", "inspect", "from_pretrained", "save_pretrained", "save_sharded", "clip_grad_norm_",
+           "Policy", "AttentionSpec", "Colwise", "Rowwise", "register_policy", "TPSplitError", "TPTrainer"]
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    if name == "TPTrainer":  # imported on use: transformers.Trainer is a heavy import most scripts never need
+        from .integrations.trainer import TPTrainer
+
+        return TPTrainer
+    raise AttributeError(f"module 'tp_plugin' has no attribute {name!r}")
+
 
 # `accelerate launch` support, at the earliest point tp_plugin code runs in a user's script: the TP degree from
 # the yaml, gloo when there is no GPU, DDP and data sharding over the data-parallel group (integrations/accelerate.py).
