@@ -136,10 +136,9 @@ def sync_from_tp_rank0(model: nn.Module, group: dist.ProcessGroup) -> None:
     a model initialised with a different seed per rank. The RNG state is copied so that dropout on
     replicated activations draws the same mask on every rank of the group.
     """
-    if any(p.is_meta for p in model.parameters()):
-        return
     digests = [None] * dist.get_world_size(group)
-    dist.all_gather_object(digests, _digest(model), group=group)
+    meta = any(p.is_meta for p in model.parameters())  # built on meta: each rank loads its shards later
+    dist.all_gather_object(digests, "meta" if meta else _digest(model), group=group)
     if len(set(digests)) > 1:
         tensors = [t.data for t in list(model.parameters()) + list(model.buffers())]
         for dtype in sorted({t.dtype for t in tensors}, key=str):
