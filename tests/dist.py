@@ -17,6 +17,7 @@ from __future__ import annotations
 import datetime
 import multiprocessing as mp
 import os
+import pickle
 import traceback
 
 import torch.distributed as dist
@@ -45,7 +46,9 @@ def _rank_main(rank: int, world: int, port: int, fn, args, queue, timeout_s: flo
                               timeout=datetime.timedelta(seconds=timeout_s))
         dist.init_process_group("gloo", store=store, rank=rank, world_size=world,
                                 timeout=datetime.timedelta(seconds=timeout_s))
-        queue.put((rank, "ok", fn(rank, world, *args)))
+        # Pickled by value here: the queue's own pickler would share tensors through file descriptors that the
+        # parent fetches from this process, which may have exited by then (connection reset).
+        queue.put((rank, "ok", pickle.dumps(fn(rank, world, *args))))
     except BaseException:  # report everything, including a peer's "connection reset", to the parent
         queue.put((rank, "error", traceback.format_exc()))
     finally:
@@ -67,7 +70,10 @@ def run_ranks(world: int, fn, *args, timeout_s: float = 120.0) -> list:
     try:
         for _ in range(world):
             rank, status, value = queue.get(timeout=timeout_s + 30)
-            (results if status == "ok" else errors)[rank] = value
+            if status == "ok":
+                results[rank] = pickle.loads(value)
+            else:
+                errors[rank] = value
     except Exception as exc:  # a rank died without reporting (segfault, OOM kill) or hung past the timeout
         errors[-1] = f"not every rank reported: {exc!r}; got ranks {sorted(results) + sorted(errors)}"
     finally:

@@ -8,20 +8,23 @@
 
 from .checkpoint import from_pretrained, save_pretrained, save_sharded
 from .grad_norm import clip_grad_norm_
+from .integrations.deepspeed import mpu
 from .parallelize import inspect, parallelize
 from .policy import AttentionSpec, Colwise, Policy, Rowwise, register_policy
 from .sharding import TPSplitError
+from .state import tp_state
 
-__all__ = ["parallelize", "inspect", "from_pretrained", "save_pretrained", "save_sharded", "clip_grad_norm_",
-           "Policy", "AttentionSpec", "Colwise", "Rowwise", "register_policy", "TPSplitError", "TPTrainer"]
+__all__ = ["parallelize", "inspect", "tp_state", "from_pretrained", "save_pretrained", "save_sharded",
+           "clip_grad_norm_", "mpu", "Policy", "AttentionSpec", "Colwise", "Rowwise", "register_policy",
+           "TPSplitError", "TPTrainer", "TPTrainerMixin"]
 __version__ = "0.1.0"
 
 
 def __getattr__(name: str):
-    if name == "TPTrainer":  # imported on use: transformers.Trainer is a heavy import most scripts never need
-        from .integrations.trainer import TPTrainer
+    if name in ("TPTrainer", "TPTrainerMixin"):  # imported on use: transformers.Trainer is a heavy import
+        from .integrations import trainer
 
-        return TPTrainer
+        return getattr(trainer, name)
     raise AttributeError(f"module 'tp_plugin' has no attribute {name!r}")
 
 

@@ -7,13 +7,15 @@ ranks before the first collective.
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+import math
 
 import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed.tensor import DTensor
 
+from . import hf_methods, rng
+from .checks import install_first_forward_check
 from .comm import copy_to_tp
 from .config import configured_tp_size
 from .integrations.deepspeed import prepare_model as prepare_for_deepspeed
@@ -21,19 +23,11 @@ from .integrations.peft import enable as enable_peft
 from .layers import (PARALLEL_LAYERS, ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding,
                      VocabParallelLMHead, tag_param)
 from .loss import VocabParallelCausalLMLoss
-from .mesh import TPMesh, build_mesh, check_layout, world_size
-from .plan import Plan, PlanEntry, resolve_plan
+from .mesh import build_mesh, check_layout, world_size
+from .plan import Plan, PlanEntry, resolve_plan, vocab_entries
 from .policy import Policy, get_policy, patch_head_counts, registered_model_types
 from .sharding import TPSplitError
-
-
-@dataclass
-class TPState:
-    """What a split model carries (as `model.tp_plugin_state`): its plan, its mesh and its options."""
-
-    plan: Plan
-    mesh: TPMesh | None  # None for a single process
-    loss_parallel: bool
+from .state import TPState, tp_state
 
 
 def parallelize(model: nn.Module, tp_size: int | None = None, *, policy: Policy | None = None,
@@ -61,6 +55,8 @@ def parallelize(model: nn.Module, tp_size: int | None = None, *, policy: Policy 
             apply_plan(model, plan, mesh.tp_rank, mesh.tp_group, loss_parallel=loss_parallel)
     model.tp_plugin_state = TPState(plan, mesh, loss_parallel)
     if mesh is not None and tp_size > 1:
+        hf_methods.bind(model)  # save_pretrained / generate / resize_token_embeddings that know the split
+        install_first_forward_check(model, mesh.tp_group)  # same batch and RNG state on every TP rank, once
         prepare_for_deepspeed(model)  # deepspeed.initialize then trains it on these groups, no AutoTP
         enable_peft()  # peft.get_peft_model(model, LoraConfig(...)) then builds TP-aware LoRA layers
     return model
@@ -77,7 +73,7 @@ def _resolve_tp_size(tp_size: int | None) -> int:
 
 def inspect(model: nn.Module) -> str:
     """The plan of a split model: which module got which style, and each rank's shard shapes."""
-    state = getattr(model, "tp_plugin_state", None)
+    state = tp_state(model)
     if state is None:
         raise ValueError(f"{type(model).__name__} has not been split by tp_plugin.parallelize")
     return str(state.plan)
@@ -147,9 +143,7 @@ def sync_from_tp_rank0(model: nn.Module, group: dist.ProcessGroup) -> None:
             dist.broadcast(flat, group=group, group_src=0)
             for t, synced in zip(same, torch._utils._unflatten_dense_tensors(flat, same)):
                 t.copy_(synced)
-    state = [torch.get_rng_state()]
-    dist.broadcast_object_list(state, group=group, group_src=0)
-    torch.set_rng_state(state[0])
+    rng.sync_from_tp_rank0(group)
 
 
 def _parent(model: nn.Module, path: str) -> tuple[nn.Module, str]:
@@ -198,13 +192,13 @@ def _retie(model: nn.Module, old: nn.Parameter, new: nn.Parameter) -> None:
                 owner._parameters[pname] = new
 
 
-def apply_plan(model: nn.Module, plan: Plan, rank: int, group, *, loss_parallel: bool) -> None:
-    """Swap every planned module for its parallel layer holding this rank's shard; patch head counts."""
+def _install_layers(model: nn.Module, entries: list[PlanEntry], rank: int, group, *, loss_parallel: bool) -> None:
+    """Swap each entry's module for its parallel layer (the LM head after the embedding it may be tied to)."""
     embed_weight = model.get_input_embeddings().weight
     head = model.get_output_embeddings()
     tied = head is not None and head.weight is embed_weight
     new_embed = None
-    for entry in plan.entries:
+    for entry in entries:
         parent, name = _parent(model, entry.path)
         module = getattr(parent, name)
         layer = _build_layer(entry, module, rank, group, tied_weight=new_embed.weight if tied and new_embed else None,
@@ -216,6 +210,30 @@ def apply_plan(model: nn.Module, plan: Plan, rank: int, group, *, loss_parallel:
             _retie(model, module.bias, layer.bias)  # BERT-style heads share their bias with `predictions.bias`
         if entry.style == "VocabLMHead" and loss_parallel:
             model.loss_function = VocabParallelCausalLMLoss(layer.vocab_start, layer.vocab_stop, group)
+
+
+def split_vocab(model: nn.Module, state: TPState, *, embed_scale=None) -> None:
+    """Split the (whole, e.g. just resized) input embedding and LM head again by vocabulary; update the plan."""
+    plan, mesh = state.plan, state.mesh
+    old = [e for e in plan.entries if e.style in ("VocabEmbedding", "VocabLMHead")]
+    new = vocab_entries(model, plan.tp_size)
+    body = [e for e in plan.entries if e not in old]
+    plan.entries = new[:1] + body + new[1:]
+    for before, after in zip(old, new):  # parameter counts follow the new vocabulary size
+        delta_full = math.prod(after.full_shapes["weight"]) - math.prod(before.full_shapes["weight"])
+        tied_head = after.style == "VocabLMHead" and plan.tied_embeddings
+        plan.num_parameters += 0 if tied_head else delta_full
+        for r in range(plan.tp_size):
+            delta = math.prod(after.local_shape(r, "weight")) - math.prod(before.local_shape(r, "weight"))
+            plan.rank_parameters[r] += 0 if tied_head else delta
+    _install_layers(model, new, mesh.tp_rank, mesh.tp_group, loss_parallel=state.loss_parallel)
+    if embed_scale is not None:
+        model.get_input_embeddings().embed_scale = embed_scale
+
+
+def apply_plan(model: nn.Module, plan: Plan, rank: int, group, *, loss_parallel: bool) -> None:
+    """Swap every planned module for its parallel layer holding this rank's shard; patch head counts."""
+    _install_layers(model, plan.entries, rank, group, loss_parallel=loss_parallel)
     if plan.attention is not None:
         shard = plan.attention.heads[rank]
         for path in plan.attention.paths:

@@ -6,6 +6,7 @@ rank before anything is communicated. `str(plan)` is the `inspect` view.
 
 from __future__ import annotations
 
+import math
 import re
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -57,8 +58,27 @@ class Plan:
     replicated: list[str] = field(default_factory=list)  # parameter names kept whole on every rank
     partial_grad: list[str] = field(default_factory=list)  # replicated modules whose grads are summed over TP
 
+    num_parameters: int = 0  # of the unsplit model
+    rank_parameters: list[int] = field(default_factory=list)  # held by each TP rank (padding rows included)
+
     def __str__(self) -> str:
         return format_plan(self)
+
+    def count_parameters(self, model: nn.Module) -> None:
+        """Fill `num_parameters` and `rank_parameters` from the unsplit model and the shard specs."""
+        self.num_parameters = sum(p.numel() for p in model.parameters())
+        self.rank_parameters = [self.num_parameters] * self.tp_size
+        seen = set()
+        for entry in self.entries:
+            module = model.get_submodule(entry.path)
+            for name, full in entry.full_shapes.items():
+                tensor = getattr(module, name, None)
+                if entry.specs[0].get(name) is None or id(tensor) in seen:
+                    continue  # replicated, or a tied weight counted under its first entry
+                seen.add(id(tensor))
+                for rank in range(self.tp_size):
+                    local = math.prod(entry.local_shape(rank, name))
+                    self.rank_parameters[rank] += local - math.prod(full)
 
 
 def _pattern(pattern: str, prefix: str) -> re.Pattern:
@@ -164,6 +184,21 @@ def _path_of(model: nn.Module, target: nn.Module | None) -> str | None:
     return next((name for name, mod in model.named_modules() if mod is target), None)
 
 
+def vocab_entries(model: nn.Module, tp_size: int) -> list[PlanEntry]:
+    """The input embedding's entry, then the LM head's (if any): both split by vocabulary."""
+    embed, head = model.get_input_embeddings(), model.get_output_embeddings()
+    embed_path, head_path = _path_of(model, embed), _path_of(model, head)
+    if embed_path is None or not isinstance(embed, nn.Embedding):
+        raise TPSplitError(f"{type(model).__name__}: no nn.Embedding input embedding found "
+                           f"(get_input_embeddings() returned {type(embed).__name__})")
+    entries = [_vocab_entry(embed_path, embed, "VocabEmbedding", tp_size)]
+    if head_path is not None:
+        if head.weight.shape[0] != embed.weight.shape[0] and head.weight is embed.weight:
+            raise TPSplitError(f"{head_path}: tied to {embed_path} but the vocabulary sizes differ")
+        entries.append(_vocab_entry(head_path, head, "VocabLMHead", tp_size))
+    return entries
+
+
 def resolve_plan(model: nn.Module, policy: Policy, tp_size: int) -> Plan:
     """Match the policy against the model and compute every rank's shards; raise on anything that does not fit."""
     prefix = _base_prefix(model)
@@ -190,23 +225,18 @@ def resolve_plan(model: nn.Module, policy: Policy, tp_size: int) -> Plan:
         if entry.style.startswith("Colwise") and any(entry.path.startswith(r + ".") for r in regions):
             entry.sync_input_grad = False
 
+    vocab = vocab_entries(model, tp_size)
+    entries = vocab[:1] + entries + vocab[1:]
     embed, head = model.get_input_embeddings(), model.get_output_embeddings()
-    embed_path, head_path = _path_of(model, embed), _path_of(model, head)
-    if embed_path is None or not isinstance(embed, nn.Embedding):
-        raise TPSplitError(f"{type(model).__name__}: no nn.Embedding input embedding found "
-                           f"(get_input_embeddings() returned {type(embed).__name__})")
-    entries.insert(0, _vocab_entry(embed_path, embed, "VocabEmbedding", tp_size))
     tied = head is not None and head.weight is embed.weight
-    if head_path is not None:
-        if head.weight.shape[0] != embed.weight.shape[0] and tied:
-            raise TPSplitError(f"{head_path}: tied to {embed_path} but the vocabulary sizes differ")
-        entries.append(_vocab_entry(head_path, head, "VocabLMHead", tp_size))
 
     partial = [path for pattern in policy.partial_grad for path, _ in _matches(model, pattern, prefix)]
     _check_coverage(model, prefix, entries, policy, regions)
     sharded = {f"{e.path}.{name}" for e in entries for name in e.full_shapes}
     replicated = [name for name, _ in model.named_parameters() if name not in sharded]
-    return Plan(policy.name or model_type, tp_size, entries, attn, regions, tied, replicated, partial)
+    plan = Plan(policy.name or model_type, tp_size, entries, attn, regions, tied, replicated, partial)
+    plan.count_parameters(model)
+    return plan
 
 
 def _check_coverage(model, prefix, entries, policy, regions) -> None:
@@ -251,4 +281,6 @@ def format_plan(plan: Plan) -> str:
     widths = [max(len(row[i]) for row in table) for i in range(len(header))]
     lines += ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in table]
     lines.append(f"replicated parameters: {len(plan.replicated)} (norms, position embeddings, small heads)")
+    lines.append(f"parameter count: {plan.num_parameters:,} unsplit; held per rank "
+                 f"{[f'{n:,}' for n in plan.rank_parameters]} (model.num_parameters() counts this rank's)")
     return "\n".join(lines)

@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 from huggingface_hub import split_torch_state_dict_into_shards
 
+from ..checks import arrive_together
 from ..mesh import world_size
 from .gather import Entry, gather_full, gathered, mesh_of, tensor_entries, unwrap
 from .io import CheckpointError, StreamingWriter, commit_dir, make_temp_dir, write_json
@@ -100,6 +101,9 @@ def save_pretrained(model_or_engine, save_directory: str | os.PathLike, *, max_s
 
     Call on every rank. Accepts a split or unsplit model, or a DeepSpeed engine (ZeRO-1/2/3) holding one.
     """
+    arrive_together("save_pretrained", "call it on every rank, not only on rank 0 (rank 0 writes; the others send "
+                                       "their shards): model.save_pretrained(dir) or tp_plugin.save_pretrained(model, "
+                                       "dir) outside any `if rank == 0:`")
     model = unwrap(model_or_engine)
     mesh = mesh_of(model)
     target = check_target(save_directory)

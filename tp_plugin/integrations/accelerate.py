@@ -23,7 +23,8 @@ What `import tp_plugin` does for this (`on_import`, each step a no-op outside it
      would average different shards and overwrite them from rank 0): the `ddp_handler` gets `process_group`.
    * Data loaders are sharded over the DP group only: Accelerate is handed a device mesh with a "tp"
      dimension (its own mechanism: `torch_device_mesh`), so all TP ranks of a replica get the same batch.
-   * The first training forward checks, once, that the TP ranks got the same batch (`check_tp_batches`).
+   (The first training forward checks, once, that the TP ranks got the same batch: `tp_plugin.checks`, in
+   every path, not only Accelerate's.)
    * `clip_grad_norm_` uses the unsplit model's norm (`tp_plugin.grad_norm`).
    Set `TP_PLUGIN_ACCELERATE_HOOKS=0` to leave Accelerate untouched.
 """
@@ -31,12 +32,12 @@ What `import tp_plugin` does for this (`on_import`, each step a no-op outside it
 from __future__ import annotations
 
 import functools
-import hashlib
 import os
 
 import torch
-import torch.distributed as dist
 from torch import nn
+
+from ..state import tp_state
 
 _LAUNCH_MARKER = "ACCELERATE_MIXED_PRECISION"  # exported by every `accelerate launch` path (DDP and DeepSpeed)
 
@@ -100,15 +101,9 @@ def prepare_cpu_launch() -> None:
 
 def mesh_of(model) -> "TPMesh | None":  # noqa: F821 (tp_plugin.mesh.TPMesh)
     """The (dp, tp) mesh of a split model (through DDP / DeepSpeed / compile wrappers), when TP > 1."""
-    for _ in range(4):
-        state = getattr(model, "tp_plugin_state", None)
-        if state is not None:
-            mesh = state.mesh
-            return mesh if mesh is not None and mesh.tp_size > 1 else None
-        model = getattr(model, "module", None) or getattr(model, "_orig_mod", None)
-        if model is None:
-            return None
-    return None
+    state = tp_state(model)
+    mesh = state.mesh if state is not None else None
+    return mesh if mesh is not None and mesh.tp_size > 1 else None
 
 
 class _WithProcessGroup:
@@ -153,7 +148,6 @@ def _register(accelerator, model) -> None:
         raise ValueError("tp_plugin: one Accelerator got two split models with different meshes; prepare models "
                          "split over the same (dp, tp) layout")
     accelerator._tp_plugin_mesh = mesh
-    check_tp_batches(model)  # also under DeepSpeed, where prepare_model is not used
 
 
 def _wrap_prepare(original):
@@ -244,63 +238,3 @@ def on_import() -> None:
             install()
         except ImportError:  # accelerate not installed: nothing to hook
             pass
-
-
-# ---- the once-per-run batch check ----------------------------------------------------------------------------
-
-
-def _digest(args, kwargs) -> int:
-    h = hashlib.blake2b(digest_size=8)
-    for value in list(args) + [kwargs[k] for k in sorted(kwargs)]:
-        if isinstance(value, torch.Tensor):
-            h.update(str((value.shape, value.dtype)).encode())
-            h.update(value.detach().cpu().reshape(-1).contiguous().view(torch.uint8).numpy().tobytes())
-    return int.from_bytes(h.digest(), "little", signed=True)
-
-
-def batch_mismatch(args, kwargs, group) -> str | None:
-    """All-gather a digest of this forward's tensor inputs over the TP group; describe a mismatch, if any."""
-    digest = torch.tensor([_digest(args, kwargs)], dtype=torch.int64)
-    if "nccl" in str(dist.get_backend(group)):  # NCCL gathers CUDA tensors only
-        digest = digest.cuda()
-    digests = [torch.zeros_like(digest) for _ in range(dist.get_world_size(group))]
-    dist.all_gather(digests, digest, group=group)
-    values = [int(d.item()) for d in digests]
-    if len(set(values)) == 1:
-        return None
-    ranks = dist.get_process_group_ranks(group)
-    groups = {}
-    for rank, value in zip(ranks, values):
-        groups.setdefault(value, []).append(rank)
-    return (f"tp_plugin: the ranks of tensor-parallel group {ranks} got different batches in their first training "
-            f"forward (ranks with equal inputs: {list(groups.values())}). The ranks of one TP group compute one "
-            f"model together and must see the same batch; only data-parallel replicas get different ones. Shard "
-            f"the data over the data-parallel group, not the world: pass the loader to accelerator.prepare (tp_plugin "
-            f"shards it over DP) or use DistributedSampler(num_replicas=mesh.dp_size, rank=mesh.dp_rank) with "
-            f"mesh = model.tp_plugin_state.mesh.")
-
-
-def check_tp_batches(model: nn.Module) -> None:
-    """Check once, at the first forward in training mode, that every TP rank got the same inputs.
-
-    One all-gather of an 8-byte digest over the TP group; every rank of the group computes the same verdict,
-    so all raise together. Idempotent; a no-op for an unsplit model or TP = 1.
-    """
-    inner = model
-    while getattr(inner, "tp_plugin_state", None) is None and getattr(inner, "module", None) is not None:
-        inner = inner.module
-    mesh = mesh_of(inner)
-    if mesh is None or getattr(inner, "_tp_plugin_batch_check", None) is not None:
-        return
-
-    def hook(module, args, kwargs):
-        if not module.training:
-            return None
-        inner._tp_plugin_batch_check.remove()
-        inner._tp_plugin_batch_check = "done"
-        message = batch_mismatch(args, kwargs, mesh.tp_group)
-        if message:
-            raise RuntimeError(message)
-        return None
-
-    inner._tp_plugin_batch_check = inner.register_forward_pre_hook(hook, with_kwargs=True)

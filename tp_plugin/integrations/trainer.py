@@ -33,7 +33,7 @@ import torch
 from transformers import Trainer
 from transformers.trainer import SCHEDULER_NAME, TRAINING_ARGS_NAME
 
-from .accelerate import check_tp_batches, install, mesh_of
+from .accelerate import install, mesh_of
 
 
 def prepare_cpu_deepspeed() -> dict:
@@ -100,7 +100,8 @@ class TPTrainerMixin:
         self._tp_mesh = mesh_of(self.model)
         if self._tp_mesh is not None:
             self.accelerator._tp_plugin_mesh = self._tp_mesh  # before get_train_dataloader prepares a loader
-            check_tp_batches(self.model)
+            if hasattr(self, "_tp_size"):  # TRL trainers divide their token counts by it
+                self._tp_size = self._tp_mesh.tp_size
 
     # -- batch accounting ------------------------------------------------------------------------------------
     def get_tp_size(self) -> int:

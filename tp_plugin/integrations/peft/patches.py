@@ -24,6 +24,7 @@ from peft.tuners.tuners_utils import BaseTuner, _maybe_include_all_linear_layers
 from peft.utils.constants import INCLUDE_LINEAR_LAYERS_SHORTHAND
 from torch import nn
 
+from ...checks import arrive_together
 from ...layers import PARALLEL_LAYERS, ColumnParallelLinear, RowParallelLinear
 from ...sharding import TPSplitError, unshard_tensor
 from .layers import LORA_LAYERS
@@ -181,6 +182,8 @@ def _wrap_save_pretrained(original):
         if tp_state(self) is None:
             return original(self, save_directory, *args, is_main_process=is_main_process, **kwargs)
         # Every rank must call this (the shards are gathered); one writes the ordinary, unsplit adapter.
+        arrive_together("PeftModel.save_pretrained", "call model.save_pretrained(dir) on every rank, not only on "
+                                                     "rank 0: the others send their adapter shards, rank 0 writes")
         writer = is_main_process and dist.get_rank() == 0
         if not writer:
             original(self, save_directory, *args, is_main_process=False, **kwargs)
