@@ -14,10 +14,14 @@ def _world(group: ProcessGroup | None) -> int:
     return 1 if group is None else dist.get_world_size(group)
 
 
-def _all_reduce(tensor: torch.Tensor, group: ProcessGroup, op=dist.ReduceOp.SUM) -> torch.Tensor:
+def all_reduce(tensor: torch.Tensor, group: ProcessGroup, op=dist.ReduceOp.SUM) -> torch.Tensor:
+    """A plain (non-autograd) all-reduce, in place when `tensor` is contiguous; returns the reduced tensor."""
     tensor = tensor.contiguous()
     dist.all_reduce(tensor, op=op, group=group)
     return tensor
+
+
+_all_reduce = all_reduce
 
 
 class _CopyToTP(torch.autograd.Function):

@@ -11,6 +11,8 @@ Every sharded parameter is tagged the Megatron way (`tensor_model_parallel`, `pa
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -149,6 +151,8 @@ class VocabParallelLMHead(nn.Module):
         self.group, self.spec, self.gather_output = group, spec, gather_output
         (self.vocab_start, self.vocab_stop), = spec.ranges
         self.weight = tied_weight if tied_weight is not None else _shard_param(head.weight, spec)
+        # how TRL's fused LM head, which reads this weight directly, finds its vocabulary range and group
+        self.weight.tp_vocab_head = weakref.ref(self)
         bias = getattr(head, "bias", None)
         self.bias = None if bias is None else _shard_param(bias, ShardSpec(0, spec.full_size, spec.ranges, spec.pad))
 

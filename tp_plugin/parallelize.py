@@ -19,7 +19,9 @@ from .checks import install_first_forward_check
 from .comm import copy_to_tp
 from .config import configured_tp_size
 from .integrations.deepspeed import prepare_model as prepare_for_deepspeed
+from .integrations import when_imported
 from .integrations.peft import enable as enable_peft
+from .integrations.trl import install as install_trl
 from .layers import (PARALLEL_LAYERS, ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding,
                      VocabParallelLMHead, tag_param)
 from .loss import VocabParallelCausalLMLoss
@@ -59,6 +61,7 @@ def parallelize(model: nn.Module, tp_size: int | None = None, *, policy: Policy 
         install_first_forward_check(model, mesh.tp_group)  # same batch and RNG state on every TP rank, once
         prepare_for_deepspeed(model)  # deepspeed.initialize then trains it on these groups, no AutoTP
         enable_peft()  # peft.get_peft_model(model, LoraConfig(...)) then builds TP-aware LoRA layers
+        when_imported("trl.trainer.utils", install_trl)  # TRL's fused LM head then covers the whole vocabulary
     return model
 
 
