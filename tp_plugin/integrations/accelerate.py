@@ -144,10 +144,11 @@ def _register(accelerator, model) -> None:
     if mesh is None:
         return
     known = getattr(accelerator, "_tp_plugin_mesh", None)
-    if known is not None and known is not mesh:
-        raise ValueError("tp_plugin: one Accelerator got two split models with different meshes; prepare models "
-                         "split over the same (dp, tp) layout")
-    accelerator._tp_plugin_mesh = mesh
+    if known is not None and known.mesh.mesh.tolist() != mesh.mesh.mesh.tolist():
+        raise ValueError(f"tp_plugin: one Accelerator got two split models with different layouts "
+                         f"({known.mesh} and {mesh.mesh}); split every model it prepares (policy, reference model) "
+                         f"with the same tp_size")
+    accelerator._tp_plugin_mesh = known or mesh
 
 
 def _wrap_prepare(original):

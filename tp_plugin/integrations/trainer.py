@@ -26,6 +26,7 @@ each a method that defers to `Trainer` when the model is not split by tp_plugin 
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -113,6 +114,22 @@ class TPTrainerMixin:
         before = self.state.num_input_tokens_seen
         super()._track_num_input_tokens(inputs)  # gathers over the world: each TP rank counted the same batch
         self.state.num_input_tokens_seen = before + (self.state.num_input_tokens_seen - before) // self._tp_mesh.tp_size
+
+    # -- TRL's online trainers (GRPO, RLOO): gathers count each data-parallel replica once ----------------------
+    def _generate_and_score_completions(self, *args, **kwargs):
+        with self._replica_view():
+            return super()._generate_and_score_completions(*args, **kwargs)
+
+    def _compute_loss(self, *args, **kwargs):
+        with self._replica_view():
+            return super()._compute_loss(*args, **kwargs)
+
+    def _replica_view(self):
+        if self._tp_mesh is None or not hasattr(super(), "_generate_and_score_completions"):
+            return contextlib.nullcontext()
+        from .trl import replica_view
+
+        return replica_view(self, self._tp_mesh)
 
     # -- saving ----------------------------------------------------------------------------------------------
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:

@@ -16,12 +16,16 @@ local logits of this rank's vocabulary slice and combines the statistics over th
 
 The same three collectives as tp_plugin's vocab-parallel cross-entropy plus the LM head's own backward one; no
 rank ever holds more than one chunk of `[tokens, vocab / tp]` logits.
+
+`replica_view` (used by `TPTrainerMixin` around GRPO's and RLOO's generation, scoring and loss) makes their
+world-wide gathers count each data-parallel replica once.
 """
 
 from __future__ import annotations
 
 import math
 import sys
+from contextlib import contextmanager
 
 import torch
 import torch.distributed as dist
@@ -167,3 +171,44 @@ def uninstall() -> None:
     current = getattr(utils, _ATTR, None) if utils is not None else None
     if isinstance(current, _Dispatch):
         setattr(utils, _ATTR, current.original)
+
+
+# ---- online trainers (GRPO, RLOO): gathers over data-parallel replicas ----------------------------------------
+
+@contextmanager
+def replica_view(trainer, mesh):
+    """While GRPO / RLOO generate, score and normalise, let them see data-parallel replicas, not processes.
+
+    They gather rewards and token counts over every process, slice their own rows back by `process_index`, and
+    divide by `num_processes`. The TP ranks of a replica hold the same samples, so a world gather repeats each
+    sample tp times: standard deviations (`reward_std`, batch-scaled advantages) and token counts come out
+    wrong. For the duration, `accelerator.gather` (and the `gather` the trainer module imported) keep one copy
+    per replica, and the accelerator's `num_processes` / `process_index` are the DP size and DP rank.
+    """
+    acc, state = trainer.accelerator, trainer.accelerator.state
+    keep = torch.as_tensor(mesh.mesh.mesh[:, 0])  # global rank of TP rank 0 in each replica, in DP order
+    world = dist.get_world_size()
+
+    def one_copy_per_replica(gathered):
+        def pick(t):
+            if not torch.is_tensor(t):
+                return t
+            rows = t.reshape(world, -1, *t.shape[1:])[keep.to(t.device)]
+            return rows.reshape(-1, *t.shape[1:])
+        return torch.utils._pytree.tree_map(pick, gathered)
+
+    module = sys.modules[next(c.__module__ for c in type(trainer).__mro__ if "_generate_and_score_completions"
+                              in vars(c) and not c.__module__.startswith("tp_plugin."))]
+    module_gather = getattr(module, "gather", None)
+    saved = state.num_processes, state.process_index
+    acc.gather = lambda tensor: one_copy_per_replica(type(acc).gather(acc, tensor))
+    if module_gather is not None:
+        module.gather = lambda tensor: one_copy_per_replica(module_gather(tensor))
+    state.num_processes, state.process_index = mesh.dp_size, mesh.dp_rank
+    try:
+        yield
+    finally:
+        state.num_processes, state.process_index = saved
+        del acc.gather
+        if module_gather is not None:
+            module.gather = module_gather
