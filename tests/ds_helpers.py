@@ -60,7 +60,7 @@ def deepspeed_losses(arch: str, steps: int, config: dict, *, tp: int = 2, with_m
 
     model = tp_plugin.parallelize(build(arch, tp), tp_size=tp)
     mesh = model.tp_plugin_state.mesh
-    extra = {"mpu": tp_plugin.integrations.deepspeed.mpu(model)} if with_mpu else {}
+    extra = {"mpu": tp_plugin.mpu(model)} if with_mpu else {}  # the top-level name users reach for
     engine, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.AdamW(model.parameters(), lr=LR),
                                       config=copy.deepcopy(config), **extra)
     gas = engine.gradient_accumulation_steps()

@@ -62,6 +62,7 @@ def _who_agrees(values: list[int], group) -> list[list[int]]:
     return list(same.values())
 
 
+@torch.compiler.disable  # host-side hashing: under torch.compile it runs eagerly, once, then the hook is gone
 def check_first_training_forward(args, kwargs, group) -> None:
     """Same batch and same RNG state on every rank of `group` (one all-gather); see the module docstring."""
     gathered = _gather([_inputs_digest(args, kwargs), rng.digest()], group)

@@ -98,7 +98,13 @@ def copy_to_tp(x: torch.Tensor, group: ProcessGroup) -> torch.Tensor:
 
 def reduce_from_tp(x: torch.Tensor, group: ProcessGroup) -> torch.Tensor:
     """Forward: all-reduce of partial outputs. Backward: identity (leave a row-parallel region)."""
-    return x if _world(group) == 1 else _ReduceFromTP.apply(x, group)
+    if _world(group) == 1:
+        return x
+    if not (torch.is_grad_enabled() and x.requires_grad):
+        # No graph to record (generate, eval under no_grad): the bare collective. torch.compile traces it, where
+        # it cannot trace the autograd function's mark_dirty outside a differentiable region (a graph break).
+        return all_reduce(x, group)
+    return _ReduceFromTP.apply(x, group)
 
 
 def gather_from_tp(x: torch.Tensor, group: ProcessGroup) -> torch.Tensor:

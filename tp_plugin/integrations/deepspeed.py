@@ -30,7 +30,7 @@ How DeepSpeed learns our (dp, tp) groups, and why this way (DeepSpeed 0.19.8):
   counted once per holder; the hook untags them on every holder but the first, which is then the only one
   counting them (the first holder is TP rank 0 or tagged), so each row is counted exactly once.
 
-Without the key, `deepspeed.initialize(..., mpu=tp_plugin.integrations.deepspeed.mpu(model))` works too
+Without the key, `deepspeed.initialize(..., mpu=tp_plugin.mpu(model))` works too
 (Megatron's mpu contract), e.g. for a config that must not carry `tensor_parallel`.
 
 Known limits (DeepSpeed's, shared by its own AutoTP): with the key and no mpu, DeepSpeed computes
@@ -139,7 +139,7 @@ class _UseModelGroups:
 
         ours = self.mesh
         hint = (f'add "tensor_parallel": {{"autotp_size": {ours.tp_size}}} to the DeepSpeed config (or pass '
-                f"mpu=tp_plugin.integrations.deepspeed.mpu(model) to deepspeed.initialize)")
+                f"mpu=tp_plugin.mpu(model) to deepspeed.initialize)")
         if groups.mpu is None:
             raise TPSplitError(f"deepspeed.initialize got a model split with tp_size={ours.tp_size}, but neither the "
                                f"DeepSpeed config (tensor_parallel.autotp_size) nor an mpu tells DeepSpeed about "
