@@ -145,6 +145,8 @@ def _save_on_rank0_only(rank, world, out, how):
             try:
                 if how == "tp_plugin":
                     tp_plugin.save_pretrained(model, out)
+                elif how == "generate":
+                    model.generate(batch(), max_new_tokens=2)
                 else:  # HF's own method, or PEFT's
                     model.save_pretrained(out)
             except tp_plugin.TPSplitError as exc:
@@ -153,8 +155,8 @@ def _save_on_rank0_only(rank, world, out, how):
     return result, sorted(os.listdir(os.path.dirname(out)))
 
 
-@pytest.mark.parametrize("how", ["hf", "tp_plugin", "peft"])
-def test_saving_on_rank0_only_is_a_clear_error_and_writes_nothing(tmp_path, how):
+@pytest.mark.parametrize("how", ["hf", "tp_plugin", "peft", "generate"])
+def test_saving_or_generating_on_rank0_only_is_a_clear_error_and_writes_nothing(tmp_path, how):
     (message, waited, collectives), listing = run_ranks(2, _save_on_rank0_only, str(tmp_path / "out"), how)[0]
     assert "must be called on every rank" in message and "1 of 2 ranks" in message, message
     assert 3 <= waited < 20, waited  # bounded: the timeout, not the process group's 120 s

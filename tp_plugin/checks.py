@@ -5,7 +5,7 @@
   A batch mismatch is an error on every rank of the group; an RNG mismatch (per-rank seeds, a DDP habit) is
   repaired from TP rank 0 with a warning, because the library can: dropout masks on replicated activations
   then agree again.
-* `arrive_together` guards calls that every rank must make (saving): the ranks meet in the process group's
+* `arrive_together` guards calls that every rank must make (saving, `generate`, resizing): the ranks meet in the process group's
   key-value store, not in a collective, so a call made on fewer ranks fails with a clear error after a
   bounded wait instead of hanging in the first gather.
 """
@@ -122,12 +122,13 @@ def arrive_together(what: str, fix: str, *, timeout_s: float | None = None) -> N
     verdict_key = f"{key}/verdict"
     if store.add(f"{key}/count", 1) == world:
         store.compare_set(verdict_key, "", "go")
-    deadline = time.monotonic() + timeout_s
+    deadline, pause = time.monotonic() + timeout_s, 0.0002
     while not store.check([verdict_key]):
         if time.monotonic() > deadline:
             store.compare_set(verdict_key, "", "missing")
             break
-        time.sleep(0.01)
+        time.sleep(pause)
+        pause = min(2 * pause, 0.05)  # quick when the ranks arrive together, cheap when one never comes
     verdict = store.get(verdict_key).decode()
     if verdict != "go":
         arrived = store.add(f"{key}/count", 0)

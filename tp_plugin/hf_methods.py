@@ -7,7 +7,8 @@ calls them, a user, the Trainer or TRL, gets the unsplit model's behaviour or a 
   global rank 0 while every rank sends its shards. Called on fewer ranks than the world (`if rank == 0:`, as
   on one GPU), it raises on the ranks that called it after a bounded wait and writes nothing.
 * `generate(...)`: every rank of a TP group starts from TP rank 0's RNG state (one small broadcast), so
-  `do_sample=True` draws the same tokens on every rank even after per-rank seeding.
+  `do_sample=True` draws the same tokens on every rank even after per-rank seeding. Called on fewer ranks
+  (`if rank == 0: model.generate(...)`), it raises after a bounded wait, like a save.
 * `resize_token_embeddings(n)`: transformers' own resize on the gathered vocabulary (same new rows as the
   unsplit model, drawn from the shared RNG state), then split again by vocabulary.
 
@@ -24,6 +25,7 @@ import torch
 from torch import nn
 
 from . import rng
+from .checks import arrive_together
 from .layers import VocabParallelEmbedding, VocabParallelLMHead
 from .sharding import TPSplitError, unshard_tensor
 from .state import tp_state
@@ -55,6 +57,8 @@ def generate(self, *args, **kwargs):
     """`GenerationMixin.generate`, after giving every rank of the TP group TP rank 0's RNG state."""
     state = tp_state(self)
     if state is not None and state.mesh is not None and state.mesh.tp_size > 1:
+        arrive_together("generate", "call model.generate(...) on every rank (each computes part of every token) "
+                                    "and print or keep the result on one")
         rng.sync_from_tp_rank0(state.mesh.tp_group)
     return type(self).generate(self, *args, **kwargs)
 
@@ -90,6 +94,7 @@ def resize_token_embeddings(self, new_num_tokens: int | None = None, pad_to_mult
                            f"tp_plugin's VocabParallelEmbedding")
     if new_num_tokens is None and pad_to_multiple_of is None:
         return embed
+    arrive_together("resize_token_embeddings", "call model.resize_token_embeddings(...) on every rank")
     group = mesh.tp_group
     rng.sync_from_tp_rank0(group)  # the new rows are drawn from the RNG: the same rows on every rank
     tied = isinstance(head, VocabParallelLMHead) and head.weight is embed.weight
