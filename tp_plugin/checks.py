@@ -39,7 +39,8 @@ def _inputs_digest(args, kwargs) -> int:
     for value in list(args) + [kwargs[k] for k in sorted(kwargs)]:
         if isinstance(value, torch.Tensor):
             h.update(str((value.shape, value.dtype)).encode())
-            h.update(value.detach().cpu().reshape(-1).contiguous().view(torch.uint8).numpy().tobytes())
+            if not value.is_meta:  # (a meta-device memory model has shapes only)
+                h.update(value.detach().cpu().reshape(-1).contiguous().view(torch.uint8).numpy().tobytes())
     return int.from_bytes(h.digest(), "little", signed=True)
 
 
