@@ -398,7 +398,7 @@ def test_peft_imported_after_parallelize_still_gets_patched(tmp_path, monkeypatc
     patches right after peft executes. Checked on a stand-in module (peft itself is already imported here)."""
     import sys
 
-    from tp_plugin.integrations.peft import RunAfterImport
+    from tp_plugin.integrations import RunAfterImport
 
     (tmp_path / "tp_plugin_fake_peft.py").write_text("VALUE = 41\n")
     monkeypatch.syspath_prepend(str(tmp_path))
