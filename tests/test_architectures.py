@@ -95,7 +95,7 @@ def test_sweep_sample_matches(model_type, how):
 
 def test_translation_of_every_style_name():
     from tp_plugin.styles import Experts, HeadColwise, HeadRowwise
-    from tp_plugin.translate import translate_tp_plan
+    from tp_plugin.auto import translate_tp_plan
     from tp_plugin.verify import build_tiny
 
     model = build_tiny("qwen3_moe")
@@ -136,7 +136,7 @@ class _Opaque(nn.Module):
 
 
 def test_unsplittable_model_gets_a_clear_error():
-    from tp_plugin.fallback import auto_policy
+    from tp_plugin.auto import auto_policy
 
     with pytest.raises(tp_plugin.TPSplitError, match=r"opaque_net.*no repeated blocks.*register_policy\('opaque_net'"):
         auto_policy(_Opaque())  # what parallelize() calls for a model_type with no registered policy

@@ -26,10 +26,3 @@ def __getattr__(name: str):
 
         return getattr(trainer, name)
     raise AttributeError(f"module 'tp_plugin' has no attribute {name!r}")
-
-
-# `accelerate launch` support, at the earliest point tp_plugin code runs in a user's script: the TP degree from
-# the yaml, gloo when there is no GPU, DDP and data sharding over the data-parallel group (integrations/accelerate.py).
-from .integrations.accelerate import on_import as _accelerate_on_import  # noqa: E402
-
-_accelerate_on_import()

@@ -91,6 +91,59 @@ class _SumGradOverSharers(torch.autograd.Function):
         return torch.cat([full[a:b] for a, b in ctx.ranges]), None, None, None
 
 
+class _AllReduceBothWays(torch.autograd.Function):
+    """Forward: all-reduce. Backward: all-reduce (the sum feeds every rank's part of the loss)."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return all_reduce(x.clone(), group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return all_reduce(grad.clone(), ctx.group), None
+
+
+class _GatherAlong(torch.autograd.Function):
+    """Forward: all-gather of equal chunks along `dim`. Backward: reduce-scatter of the gradient along `dim`."""
+
+    @staticmethod
+    def forward(ctx, x, dim, group):
+        ctx.dim, ctx.group = dim, group
+        parts = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
+        dist.all_gather(parts, x.contiguous(), group=group)
+        return torch.cat(parts, dim=dim)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _reduce_scatter(grad, ctx.dim, ctx.group), None, None
+
+
+class _ReduceScatterAlong(torch.autograd.Function):
+    """Forward: reduce-scatter along `dim` (sum, keep this rank's chunk). Backward: all-gather along `dim`."""
+
+    @staticmethod
+    def forward(ctx, x, dim, group):
+        ctx.dim, ctx.group = dim, group
+        return _reduce_scatter(x, dim, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        parts = [torch.empty_like(grad) for _ in range(dist.get_world_size(ctx.group))]
+        dist.all_gather(parts, grad.contiguous(), group=ctx.group)
+        return torch.cat(parts, dim=ctx.dim), None, None
+
+
+def _reduce_scatter(x: torch.Tensor, dim: int, group: ProcessGroup) -> torch.Tensor:
+    world = dist.get_world_size(group)
+    if x.shape[dim] % world:
+        raise ValueError(f"reduce-scatter along dim {dim}: size {x.shape[dim]} does not divide by {world} ranks")
+    chunks = [c.contiguous() for c in x.chunk(world, dim=dim)]
+    out = torch.empty_like(chunks[0])
+    dist.reduce_scatter(out, chunks, group=group)
+    return out
+
+
 def copy_to_tp(x: torch.Tensor, group: ProcessGroup) -> torch.Tensor:
     """Forward: identity. Backward: all-reduce of the input gradient (enter a column-parallel region)."""
     return x if _world(group) == 1 else _CopyToTP.apply(x, group)
@@ -115,3 +168,66 @@ def gather_from_tp(x: torch.Tensor, group: ProcessGroup) -> torch.Tensor:
 def sum_grad_over_sharers(shard: torch.Tensor, group: ProcessGroup, ranges, full_size: int) -> torch.Tensor:
     """Forward: identity. Backward: gradient summed over the TP ranks that hold the same rows."""
     return shard if _world(group) == 1 else _SumGradOverSharers.apply(shard, group, ranges, full_size)
+
+
+def all_reduce_both_ways(x: torch.Tensor, group: ProcessGroup) -> torch.Tensor:
+    """Forward: all-reduce. Backward: all-reduce. For a statistic summed over the group that every rank then
+    uses (a norm over a split dimension)."""
+    return x if _world(group) == 1 else _AllReduceBothWays.apply(x, group)
+
+
+def gather_along(x: torch.Tensor, dim: int, group: ProcessGroup) -> torch.Tensor:
+    """Forward: all-gather along `dim`. Backward: reduce-scatter along `dim` (sequence parallelism's entry
+    into a column-parallel region)."""
+    return x if _world(group) == 1 else _GatherAlong.apply(x, dim, group)
+
+
+def reduce_scatter_along(x: torch.Tensor, dim: int, group: ProcessGroup) -> torch.Tensor:
+    """Forward: reduce-scatter along `dim`. Backward: all-gather along `dim` (sequence parallelism's exit from a
+    row-parallel layer)."""
+    return x if _world(group) == 1 else _ReduceScatterAlong.apply(x, dim, group)
+
+
+# ---- outside autograd: weights, gradients, fingerprints -------------------------------------------------------
+
+def _backend_device(group: ProcessGroup, like: torch.Tensor) -> torch.device:
+    """Where a collective on `group` can run for a tensor living on `like.device` (NCCL: CUDA only)."""
+    if "nccl" in str(dist.get_backend(group)) and like.device.type != "cuda":
+        return torch.device("cuda", torch.cuda.current_device())
+    return like.device
+
+
+def broadcast_from_rank0(tensors: list[torch.Tensor], group: ProcessGroup) -> None:
+    """Overwrite `tensors` (in place) with rank 0 of `group`'s, one flat broadcast per dtype, on a device the
+    backend supports."""
+    for dtype in sorted({t.dtype for t in tensors}, key=str):
+        same = [t for t in tensors if t.dtype == dtype]
+        flat = torch._utils._flatten_dense_tensors(same)
+        device = _backend_device(group, flat)
+        moved = flat.to(device)
+        dist.broadcast(moved, group=group, group_src=0)
+        for t, synced in zip(same, torch._utils._unflatten_dense_tensors(moved.to(flat.device), same)):
+            t.copy_(synced)
+
+
+def sum_grad_over_tp(group: ProcessGroup):
+    """A gradient hook: the gradient summed over `group` (a replicated parameter that sees part of the work)."""
+    def hook(grad: torch.Tensor) -> torch.Tensor:
+        return all_reduce(grad.clone(), group)
+    return hook
+
+
+_INT_VIEW = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def fingerprint(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """Two int64 that change when any bit of `tensors` changes (almost surely), computed on the tensors' device:
+    the sum and a position-weighted sum of their bits read as integers. For "do the ranks hold the same
+    weights?" without copying every weight to the host."""
+    device = tensors[0].device if tensors else torch.device("cpu")
+    total = torch.zeros(2, dtype=torch.int64, device=device)
+    for i, t in enumerate(tensors):
+        bits = t.detach().reshape(-1).contiguous().view(_INT_VIEW[t.element_size()]).to(torch.int64)
+        weights = torch.arange(1, bits.numel() + 1, device=device, dtype=torch.int64) % 1021 + i + 1
+        total += torch.stack([bits.sum(), (bits * weights).sum()])
+    return total

@@ -65,11 +65,22 @@ def _from_hf_deepspeed_config() -> tuple[str, int] | None:
     return ("TrainingArguments.deepspeed", size) if size else None
 
 
+ACCELERATE_LAUNCH_MARKER = "ACCELERATE_MIXED_PRECISION"  # exported by every `accelerate launch` path
+
+
+def yaml_tp_size() -> int | None:
+    """`parallelism_config_tp_size` of the `accelerate launch` yaml (exported as PARALLELISM_CONFIG_TP_SIZE for
+    MULTI_GPU and DEEPSPEED configs), if it names a TP degree; FSDP launches are Accelerate's own TP."""
+    if ACCELERATE_LAUNCH_MARKER not in os.environ or \
+            os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true", "yes"):
+        return None
+    size = int(os.environ.get("PARALLELISM_CONFIG_TP_SIZE", "1") or 1)
+    return size if size > 1 else None
+
+
 def _from_accelerate_yaml() -> tuple[str, int] | None:
     """`parallelism_config: {parallelism_config_tp_size: N}` in the `accelerate launch` yaml (see
     integrations/accelerate.py: tp_plugin takes that key over from Accelerate's own TP)."""
-    from .integrations.accelerate import yaml_tp_size
-
     size = yaml_tp_size()
     return ("accelerate yaml parallelism_config_tp_size", size) if size else None
 

@@ -84,7 +84,7 @@ def resize_token_embeddings(self, new_num_tokens: int | None = None, pad_to_mult
     memory), resized by transformers itself, and split again; the plan and, with `loss_parallel`, the loss
     follow the new vocabulary.
     """
-    from .parallelize import split_vocab
+    from .split import split_vocab
 
     state = tp_state(self)
     mesh = state.mesh

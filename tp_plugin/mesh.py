@@ -20,7 +20,10 @@ logger = logging.getLogger("tp_plugin")
 
 @dataclass
 class TPMesh:
-    mesh: DeviceMesh  # dims ("dp", "tp")
+    """A split model's process groups: a 2-D `DeviceMesh` (data-parallel dim, "tp"), built here or sliced from
+    the caller's mesh (whose other dims, e.g. "pp", are the caller's business)."""
+
+    mesh: DeviceMesh  # dims (dp, "tp"); the dp dim is named "dp" unless the caller named it otherwise
 
     @property
     def tp_group(self) -> dist.ProcessGroup:
@@ -28,7 +31,7 @@ class TPMesh:
 
     @property
     def dp_group(self) -> dist.ProcessGroup:
-        return self.mesh.get_group("dp")
+        return self.mesh.get_group(0)
 
     @property
     def tp_size(self) -> int:
@@ -44,7 +47,7 @@ class TPMesh:
 
     @property
     def dp_rank(self) -> int:
-        return self.mesh.get_local_rank("dp")
+        return self.mesh.get_local_rank(0)
 
 
 def world_size() -> int:
@@ -75,3 +78,47 @@ def build_mesh(tp_size: int, device_type: str) -> TPMesh:
         logger.warning("tensor-parallel groups of %d ranks span nodes of %d ranks: TP traffic will cross the "
                        "network; prefer tp_size <= ranks per node", tp_size, local)
     return TPMesh(mesh)
+
+
+def _data_dims(mesh: DeviceMesh) -> list[str]:
+    names = tuple(mesh.mesh_dim_names or ())
+    if "tp" not in names:
+        raise TPSplitError(f"parallelize(mesh=...) got a mesh with dims {names or '(unnamed)'}; it needs a dim "
+                           f"named 'tp' (the tensor-parallel one), e.g. init_device_mesh('cuda', (dp, tp), "
+                           f"mesh_dim_names=('dp', 'tp'))")
+    data = [n for n in names if n not in ("tp", "pp")]  # pipeline stages are not data-parallel replicas
+    if len(data) > 1:
+        raise TPSplitError(f"parallelize(mesh=...): the mesh has several data-parallel dims {data}; flatten them "
+                           f"into one first (mesh[{tuple(data)}]._flatten('dp')) and pass mesh[('dp', 'tp')]")
+    return data
+
+
+def tp_size_of(mesh: DeviceMesh, tp_size: int | None) -> int:
+    """The TP degree a caller's mesh gives (checked against an explicit `tp_size`); no collective."""
+    _data_dims(mesh)
+    size = mesh.size(mesh.mesh_dim_names.index("tp"))
+    if tp_size is not None and tp_size != size:
+        raise TPSplitError(f"parallelize(tp_size={tp_size}, mesh=...) but the mesh's 'tp' dim has {size} ranks; "
+                           f"drop tp_size or make them agree")
+    return size
+
+
+def mesh_from(mesh: DeviceMesh) -> TPMesh:
+    """The (dp, tp) view of a caller's mesh: ("dp", "tp"), ("pp", "dp", "tp"), ("dp_shard", "tp"), ("tp",)."""
+    data = _data_dims(mesh)
+    if data:
+        return TPMesh(mesh[(data[0], "tp")])
+    tp = mesh["tp"] if mesh.ndim > 1 else mesh
+    if tp.size() != world_size():
+        raise TPSplitError(f"parallelize(mesh=...): the mesh {mesh.mesh_dim_names} has no data-parallel dim and "
+                           f"its 'tp' dim ({tp.size()} ranks) is not the whole world ({world_size()}); add a 'dp' dim")
+    return build_mesh(tp.size(), mesh.device_type)  # one data-parallel replica
+
+
+def mesh_device_type(model) -> str:
+    """The device type of the model's parameters; for a model on the meta device, the one its backend uses."""
+    device_type = next(model.parameters()).device.type
+    if device_type != "meta":
+        return device_type
+    backend = str(dist.get_backend()) if dist.is_initialized() else ""
+    return "cuda" if "nccl" in backend else "cpu"

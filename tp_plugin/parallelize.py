@@ -1,77 +1,41 @@
-"""The entry point: policy -> plan -> check -> (sync from TP rank 0) -> apply -> tag.
+"""The entry point: `parallelize` = the launch's preparation, the split (`split.py`), then the engines' wiring.
 
-Everything up to and including the checks is pure and identical on every rank, so bad input fails on all
-ranks before the first collective.
+The split itself knows no engine. What this adds, in order, and only for a model split over more than one
+rank: DeepSpeed's own hooks on the model (so `deepspeed.initialize` trains it on these groups), and the
+patches of Accelerate, PEFT and TRL, each installed when its library is imported (`tp_plugin.integrations`
+lists them and undoes them).
 """
 
 from __future__ import annotations
 
-import hashlib
-import math
-
-import torch
-import torch.distributed as dist
 from torch import nn
-from torch.distributed.tensor import DTensor
+from torch.distributed.device_mesh import DeviceMesh
 
-from . import hf_methods, rng
-from .checks import install_first_forward_check
-from .comm import copy_to_tp
-from .config import configured_tp_size
+from . import integrations
+from .integrations.accelerate import prepare_launch
 from .integrations.deepspeed import prepare_model as prepare_for_deepspeed
-from .integrations import when_imported
-from .integrations.peft import enable as enable_peft
-from .integrations.trl import install as install_trl
-from .layers import (PARALLEL_LAYERS, ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding,
-                     VocabParallelLMHead, tag_param)
-from .loss import VocabParallelCausalLMLoss
-from .mesh import build_mesh, check_layout, world_size
-from .plan import Plan, PlanEntry, resolve_plan, vocab_entries
-from .policy import Policy, get_policy, patch_head_counts, registered_model_types
-from .sharding import TPSplitError
-from .state import TPState, tp_state
+from .policy import Policy
+from .split import split_model
+from .state import tp_state
 
 
-def parallelize(model: nn.Module, tp_size: int | None = None, *, policy: Policy | None = None,
-                loss_parallel: bool = False) -> nn.Module:
+def parallelize(model: nn.Module, tp_size: int | None = None, *, mesh: DeviceMesh | None = None,
+                policy: Policy | None = None, loss_parallel: bool = False) -> nn.Module:
     """Split `model` in place across the tensor-parallel group and return it.
 
-    With world size W and `tp_size` T (default: W), the ranks form W/T data-parallel replicas of T
-    consecutive ranks. `loss_parallel=True` computes the LM loss from vocabulary shards and leaves
-    `.logits` as this rank's vocabulary shard instead of gathering the full logits.
+    Without `mesh`: with world size W and `tp_size` T (default: the launch configuration's degree, else W),
+    the ranks form W/T data-parallel replicas of T consecutive ranks (a ("dp", "tp") `DeviceMesh`). With
+    `mesh`, a `DeviceMesh` you built: its "tp" dim is the TP group and its one other non-"pp" dim the
+    data-parallel one (e.g. ("pp", "dp", "tp") or ("dp_shard", "tp")). `loss_parallel=True` computes the LM
+    loss from vocabulary shards and leaves `.logits` as this rank's vocabulary shard.
     """
-    tp_size = _resolve_tp_size(tp_size)
-    check_not_split(model)
-    check_layout(tp_size)
-    policy = policy or _policy_for(model)
-    plan = resolve_plan(model, policy, tp_size)
-    if loss_parallel and model.get_output_embeddings() is None:
-        raise TPSplitError(f"loss_parallel=True needs an LM head, and {type(model).__name__} has none")
-
-    mesh = None
-    if world_size() > 1:
-        device_type = next(model.parameters()).device.type
-        mesh = build_mesh(tp_size, "cpu" if device_type == "meta" else device_type)
-        if tp_size > 1:
-            sync_from_tp_rank0(model, mesh.tp_group)
-            apply_plan(model, plan, mesh.tp_rank, mesh.tp_group, loss_parallel=loss_parallel)
-    model.tp_plugin_state = TPState(plan, mesh, loss_parallel)
-    if mesh is not None and tp_size > 1:
-        hf_methods.bind(model)  # save_pretrained / generate / resize_token_embeddings that know the split
-        install_first_forward_check(model, mesh.tp_group)  # same batch and RNG state on every TP rank, once
+    prepare_launch()  # `accelerate launch`: the yaml's TP degree is ours; gloo on a machine without GPU
+    split_model(model, tp_size, mesh=mesh, policy=policy, loss_parallel=loss_parallel)
+    state = tp_state(model)
+    if state.mesh is not None and state.mesh.tp_size > 1:
         prepare_for_deepspeed(model)  # deepspeed.initialize then trains it on these groups, no AutoTP
-        enable_peft()  # peft.get_peft_model(model, LoraConfig(...)) then builds TP-aware LoRA layers
-        when_imported("trl.trainer.utils", install_trl)  # TRL's fused LM head then covers the whole vocabulary
+        integrations.activate()  # Accelerate, PEFT and TRL learn about split models (tp_plugin.integrations)
     return model
-
-
-def _resolve_tp_size(tp_size: int | None) -> int:
-    """Explicit argument, else the launch config (DeepSpeed `autotp_size`, ...), else the world size."""
-    configured = configured_tp_size()
-    if tp_size is not None and configured is not None and tp_size != configured:
-        raise TPSplitError(f"parallelize(tp_size={tp_size}) but the launch configuration says tensor-parallel "
-                           f"degree {configured}; drop the argument or make them agree")
-    return tp_size or configured or world_size()
 
 
 def inspect(model: nn.Module) -> str:
@@ -80,174 +44,3 @@ def inspect(model: nn.Module) -> str:
     if state is None:
         raise ValueError(f"{type(model).__name__} has not been split by tp_plugin.parallelize")
     return str(state.plan)
-
-
-def _policy_for(model: nn.Module) -> Policy:
-    model_type = getattr(getattr(model, "config", None), "model_type", None)
-    policy = get_policy(model_type) if model_type else None
-    if policy is not None and not isinstance(policy, Policy):  # a function of the model (config variants)
-        policy = policy(model)
-    if policy is None and model_type:
-        from .fallback import auto_policy  # the model's own base_model_tp_plan, translated, else its structure
-
-        policy = auto_policy(model)
-    if policy is None:
-        raise TPSplitError(
-            f"no tensor-parallel policy for model_type={model_type!r} ({type(model).__name__}). Registered: "
-            f"{registered_model_types()}. Pass `policy=` or register one: "
-            f"tp_plugin.register_policy({model_type!r}, Policy(layers={{...}}, attention=AttentionSpec(...)))")
-    return policy
-
-
-def check_not_split(model: nn.Module) -> None:
-    """Refuse a model that is already split (by us, DeepSpeed AutoTP or transformers' tp_plan) or has adapters."""
-    if hasattr(model, "tp_plugin_state"):
-        raise TPSplitError(f"{type(model).__name__} is already split by tp_plugin "
-                           f"(tp_size={model.tp_plugin_state.plan.tp_size}); call parallelize once per model")
-    for name, module in model.named_modules():
-        if isinstance(module, PARALLEL_LAYERS):
-            raise TPSplitError(f"{name} is already a tp_plugin {type(module).__name__}; call parallelize once")
-        if type(module).__module__.startswith("deepspeed.module_inject"):
-            raise TPSplitError(f"{name} is a DeepSpeed AutoTP layer ({type(module).__name__}): the model is already "
-                               f"split by DeepSpeed. Give tp_plugin the unsplit model and remove DeepSpeed's "
-                               f"tensor_parallel/autotp setting (tp_plugin reads its autotp_size instead).")
-        if hasattr(module, "lora_A") or type(module).__module__.startswith("peft."):
-            raise TPSplitError(f"{name} is a PEFT adapter layer ({type(module).__name__}): split the base model "
-                               f"first, then add adapters: model = tp_plugin.parallelize(model); "
-                               f"model = peft.get_peft_model(model, config)")
-    for name, param in model.named_parameters():
-        if isinstance(param, DTensor):
-            raise TPSplitError(f"{name} is a DTensor: the model is already sharded (transformers tp_plan / "
-                               f"torch tensor parallel). Load it without tp_plan/distributed_config.")
-
-
-def _digest(model: nn.Module) -> str:
-    h = hashlib.blake2b(digest_size=16)
-    for tensor in list(model.parameters()) + list(model.buffers()):
-        h.update(tensor.detach().reshape(-1).contiguous().view(torch.uint8).cpu().numpy().tobytes())
-    return h.hexdigest()
-
-
-def sync_from_tp_rank0(model: nn.Module, group: dist.ProcessGroup) -> None:
-    """Make every TP rank start from TP rank 0's weights and RNG state.
-
-    Weights are compared by digest first (one small collective) and broadcast only when they differ, e.g.
-    a model initialised with a different seed per rank. The RNG state is copied so that dropout on
-    replicated activations draws the same mask on every rank of the group.
-    """
-    digests = [None] * dist.get_world_size(group)
-    meta = any(p.is_meta for p in model.parameters())  # built on meta: each rank loads its shards later
-    dist.all_gather_object(digests, "meta" if meta else _digest(model), group=group)
-    if len(set(digests)) > 1:
-        tensors = [t.data for t in list(model.parameters()) + list(model.buffers())]
-        for dtype in sorted({t.dtype for t in tensors}, key=str):
-            same = [t for t in tensors if t.dtype == dtype]
-            flat = torch._utils._flatten_dense_tensors(same)
-            dist.broadcast(flat, group=group, group_src=0)
-            for t, synced in zip(same, torch._utils._unflatten_dense_tensors(flat, same)):
-                t.copy_(synced)
-    rng.sync_from_tp_rank0(group)
-
-
-def _parent(model: nn.Module, path: str) -> tuple[nn.Module, str]:
-    parent_path, _, name = path.rpartition(".")
-    return (model.get_submodule(parent_path) if parent_path else model), name
-
-
-def _build_layer(entry: PlanEntry, module: nn.Module, rank: int, group, *, tied_weight, loss_parallel) -> nn.Module:
-    if entry.custom is not None:  # a style that builds its own layer (MoE experts, ALiBi slicing, sharded norms)
-        return entry.custom.build(entry, module, rank, group)
-    spec = entry.specs[rank]["weight"]
-    bias = getattr(module, "bias", None)
-    if entry.style == "VocabEmbedding":
-        return VocabParallelEmbedding(module, spec, group)
-    if entry.style == "VocabLMHead":
-        return VocabParallelLMHead(module, spec, group, tied_weight=tied_weight, gather_output=not loss_parallel)
-    if entry.style.startswith("Colwise"):
-        replicas = entry.specs.count(entry.specs[rank]) if entry.shared_rows else 1
-        return ColumnParallelLinear(module.weight, bias, spec, group, transposed=entry.transposed,
-                                    sync_input_grad=entry.sync_input_grad, shared_rows=entry.shared_rows,
-                                    replicas=replicas)
-    return RowParallelLinear(module.weight, bias, spec, group, transposed=entry.transposed)
-
-
-def _enter_region(group):
-    def hook(module, args, kwargs):
-        if args:
-            return (copy_to_tp(args[0], group), *args[1:]), kwargs
-        return args, {**kwargs, "hidden_states": copy_to_tp(kwargs["hidden_states"], group)}
-    return hook
-
-
-def _sum_over_tp(group):
-    def hook(grad):
-        grad = grad.clone()
-        dist.all_reduce(grad, group=group)
-        return grad
-    return hook
-
-
-def _retie(model: nn.Module, old: nn.Parameter, new: nn.Parameter) -> None:
-    """Point every other module that shared `old` (a tied parameter) at its replacement `new`."""
-    for owner in model.modules():
-        for pname, param in list(owner._parameters.items()):
-            if param is old:
-                owner._parameters[pname] = new
-
-
-def _install_layers(model: nn.Module, entries: list[PlanEntry], rank: int, group, *, loss_parallel: bool) -> None:
-    """Swap each entry's module for its parallel layer (the LM head after the embedding it may be tied to)."""
-    embed_weight = model.get_input_embeddings().weight
-    head = model.get_output_embeddings()
-    tied = head is not None and head.weight is embed_weight
-    new_embed = None
-    for entry in entries:
-        parent, name = _parent(model, entry.path)
-        module = getattr(parent, name)
-        layer = _build_layer(entry, module, rank, group, tied_weight=new_embed.weight if tied and new_embed else None,
-                             loss_parallel=loss_parallel)
-        if entry.style == "VocabEmbedding":
-            new_embed = layer
-        setattr(parent, name, layer)
-        if entry.style == "VocabLMHead" and getattr(module, "bias", None) is not None:
-            _retie(model, module.bias, layer.bias)  # BERT-style heads share their bias with `predictions.bias`
-        if entry.style == "VocabLMHead" and loss_parallel:
-            model.loss_function = VocabParallelCausalLMLoss(layer.vocab_start, layer.vocab_stop, group)
-
-
-def split_vocab(model: nn.Module, state: TPState, *, embed_scale=None) -> None:
-    """Split the (whole, e.g. just resized) input embedding and LM head again by vocabulary; update the plan."""
-    plan, mesh = state.plan, state.mesh
-    old = [e for e in plan.entries if e.style in ("VocabEmbedding", "VocabLMHead")]
-    new = vocab_entries(model, plan.tp_size)
-    body = [e for e in plan.entries if e not in old]
-    plan.entries = new[:1] + body + new[1:]
-    for before, after in zip(old, new):  # parameter counts follow the new vocabulary size
-        delta_full = math.prod(after.full_shapes["weight"]) - math.prod(before.full_shapes["weight"])
-        tied_head = after.style == "VocabLMHead" and plan.tied_embeddings
-        plan.num_parameters += 0 if tied_head else delta_full
-        for r in range(plan.tp_size):
-            delta = math.prod(after.local_shape(r, "weight")) - math.prod(before.local_shape(r, "weight"))
-            plan.rank_parameters[r] += 0 if tied_head else delta
-    _install_layers(model, new, mesh.tp_rank, mesh.tp_group, loss_parallel=state.loss_parallel)
-    if embed_scale is not None:
-        model.get_input_embeddings().embed_scale = embed_scale
-
-
-def apply_plan(model: nn.Module, plan: Plan, rank: int, group, *, loss_parallel: bool) -> None:
-    """Swap every planned module for its parallel layer holding this rank's shard; patch head counts."""
-    _install_layers(model, plan.entries, rank, group, loss_parallel=loss_parallel)
-    if plan.attention is not None:
-        shard = plan.attention.heads[rank]
-        for path in plan.attention.paths:
-            patch_head_counts(model.get_submodule(path), shard, plan.attention.head_dim, plan.attention.local_dims)
-    for path in plan.regions:
-        model.get_submodule(path).register_forward_pre_hook(_enter_region(group), with_kwargs=True)
-    sharded = {id(p) for m in model.modules() if isinstance(m, PARALLEL_LAYERS) for p in m.parameters()}
-    for param in model.parameters():
-        if id(param) not in sharded and not hasattr(param, "tp_shard"):  # custom styles tag their own params
-            tag_param(param, None)
-    for path in plan.partial_grad:
-        for param in model.get_submodule(path).parameters():
-            param.register_hook(_sum_over_tp(group))
-            param.tp_partial_grad = True

@@ -20,18 +20,16 @@ from __future__ import annotations
 import copy
 
 import torch
-import torch.distributed as dist
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from .comm import copy_to_tp, reduce_from_tp
-from .layers import tag_param
+from .comm import all_reduce_both_ways, copy_to_tp, reduce_from_tp, sum_grad_over_sharers
+from .layers import _shard_param
+from .plan import PlanEntry
 from .sharding import ShardSpec, TPSplitError, even_ranges
 
 
 def _linear_entry(path: str, module: nn.Module, style, specs: list[ShardSpec], *, colwise: bool, shared=False):
-    from .plan import PlanEntry
-
     transposed = isinstance(module, Conv1D)
     if not isinstance(module, (nn.Linear, Conv1D)):
         raise TPSplitError(f"{path}: expected nn.Linear or Conv1D for {style!r}, found {type(module).__name__}")
@@ -139,8 +137,6 @@ class Experts:
         return "Experts(split I)"
 
     def plan_entry(self, path, module, tp, attn):
-        from .plan import PlanEntry
-
         if getattr(module, "has_bias", False) or getattr(module, "down_proj_bias", None) is not None:
             raise TPSplitError(f"{path}: MoE experts with biases ({type(module).__name__}) are not supported: the "
                                f"down_proj bias would be added once per rank. Register a policy that keeps "
@@ -175,8 +171,6 @@ class Experts:
         return PlanEntry(path, repr(self), full, per_rank, custom=self)
 
     def build(self, entry, module, rank, group):
-        from .layers import _shard_param
-
         for name, spec in entry.specs[rank].items():
             setattr(module, name, _shard_param(getattr(module, name), spec))
         local = entry.specs[rank]["down_proj"].local_size
@@ -207,23 +201,6 @@ def _experts_inputs(group):
     return hook
 
 
-class _AllReduceSum(torch.autograd.Function):
-    """Forward: all-reduce. Backward: all-reduce (the sum feeds every rank's loss part)."""
-
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        x = x.clone()
-        dist.all_reduce(x, group=group)
-        return x
-
-    @staticmethod
-    def backward(ctx, grad):
-        grad = grad.clone()
-        dist.all_reduce(grad, group=ctx.group)
-        return grad, None
-
-
 class _ShardedRMSNorm(nn.Module):
     """RMSNorm whose normalised dim is split over the TP group: the sum of squares is all-reduced.
 
@@ -233,17 +210,13 @@ class _ShardedRMSNorm(nn.Module):
 
     def __init__(self, norm: nn.Module, spec: ShardSpec, group, eps: float, replicas: int):
         super().__init__()
-        from .layers import _shard_param
-
         self.group, self.spec, self.eps, self.replicas = group, spec, eps, replicas
         self.weight = _shard_param(norm.weight, spec, replicas=replicas)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        from .comm import sum_grad_over_sharers
-
         dtype = x.dtype
         x = x.float()
-        sq = _AllReduceSum.apply(x.pow(2).sum(-1, keepdim=True), self.group) / self.replicas
+        sq = all_reduce_both_ways(x.pow(2).sum(-1, keepdim=True), self.group) / self.replicas
         x = x * torch.rsqrt(sq / self.spec.full_size + self.eps)
         weight = self.weight
         if self.replicas > 1:
@@ -261,8 +234,6 @@ class ShardedNorm:
         return f"ShardedRMSNorm(heads={self.kind!r})"
 
     def plan_entry(self, path, module, tp, attn):
-        from .plan import PlanEntry
-
         _need_heads(path, self, attn)
         width = module.weight.shape[0]
         heads = attn.num_heads if self.kind == "q" else attn.num_kv_heads
@@ -290,8 +261,6 @@ class AlibiHeads:
         return "AlibiHeads()"
 
     def plan_entry(self, path, module, tp, attn):
-        from .plan import PlanEntry
-
         _need_heads(path, self, attn)
         return PlanEntry(path, repr(self), {}, [{} for _ in range(tp)], custom=_AlibiSlice(attn))
 
@@ -336,8 +305,6 @@ class HeadAttrs:
         return "HeadAttrs()"
 
     def plan_entry(self, path, module, tp, attn):
-        from .plan import PlanEntry
-
         return PlanEntry(path, repr(self), {}, [{} for _ in range(tp)], custom=_PatchHeads(attn))
 
 

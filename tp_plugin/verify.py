@@ -240,7 +240,7 @@ def _preimport(names: list[str]) -> None:
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
     import tp_plugin  # noqa: F401
-    from . import fallback, translate  # noqa: F401
+    from . import auto  # noqa: F401
 
     for name in names:
         try:

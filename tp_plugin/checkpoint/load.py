@@ -16,7 +16,9 @@ import transformers
 from torch import nn
 
 from ..mesh import check_layout, world_size
-from ..parallelize import _policy_for, _resolve_tp_size, parallelize
+from ..integrations.accelerate import prepare_launch
+from ..parallelize import parallelize
+from ..split import _policy_for, _resolve_tp_size
 from ..plan import resolve_plan
 from ..sharding import TPSplitError
 from .build import build_on_meta, check_source, materialize
@@ -77,6 +79,7 @@ def from_pretrained(path: str | os.PathLike, tp_size: int | None = None, *, torc
     cache. Other formats (GGUF via `gguf_file=`, `.bin`) are loaded whole by transformers, then split.
     At tp=1 the result is an ordinary, unsplit transformers model. Extra kwargs go to the config
     (`AutoConfig.from_pretrained`), except `attn_implementation` / `trust_remote_code` (to the model)."""
+    prepare_launch()  # `accelerate launch` without GPU: the process group first (integrations/accelerate.py)
     auto_class = auto_class or transformers.AutoModelForCausalLM
     dtype = torch_dtype if torch_dtype is not None else kwargs.pop("dtype", None)
     directory = resolve_dir(path, revision, kwargs.pop("cache_dir", None))

@@ -1,11 +1,79 @@
-"""Bridges between split models and the engines that train them (DeepSpeed, Accelerate, Trainer, PEFT, TRL)."""
+"""Bridges between split models and the engines that train them, and the one list of every change tp_plugin
+makes to another library.
+
+`import tp_plugin` changes nothing outside tp_plugin. `tp_plugin.parallelize` (and `from_pretrained`), when it
+splits a model (tp > 1), calls `activate()`: each patch below is installed as soon as its library is imported
+(now, or from a one-shot import hook), and `uninstall()` undoes all of them. Every wrapper defers to the library's
+own code unless a model split by tp_plugin is involved.
+
+| library | what is changed | where | why |
+| --- | --- | --- | --- |
+| accelerate | `Accelerator.prepare`, `prepare_model`, `prepare_data_loader`, `clip_grad_norm_` (wrapped) | accelerate.py | DDP and data sharding over the DP group, TP-correct clipping |
+| accelerate | env `ACCELERATE_USE_PARALLELISM_CONFIG=false` and, without a GPU, Accelerate's `PartialState` on gloo (under `accelerate launch` only, before the split) | accelerate.py `prepare_launch` | the yaml's TP degree is ours; CPU launches get a backend |
+| peft | `BaseTuner.inject_adapter`, `PeftModel.__init__`, `PeftModel.save_pretrained`, `get_peft_model_state_dict` (4 modules) | peft/patches.py | TP LoRA layers, refusals, unsplit adapters |
+| trl | `trl.trainer.utils._ChunkedLogProbFunction` (a dispatcher) | trl.py | the fused LM head over the whole vocabulary |
+| deepspeed | nothing patched: the split model carries DeepSpeed's own hooks (`set_deepspeed_parallelism`, `ds_autotp_parsed`), which fill DeepSpeed's group registry during `initialize` | deepspeed.py | ZeRO over the DP group |
+
+Turn them off: `TP_PLUGIN_PATCHES=none` (or a comma-separated subset to keep, e.g. `peft,trl`) before the
+split, or `tp_plugin.integrations.uninstall()` at any time. `TPTrainerMixin` installs the Accelerate wrappers
+itself (it is the Trainer's route for split models) and scopes its GRPO/RLOO changes to their calls.
+"""
 
 from __future__ import annotations
 
 import importlib.abc
 import importlib.util
+import os
 import sys
 from collections.abc import Callable
+
+
+def _accelerate():
+    from . import accelerate
+
+    return accelerate
+
+
+def _peft():
+    from . import peft
+
+    return peft
+
+
+def _trl():
+    from . import trl
+
+    return trl
+
+
+# name -> (module whose import triggers the install, the integration module)
+PATCHES: dict[str, tuple[str, Callable]] = {
+    "accelerate": ("accelerate", _accelerate),
+    "peft": ("peft", _peft),
+    "trl": ("trl.trainer.utils", _trl),
+}
+ENV = "TP_PLUGIN_PATCHES"
+
+
+def enabled() -> list[str]:
+    value = os.environ.get(ENV, "all").strip().lower()
+    if value in ("all", ""):
+        return list(PATCHES)
+    return [] if value == "none" else [name for name in value.split(",") if name in PATCHES]
+
+
+def activate() -> None:
+    """Install every enabled patch as soon as its library is imported (idempotent)."""
+    for name in enabled():
+        module, integration = PATCHES[name]
+        when_imported(module, lambda integration=integration: integration().install())
+
+
+def uninstall() -> None:
+    """Undo every patch and drop the pending import hooks."""
+    sys.meta_path[:] = [f for f in sys.meta_path if not isinstance(f, RunAfterImport)]
+    for _, integration in PATCHES.values():
+        integration().uninstall()
 
 
 def when_imported(name: str, callback: Callable[[], None]) -> None:

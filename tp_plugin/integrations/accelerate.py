@@ -2,31 +2,33 @@
 
     accelerate launch --config_file configs/accelerate/cpu_tp2_dp2.yaml train.py
 
-    accelerator = Accelerator()
     model = tp_plugin.parallelize(AutoModelForCausalLM.from_pretrained(path))   # degree from the yaml
+    accelerator = Accelerator()                                                  # after the split
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
 
-What `import tp_plugin` does for this (`on_import`, each step a no-op outside its case):
+`import tp_plugin` changes nothing here. What the first split does (`tp_plugin.parallelize`, also through
+`tp_plugin.from_pretrained`), each step a no-op outside its case:
 
-1. TP degree from the yaml. `parallelism_config: {parallelism_config_tp_size: N}` is the one yaml key that
-   `accelerate launch` exports to the processes for a MULTI_GPU or DEEPSPEED config (as
-   `PARALLELISM_CONFIG_TP_SIZE`, with `ACCELERATE_USE_PARALLELISM_CONFIG=true`). tp_plugin reads it as its TP
-   degree (`config._from_accelerate_yaml`) and switches the flag off, so that `Accelerator()` does not build its
-   own DTensor TP (which needs FSDP2 and refuses CPU and DeepSpeed). FSDP launches are left alone.
-2. CPU launches. Without a GPU, a MULTI_GPU config starts N processes but `Accelerator()` finds no backend and
-   runs each as a single process. tp_plugin initialises Accelerate's shared `PartialState` at import, with
-   gloo: `cpu=True` (MULTI_CPU, plus `ACCELERATE_USE_CPU=true` for `Accelerator()`), or for DEEPSPEED
-   `backend="gloo"` (what `InitProcessGroupKwargs(backend="gloo")` would do). On a GPU machine nothing changes.
-3. `Accelerator.prepare_model / prepare_data_loader / prepare / clip_grad_norm_` are wrapped. When a model
-   split by tp_plugin (TP > 1) is involved, and only then:
+1. `prepare_launch()`, before the split, under `accelerate launch` only:
+   * TP degree from the yaml. `parallelism_config: {parallelism_config_tp_size: N}` is the one yaml key that
+     `accelerate launch` exports to the processes for a MULTI_GPU or DEEPSPEED config (as
+     `PARALLELISM_CONFIG_TP_SIZE`, with `ACCELERATE_USE_PARALLELISM_CONFIG=true`). tp_plugin reads it as its TP
+     degree (`config.yaml_tp_size`) and sets the flag to false, so that an `Accelerator()` created after the
+     split does not build its own DTensor TP (which needs FSDP2 and refuses CPU and DeepSpeed).
+   * CPU launches. Without a GPU, a MULTI_GPU config starts N processes but Accelerate finds no backend and
+     runs each as a single process. tp_plugin starts Accelerate's shared `PartialState` on gloo: `cpu=True`
+     (MULTI_CPU, plus `ACCELERATE_USE_CPU=true` for `Accelerator()`), or for DEEPSPEED `backend="gloo"` (what
+     `InitProcessGroupKwargs(backend="gloo")` would do). A single-process `PartialState()` the script made
+     before the split is replaced (its objects see the new state). On a GPU machine nothing changes.
+2. `install()`: `Accelerator.prepare_model / prepare_data_loader / prepare / clip_grad_norm_` are wrapped;
+   `uninstall()` restores them. When a model split by tp_plugin (TP > 1) is involved, and only then:
    * DDP is built over the data-parallel group (Accelerate passes no process group, and DDP over the world
      would average different shards and overwrite them from rank 0): the `ddp_handler` gets `process_group`.
    * Data loaders are sharded over the DP group only: Accelerate is handed a device mesh with a "tp"
      dimension (its own mechanism: `torch_device_mesh`), so all TP ranks of a replica get the same batch.
+   * `clip_grad_norm_` uses the unsplit model's norm (`tp_plugin.grad_norm`).
    (The first training forward checks, once, that the TP ranks got the same batch: `tp_plugin.checks`, in
    every path, not only Accelerate's.)
-   * `clip_grad_norm_` uses the unsplit model's norm (`tp_plugin.grad_norm`).
-   Set `TP_PLUGIN_ACCELERATE_HOOKS=0` to leave Accelerate untouched.
 """
 
 from __future__ import annotations
@@ -35,27 +37,20 @@ import functools
 import os
 
 import torch
+import torch.distributed as dist
 from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
 
+from ..config import ACCELERATE_LAUNCH_MARKER, yaml_tp_size
+from ..mesh import TPMesh
 from ..state import tp_state
-
-_LAUNCH_MARKER = "ACCELERATE_MIXED_PRECISION"  # exported by every `accelerate launch` path (DDP and DeepSpeed)
-
 
 def _flag(name: str) -> bool:
     return os.environ.get(name, "").lower() in ("1", "true", "yes")
 
 
 def launched_by_accelerate() -> bool:
-    return _LAUNCH_MARKER in os.environ and int(os.environ.get("WORLD_SIZE", "1")) > 1
-
-
-def yaml_tp_size() -> int | None:
-    """`parallelism_config_tp_size` from the Accelerate yaml (exported by `accelerate launch`), if it names TP."""
-    if _LAUNCH_MARKER not in os.environ or _flag("ACCELERATE_USE_FSDP"):
-        return None
-    size = int(os.environ.get("PARALLELISM_CONFIG_TP_SIZE", "1") or 1)
-    return size if size > 1 else None
+    return ACCELERATE_LAUNCH_MARKER in os.environ and int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
 def _has_gpu() -> bool:
@@ -80,10 +75,18 @@ def take_over_parallelism_config() -> None:
 
 
 def prepare_cpu_launch() -> None:
-    """Make `accelerate launch` with N processes run N gloo ranks on a machine without a GPU (step 2)."""
-    if not launched_by_accelerate() or _flag("ACCELERATE_USE_CPU") or _has_gpu():
+    """Make `accelerate launch` with N processes run N gloo ranks on a machine without a GPU (step 1)."""
+    if not launched_by_accelerate() or _flag("ACCELERATE_USE_CPU") or _has_gpu() or dist.is_initialized():
         return
     from accelerate import PartialState
+    from accelerate.state import AcceleratorState
+
+    if PartialState._shared_state:  # made before the split, without a backend: one process per rank
+        if AcceleratorState._shared_state:
+            raise RuntimeError("tp_plugin: an Accelerator was created before tp_plugin.parallelize on a machine "
+                               "without GPU, and runs every launched process as a single process (no backend). "
+                               "Split the model first, then create the Accelerator.")
+        PartialState._reset_state()
 
     # The shared state made now is what PartialState() / Accelerator() find later, so the script may also
     # split its model before creating its Accelerator (needed under ZeRO-3, see examples/finetune.py).
@@ -96,10 +99,10 @@ def prepare_cpu_launch() -> None:
         PartialState(cpu=True)  # MULTI_CPU: gloo over the launched processes
 
 
-# ---- the Accelerator hooks (step 3) --------------------------------------------------------------------------
+# ---- the Accelerator hooks (step 2) --------------------------------------------------------------------------
 
 
-def mesh_of(model) -> "TPMesh | None":  # noqa: F821 (tp_plugin.mesh.TPMesh)
+def mesh_of(model) -> TPMesh | None:
     """The (dp, tp) mesh of a split model (through DDP / DeepSpeed / compile wrappers), when TP > 1."""
     state = tp_state(model)
     mesh = state.mesh if state is not None else None
@@ -120,14 +123,13 @@ class _WithProcessGroup:
             self.base.register_comm_hook(model)
 
 
-def data_mesh(mesh, distributed_type) -> "DeviceMesh":  # noqa: F821
+def data_mesh(mesh: TPMesh, distributed_type) -> DeviceMesh:
     """The mesh Accelerate's `prepare_data_loader` reads to give every TP rank of a replica the same batch.
 
     Its DeepSpeed branch divides by the "tp" size; its other branch counts data-parallel ranks in a dimension
     named "dp_replicate", so that one gets the same groups under that name (no new communicators).
     """
     from accelerate.utils import DistributedType
-    from torch.distributed.device_mesh import DeviceMesh
 
     if distributed_type == DistributedType.DEEPSPEED:
         return mesh.mesh
@@ -217,25 +219,37 @@ def _wrap_clip_grad_norm(original):
 _MISSING = object()
 
 
+_WRAPPED = ("prepare", "prepare_model", "prepare_data_loader", "clip_grad_norm_")
+_WRAPPERS = {"prepare": _wrap_prepare, "prepare_model": _wrap_prepare_model,
+             "prepare_data_loader": _wrap_prepare_data_loader, "clip_grad_norm_": _wrap_clip_grad_norm}
+
+
 def install() -> None:
     """Wrap the Accelerator methods (idempotent). Each wrapper defers to Accelerate unless a split model is in play."""
     from accelerate import Accelerator
 
-    if getattr(Accelerator, "_tp_plugin_hooks", False):
+    if "_tp_plugin_originals" in vars(Accelerator):
         return
-    Accelerator.prepare = _wrap_prepare(Accelerator.prepare)
-    Accelerator.prepare_model = _wrap_prepare_model(Accelerator.prepare_model)
-    Accelerator.prepare_data_loader = _wrap_prepare_data_loader(Accelerator.prepare_data_loader)
-    Accelerator.clip_grad_norm_ = _wrap_clip_grad_norm(Accelerator.clip_grad_norm_)
-    Accelerator._tp_plugin_hooks = True
+    Accelerator._tp_plugin_originals = {name: vars(Accelerator)[name] for name in _WRAPPED}
+    for name in _WRAPPED:
+        setattr(Accelerator, name, _WRAPPERS[name](getattr(Accelerator, name)))
 
 
-def on_import() -> None:
-    """Run by `import tp_plugin` (see the module docstring)."""
+def uninstall() -> None:
+    """Give `Accelerator` its own methods back."""
+    import sys
+
+    accelerate = sys.modules.get("accelerate")
+    Accelerator = getattr(accelerate, "Accelerator", None)
+    originals = vars(Accelerator).get("_tp_plugin_originals") if Accelerator is not None else None
+    if originals is None:
+        return
+    for name, method in originals.items():
+        setattr(Accelerator, name, method)
+    del Accelerator._tp_plugin_originals
+
+
+def prepare_launch() -> None:
+    """Run by `tp_plugin.parallelize` before it splits (see the module docstring, step 1)."""
     take_over_parallelism_config()
     prepare_cpu_launch()
-    if os.environ.get("TP_PLUGIN_ACCELERATE_HOOKS", "1") != "0":
-        try:
-            install()
-        except ImportError:  # accelerate not installed: nothing to hook
-            pass

@@ -6,24 +6,26 @@
     model.save_pretrained(out)       # on every rank; rank 0 writes the ordinary, unsplit adapter
     PeftModel.from_pretrained(split_model, out)   # each rank loads its slices
 
-Nothing to call: `tp_plugin.parallelize` calls `enable()`, which patches PEFT as soon as it is imported (now,
-if it already is; otherwise from an import hook, so scripts that never use PEFT never pay for importing it).
+Nothing to call: `tp_plugin.parallelize` activates the integrations, which patch PEFT as soon as it is imported
+(now, if it already is; otherwise from an import hook, so scripts that never use PEFT never pay for importing it).
 See `layers.py` for the TP LoRA rules and `patches.py` for what is patched and why.
 """
 
 from __future__ import annotations
 
-from .. import when_imported
-
-__all__ = ["enable"]
+__all__ = ["install", "uninstall"]
 
 
-def enable() -> None:
-    """Make PEFT split-model aware, now or when `peft` is first imported."""
-    when_imported("peft", _install)
+def install() -> None:
+    """Make PEFT split-model aware (run once peft is imported; see `tp_plugin.integrations.activate`)."""
+    from .patches import install as install_patches
+
+    install_patches()
 
 
-def _install() -> None:
-    from .patches import install
+def uninstall() -> None:
+    import sys
 
-    install()
+    patches = sys.modules.get(__name__ + ".patches")
+    if patches is not None:
+        patches.uninstall()

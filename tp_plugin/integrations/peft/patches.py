@@ -210,19 +210,29 @@ def _move_tree(src: str, dst: str) -> None:
             os.replace(os.path.join(root, name), os.path.join(target, name))
 
 
-_INSTALLED = False
+_ORIGINALS: list[tuple[object, str, object]] = []  # (owner, attribute, original), in installation order
+
+
+def _replace(owner, name: str, wrapper) -> None:
+    _ORIGINALS.append((owner, name, getattr(owner, name)))
+    setattr(owner, name, wrapper(getattr(owner, name)))
 
 
 def install() -> None:
-    """Teach PEFT about split models (idempotent)."""
-    global _INSTALLED
-    if _INSTALLED:
+    """Teach PEFT about split models (idempotent; `uninstall()` undoes it)."""
+    if _ORIGINALS:
         return
-    BaseTuner.inject_adapter = _wrap_inject_adapter(BaseTuner.inject_adapter)
-    PeftModel.__init__ = _wrap_peft_model_init(PeftModel.__init__)
-    PeftModel.save_pretrained = _wrap_save_pretrained(PeftModel.save_pretrained)
+    _replace(BaseTuner, "inject_adapter", _wrap_inject_adapter)
+    _replace(PeftModel, "__init__", _wrap_peft_model_init)
+    _replace(PeftModel, "save_pretrained", _wrap_save_pretrained)
     for module_name in _STATE_DICT_MODULES:
         module = sys.modules.get(module_name)
         if module is not None and hasattr(module, "get_peft_model_state_dict"):
-            module.get_peft_model_state_dict = _wrap_get_state_dict(module.get_peft_model_state_dict)
-    _INSTALLED = True
+            _replace(module, "get_peft_model_state_dict", _wrap_get_state_dict)
+
+
+def uninstall() -> None:
+    """Put PEFT's own functions back (LoRA layers already built on a split model keep working)."""
+    while _ORIGINALS:
+        owner, name, original = _ORIGINALS.pop()
+        setattr(owner, name, original)

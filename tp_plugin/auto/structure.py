@@ -20,16 +20,15 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .policy import AttentionSpec, Colwise, Policy, Rowwise
-from .sharding import TPSplitError
-from .styles import Experts, HeadAttrs, ShardedNorm
-from .translate import (NO_MODULE, base_prefix, dims, generic, head_config, head_dim_of, head_split, is_attention, is_dense,
-                        mlp_scalars, packed_qkv, text_config,
-                        with_replicated_rest)
+from ..policy import AttentionSpec, Colwise, Policy, Rowwise
+from ..sharding import TPSplitError
+from ..styles import Experts, HeadAttrs
+from .common import (NO_MODULE, attention_extras, base_prefix, dims, generic, head_config, head_dim_of, head_split,
+                     hidden_size_of, is_attention, is_dense, mlp_scalars, packed_qkv, text_config,
+                     with_replicated_rest)
 
 OUT_NAMES = {"o_proj", "out_proj", "dense", "c_proj", "o", "wo", "out", "proj", "out_lin", "fc_out", "attn_out",
              "o_linear", "linear_out", "output", "out_dense", "attention_output"}
-HIDDEN_ATTRS = ("hidden_size", "n_embd", "d_model", "embed_dim", "dim", "model_dim", "hidden_dim")
 
 
 def find_blocks(base: nn.Module) -> list[tuple[str, nn.ModuleList]]:
@@ -40,38 +39,6 @@ def find_blocks(base: nn.Module) -> list[tuple[str, nn.ModuleList]]:
              and any(is_dense(m) for block in module for m in block.modules())]
     longest = max((len(m) for _, m in lists), default=0)
     return [(name, module) for name, module in lists if len(module) == longest]
-
-
-def hidden_size_of(config) -> int | None:
-    return next((getattr(config, a) for a in HIDDEN_ATTRS if isinstance(getattr(config, a, None), int)), None)
-
-
-def attention_extras(attn_path: str, module: nn.Module, num_heads: int, num_kv: int, head_dim: int):
-    """Non-linear parameters of an attention module to be split: ({path: style}, partial-grad paths), or None
-    when some parameter has a per-head layout the rules cannot place (then the attention stays whole)."""
-    styles, partial = {}, []
-    for name, sub in module.named_modules():
-        if is_dense(sub):
-            continue
-        own = list(sub.named_parameters(recurse=False))
-        if not own:
-            continue
-        path = f"{attn_path}.{name}" if name else attn_path
-        sizes = {p.shape[-1] for _, p in own}
-        if sizes == {head_dim} and all(p.dim() == 1 for _, p in own) and "norm" in type(sub).__name__.lower():
-            partial.append(path)  # per-head norm (Qwen3's q_norm): acts on this rank's heads only
-        elif len(own) == 1 and own[0][0] == "weight" and own[0][1].dim() == 1 and name and \
-                "norm" in type(sub).__name__.lower() and "rms" in type(sub).__name__.lower():
-            size = own[0][1].shape[0]
-            if size == num_heads * head_dim:
-                styles[path] = ShardedNorm("q")
-            elif size == num_kv * head_dim:
-                styles[path] = ShardedNorm("kv")
-            else:
-                return None
-        else:
-            return None
-    return styles, partial
 
 
 def structural_policy(model: nn.Module) -> Policy:
@@ -205,15 +172,3 @@ def _split_mlps(block_path, block, hidden, skip) -> dict[str, object]:
         elif out % 2 == 0 and out // 2 in fed:
             styles[f"{block_path}.{n}"] = Colwise("", "")  # fused [gate | up]
     return styles
-
-
-
-def auto_policy(model: nn.Module) -> Policy:
-    """For a model with no registered policy: its translated `base_model_tp_plan`, else the structural fallback."""
-    from .translate import translate_tp_plan
-
-    try:
-        policy = translate_tp_plan(model)
-    except TPSplitError:
-        policy = None
-    return policy if policy is not None else structural_policy(model)
