@@ -2,6 +2,7 @@
 # make test   run the test suite
 # make demo   fine-tune SmolLM2-135M split over 2 CPU ranks (extra flags: make demo ARGS=--loss-parallel)
 # make bench  benchmarks: tp_plugin vs DeepSpeed AutoTP and transformers TP (bench/results/)
+# make test-versions  the core parity tests against the lowest declared and the newest transformers
 SHELL := /bin/bash
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -13,7 +14,7 @@ STAMP := $(VENV)/.installed-$(shell cat constraints-dev.txt pyproject.toml | sha
 RUN_ENV := HF_HUB_OFFLINE=1 DS_ACCELERATOR=cpu OMP_NUM_THREADS=1 TMPDIR=$(CURDIR)/.tmp \
 	TORCH_EXTENSIONS_DIR=$(CURDIR)/.cache/torch_extensions
 
-.PHONY: venv test demo bench
+.PHONY: venv test test-versions demo bench
 
 venv: $(STAMP)
 
@@ -32,6 +33,19 @@ test: venv
 	mkdir -p .tmp
 	$(RUN_ENV) $(PY) -c "from deepspeed.ops.op_builder.cpu import ShareMemCommBuilder as B; B().load(verbose=False)"
 	$(RUN_ENV) $(PY) -m pytest -x -q
+
+# The pinned venv with another transformers in front of it (PYTHONPATH): the lowest version pyproject.toml
+# declares, the GPU machines' and the newest release. Only the core parity and collective-count tests run: the
+# engines (DeepSpeed, PEFT, TRL) are tested on the pinned stack. Each version is installed once into .cache/.
+TRANSFORMERS_VERSIONS ?= 4.50.3 5.17.0 5.24.0
+test-versions: venv
+	mkdir -p .tmp
+	set -e; for v in $(TRANSFORMERS_VERSIONS); do \
+	  test -d .cache/transformers-$$v || $(PY) -m pip install -q $(PIP_FLAGS) --target .cache/transformers-$$v "transformers==$$v"; \
+	  echo "== transformers $$v"; \
+	  PYTHONPATH=$(CURDIR)/.cache/transformers-$$v $(RUN_ENV) $(PY) -m pytest -q -p no:cacheprovider \
+	    tests/test_parity.py tests/test_collectives.py; \
+	done
 
 # The gguf is converted once (about 45 s) before torchrun, so the two ranks do not race to do it.
 # The main job: the embedded SmolLM2-135M split over 2 CPU ranks (TP=2, degree from the yaml), fully fine-tuned

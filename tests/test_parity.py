@@ -13,6 +13,7 @@ import copy
 
 import pytest
 import torch
+import transformers
 
 import tp_plugin
 from tests.dist import run_ranks
@@ -52,6 +53,8 @@ def _assert_close(results, *, scale_key="logits_scale"):
 @pytest.mark.parametrize("tp", [2, 4])
 @pytest.mark.parametrize("arch", ARCHS)
 def test_causal_lm_parity(arch, tp):
+    if arch not in transformers.models.auto.configuration_auto.CONFIG_MAPPING_NAMES:  # make test-versions: older
+        pytest.skip(f"transformers {transformers.__version__} has no {arch}")  # releases lack newer families
     _assert_close(run_ranks(tp, _parity, arch, tp, "causal_lm", True, False))
 
 

@@ -37,7 +37,6 @@ import functools
 import os
 
 import torch
-import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 
@@ -76,12 +75,16 @@ def take_over_parallelism_config() -> None:
 
 def prepare_cpu_launch() -> None:
     """Make `accelerate launch` with N processes run N gloo ranks on a machine without a GPU (step 1)."""
-    if not launched_by_accelerate() or _flag("ACCELERATE_USE_CPU") or _has_gpu() or dist.is_initialized():
+    if not launched_by_accelerate() or _flag("ACCELERATE_USE_CPU") or _has_gpu():
         return
     from accelerate import PartialState
     from accelerate.state import AcceleratorState
 
-    if PartialState._shared_state:  # made before the split, without a backend: one process per rank
+    if PartialState._shared_state:
+        if PartialState().num_processes > 1:
+            return  # a distributed state already (set up by this function, or by the script)
+        # made before the split without a backend: one process per rank (torch.distributed may be up already,
+        # e.g. by DeepSpeed; the new state adopts it)
         if AcceleratorState._shared_state:
             raise RuntimeError("tp_plugin: an Accelerator was created before tp_plugin.parallelize on a machine "
                                "without GPU, and runs every launched process as a single process (no backend). "
