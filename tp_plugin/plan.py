@@ -12,39 +12,12 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 
 from torch import nn
-from transformers.pytorch_utils import Conv1D
 
-from .policy import AttentionSpec, Colwise, Policy, Rowwise
-from .sharding import (HeadShard, ShardSpec, TPSplitError, concat_specs, even_specs, head_shards, head_specs,
-                       vocab_specs)
-
-
-@dataclass
-class PlanEntry:
-    path: str
-    style: str  # "Colwise('q')", "Rowwise('')", "VocabEmbedding", "VocabLMHead"
-    full_shapes: dict[str, tuple[int, ...]]
-    specs: list[dict[str, ShardSpec | None]]  # per TP rank: parameter name -> spec (None: replicated)
-    transposed: bool = False
-    shared_rows: bool = False  # replicated KV heads: gradient summed over the ranks holding them
-    sync_input_grad: bool = True  # False inside a region, which syncs its input gradient once
-    custom: object = None  # a style with its own `build(entry, module, rank, group)` (MoE experts, ALiBi, norms)
-
-    def local_shape(self, rank: int, name: str) -> tuple[int, ...]:
-        shape, spec = list(self.full_shapes[name]), self.specs[rank][name]
-        if spec is not None:
-            shape[spec.dim] = spec.local_size
-        return tuple(shape)
-
-
-@dataclass
-class AttentionPlan:
-    paths: list[str]
-    heads: list[HeadShard]
-    head_dim: int
-    local_dims: tuple[str, ...]
-    num_heads: int
-    num_kv_heads: int
+from .entry import AttentionPlan, PlanEntry
+from .policy import AttentionSpec, Policy
+from .sharding import TPSplitError, head_shards
+from .styles import ColumnStyle, Style, VocabEmbedding, VocabLMHead
+from .styles.base import is_dense
 
 
 @dataclass
@@ -109,79 +82,14 @@ def _head_counts(config, spec: AttentionSpec) -> tuple[int, int, int]:
     return num_heads, num_kv, head_dim
 
 
-def _is_dense(module: nn.Module) -> bool:
-    return isinstance(module, (nn.Linear, Conv1D))
-
-
-def _linear_specs(path: str, module: nn.Module, style: Colwise | Rowwise, tp: int,
-                  attn: AttentionPlan | None) -> tuple[list[ShardSpec], bool]:
-    """Per-rank spec of the weight, and whether rows are shared between ranks (replicated KV heads)."""
-    transposed = isinstance(module, Conv1D)
-    out_features, in_features = module.weight.shape[::-1] if transposed else module.weight.shape
-    out_dim, in_dim = (1, 0) if transposed else (0, 1)
-    needs_heads = "q" in getattr(style, "parts", ()) or "kv" in getattr(style, "parts", ()) or \
-        getattr(style, "part", "") == "q"
-    if needs_heads and attn is None:
-        raise TPSplitError(f"{path}: style {style!r} splits by heads but the policy declares no attention")
-
-    def part_specs(part: str, size: int, dim: int) -> list[ShardSpec]:
-        if part == "q":
-            return head_specs([h.q_heads for h in attn.heads], attn.num_heads, attn.head_dim, dim)
-        if part == "kv":
-            return head_specs([h.kv_heads for h in attn.heads], attn.num_kv_heads, attn.head_dim, dim)
-        return even_specs(size, tp, dim, what=f"{path} ({size} features)")
-
-    if isinstance(style, Rowwise):
-        specs = part_specs(style.part, in_features, in_dim)
-        if specs[0].full_size != in_features:
-            raise TPSplitError(f"{path}: {in_features} input features, but {attn.num_heads} heads x "
-                               f"{attn.head_dim} = {specs[0].full_size}; the policy does not fit this model")
-        return specs, False
-
-    head_width = {"q": attn.num_heads * attn.head_dim if attn else 0,
-                  "kv": attn.num_kv_heads * attn.head_dim if attn else 0}
-    fixed = sum(head_width[p] for p in style.parts if p)
-    even_parts = sum(1 for p in style.parts if not p)
-    even_width = (out_features - fixed) // even_parts if even_parts else 0
-    if fixed + even_width * even_parts != out_features:
-        raise TPSplitError(f"{path}: {out_features} output features do not fit the parts {style.parts} "
-                           f"(heads take {fixed}); the policy does not fit this model")
-    per_part = [part_specs(p, head_width[p] if p else even_width, out_dim) for p in style.parts]
-    specs = [concat_specs([part[r] for part in per_part]) for r in range(tp)]
-    shared = "kv" in style.parts and any(h.kv_shared for h in attn.heads)
-    return specs, shared
-
-
-def _linear_entry(path, module, style, tp, attn) -> PlanEntry:
-    if not _is_dense(module):
-        raise TPSplitError(f"{path}: expected nn.Linear or Conv1D for {style!r}, found {type(module).__name__}")
-    specs, shared = _linear_specs(path, module, style, tp, attn)
-    full = {"weight": tuple(module.weight.shape)}
-    per_rank = [{"weight": s} for s in specs]
-    if module.bias is not None:
-        full["bias"] = tuple(module.bias.shape)
-        for rank, spec in enumerate(specs):
-            col = isinstance(style, Colwise)
-            per_rank[rank]["bias"] = ShardSpec(0, spec.full_size, spec.ranges, spec.pad) if col else None
-    return PlanEntry(path, repr(style), full, per_rank, transposed=isinstance(module, Conv1D), shared_rows=shared)
-
-
-def _vocab_entry(path: str, module: nn.Module, style: str, tp: int) -> PlanEntry:
-    vocab = module.weight.shape[0]
-    specs = vocab_specs(vocab, tp)
-    full = {"weight": tuple(module.weight.shape)}
-    per_rank = [{"weight": s} for s in specs]
-    if getattr(module, "bias", None) is not None:
-        full["bias"] = tuple(module.bias.shape)
-        for rank, spec in enumerate(specs):
-            per_rank[rank]["bias"] = spec
-    return PlanEntry(path, style, full, per_rank)
-
-
 def _path_of(model: nn.Module, target: nn.Module | None) -> str | None:
     if target is None:
         return None
     return next((name for name, mod in model.named_modules() if mod is target), None)
+
+
+_STYLE_NAMES = ("Colwise", "Rowwise", "HeadColwise", "HeadRowwise", "GroupedQKV", "HeadAttrs", "Experts",
+                "ShardedNorm", "AlibiHeads")
 
 
 def vocab_entries(model: nn.Module, tp_size: int) -> list[PlanEntry]:
@@ -191,11 +99,11 @@ def vocab_entries(model: nn.Module, tp_size: int) -> list[PlanEntry]:
     if embed_path is None or not isinstance(embed, nn.Embedding):
         raise TPSplitError(f"{type(model).__name__}: no nn.Embedding input embedding found "
                            f"(get_input_embeddings() returned {type(embed).__name__})")
-    entries = [_vocab_entry(embed_path, embed, "VocabEmbedding", tp_size)]
+    entries = [VocabEmbedding().plan_entry(embed_path, embed, tp_size, None)]
     if head_path is not None:
         if head.weight.shape[0] != embed.weight.shape[0] and head.weight is embed.weight:
             raise TPSplitError(f"{head_path}: tied to {embed_path} but the vocabulary sizes differ")
-        entries.append(_vocab_entry(head_path, head, "VocabLMHead", tp_size))
+        entries.append(VocabLMHead().plan_entry(head_path, head, tp_size, None))
     return entries
 
 
@@ -205,7 +113,8 @@ def resolve_plan(model: nn.Module, policy: Policy, tp_size: int) -> Plan:
     model_type = getattr(model.config, "model_type", type(model).__name__)
     attn = None
     if policy.attention is not None:
-        paths = [name for name, _ in _matches(model, policy.attention.module, prefix)]
+        module = policy.attention.module
+        paths = [name for name, _ in _matches(model, module, prefix)] if module is not None else []
         num_heads, num_kv, head_dim = _head_counts(model.config, policy.attention)
         heads = head_shards(num_heads, num_kv, tp_size, what=f"{model_type} attention ({policy.attention.module})")
         attn = AttentionPlan(paths, heads, head_dim, policy.attention.local_dims, num_heads, num_kv)
@@ -216,13 +125,14 @@ def resolve_plan(model: nn.Module, policy: Policy, tp_size: int) -> Plan:
         if not found:
             raise TPSplitError(f"policy {policy.name or model_type!r}: pattern {pattern!r} matches no module of "
                                f"{type(model).__name__}; the policy does not fit this model")
-        # A style object may resolve itself (`plan_entry`): fused experts, per-head layouts, sharded norms.
-        entries.extend(style.plan_entry(path, mod, tp_size, attn) if hasattr(style, "plan_entry")
-                       else _linear_entry(path, mod, style, tp_size, attn) for path, mod in found)
+        if not isinstance(style, Style):
+            raise TPSplitError(f"policy {policy.name or model_type!r}: {pattern!r} maps to {style!r}, which is not a "
+                               f"style; use one of tp_plugin.styles: {', '.join(_STYLE_NAMES)}")
+        entries.extend(style.plan_entry(path, mod, tp_size, attn) for path, mod in found)
 
     regions = [path for pattern in policy.regions for path, _ in _matches(model, pattern, prefix)]
     for entry in entries:
-        if entry.style.startswith("Colwise") and any(entry.path.startswith(r + ".") for r in regions):
+        if isinstance(entry.style, ColumnStyle) and any(entry.path.startswith(r + ".") for r in regions):
             entry.sync_input_grad = False
 
     vocab = vocab_entries(model, tp_size)
@@ -245,7 +155,7 @@ def _check_coverage(model, prefix, entries, policy, regions) -> None:
     keep = [_pattern(p, prefix) for p in policy.replicate]
     in_base = {id(m) for m in getattr(model, "base_model", model).modules()}
     missed = [name for name, mod in model.named_modules()
-              if _is_dense(mod) and id(mod) in in_base and name not in planned
+              if is_dense(mod) and id(mod) in in_base and name not in planned
               and not any(k.fullmatch(name) for k in keep)]
     if missed:
         raise TPSplitError(f"policy {policy.name!r} leaves {len(missed)} linear layer(s) unassigned, e.g. "
@@ -259,7 +169,7 @@ def _grouped_rows(plan: Plan) -> "OrderedDict[tuple, list[str]]":
         generic = re.sub(r"\.\d+\.", ".*.", entry.path)
         first = next(iter(entry.full_shapes), None)  # "weight", or a custom entry's first tensor (or none)
         shapes = tuple(entry.local_shape(r, first) if first else () for r in range(plan.tp_size))
-        key = (generic, entry.style, entry.full_shapes.get(first, ()), shapes)
+        key = (generic, repr(entry.style), entry.full_shapes.get(first, ()), shapes)
         rows.setdefault(key, []).append(entry.path)
     return rows
 

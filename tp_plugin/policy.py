@@ -19,35 +19,9 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
-from .sharding import HeadShard
+from .styles import Colwise, Rowwise, Style
 
-
-@dataclass(frozen=True)
-class Colwise:
-    """Split the output features. `parts` name the logical pieces of a fused projection, in order:
-    "q" (query heads), "kv" (key or value heads, on KV-group boundaries) or "" (an even split);
-    `Colwise("q")` is a plain q_proj, `Colwise("q", "kv", "kv")` GPT-2's c_attn, `Colwise("", "")` a gate_up."""
-
-    parts: tuple[str, ...] = ("",)
-
-    def __init__(self, *parts: str):
-        object.__setattr__(self, "parts", parts or ("",))
-        bad = [p for p in self.parts if p not in ("q", "kv", "")]
-        if bad:
-            raise ValueError(f"Colwise parts must be 'q', 'kv' or '' (got {bad})")
-
-    def __repr__(self) -> str:
-        return f"Colwise({', '.join(repr(p) for p in self.parts)})"
-
-
-@dataclass(frozen=True)
-class Rowwise:
-    """Split the input features: "q" when the input is the attention heads' output, "" for an even split."""
-
-    part: str = ""
-
-    def __repr__(self) -> str:
-        return f"Rowwise({self.part!r})"
+__all__ = ["AttentionSpec", "Colwise", "Policy", "Rowwise", "get_policy", "register_policy", "registered_model_types"]
 
 
 @dataclass(frozen=True)
@@ -58,7 +32,7 @@ class AttentionSpec:
     or reshape (GPT-2's `split_size`); they are set to this rank's width.
     """
 
-    module: str
+    module: str | None  # None: the policy only needs the head counts (its HeadAttrs entries patch the modules)
     num_heads: str | int = "num_attention_heads"  # a config attribute, or the count itself
     num_kv_heads: str | int | None = "num_key_value_heads"  # None: multi-head (kv = heads); int: fixed (MQA: 1)
     head_dim: str | int | None = "head_dim"  # None or missing on the config: hidden_size // num_heads
@@ -70,7 +44,7 @@ class Policy:
     """A model family's split. `regions` are modules whose input enters tensor-parallel compute: their
     input gradient is all-reduced once there, instead of once per column-parallel projection inside."""
 
-    layers: dict[str, Colwise | Rowwise]
+    layers: dict[str, Style]
     attention: AttentionSpec | None = None
     regions: tuple[str, ...] = ()
     replicate: tuple[str, ...] = ()  # linears deliberately kept whole (e.g. MoE routers)
@@ -79,24 +53,6 @@ class Policy:
     partial_grad: tuple[str, ...] = ()
     name: str = ""
     model_types: tuple[str, ...] = field(default=())
-
-
-HEAD_COUNT_ATTRS = ("num_heads", "num_attention_heads", "n_head", "n_heads")
-KV_COUNT_ATTRS = ("num_key_value_heads", "num_kv_heads", "n_kv_heads")
-
-
-def patch_head_counts(module: nn.Module, shard: HeadShard, head_dim: int, local_dims: tuple[str, ...]) -> None:
-    """Make an untouched HF attention module reshape for this rank's heads."""
-    for attr in HEAD_COUNT_ATTRS:
-        if isinstance(getattr(module, attr, None), int):
-            setattr(module, attr, shard.num_q)
-    for attr in KV_COUNT_ATTRS:
-        if isinstance(getattr(module, attr, None), int):
-            setattr(module, attr, shard.num_kv)
-    if isinstance(getattr(module, "num_key_value_groups", None), int):
-        module.num_key_value_groups = shard.num_q // shard.num_kv
-    for attr in local_dims:
-        setattr(module, attr, shard.num_q * head_dim)
 
 
 _REGISTRY: dict[str, Policy] = {}

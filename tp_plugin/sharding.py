@@ -31,10 +31,6 @@ class ShardSpec:
     def local_size(self) -> int:
         return sum(stop - start for start, stop in self.ranges) + self.pad
 
-    def shift(self, offset: int, full_size: int) -> "ShardSpec":
-        """The same ranges moved by `offset` inside a larger tensor (one part of a fused projection)."""
-        return ShardSpec(self.dim, full_size, tuple((a + offset, b + offset) for a, b in self.ranges), self.pad)
-
 
 def concat_specs(parts: list[ShardSpec]) -> ShardSpec:
     """Spec of a fused tensor whose logical parts are stacked along the same dim (q|k|v, gate|up)."""

@@ -20,14 +20,15 @@ from .auto import auto_policy  # the model's own base_model_tp_plan, translated,
 from .checks import install_first_forward_check
 from .comm import broadcast_from_rank0, copy_to_tp, fingerprint, sum_grad_over_tp
 from .config import configured_tp_size
-from .layers import (PARALLEL_LAYERS, ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding,
-                     VocabParallelLMHead, tag_param)
+from .entry import PlanEntry
+from .layers import PARALLEL_LAYERS, tag_param
 from .loss import VocabParallelCausalLMLoss
 from .mesh import build_mesh, check_layout, mesh_device_type, mesh_from, tp_size_of, world_size
-from .plan import Plan, PlanEntry, resolve_plan, vocab_entries
-from .policy import Policy, get_policy, patch_head_counts, registered_model_types
+from .plan import Plan, resolve_plan, vocab_entries
+from .policy import Policy, get_policy, registered_model_types
 from .sharding import TPSplitError
 from .state import TPState
+from .styles import VocabEmbedding, VocabLMHead, patch_heads
 
 
 def split_model(model: nn.Module, tp_size: int | None = None, *, mesh: DeviceMesh | None = None,
@@ -125,23 +126,6 @@ def _parent(model: nn.Module, path: str) -> tuple[nn.Module, str]:
     return (model.get_submodule(parent_path) if parent_path else model), name
 
 
-def _build_layer(entry: PlanEntry, module: nn.Module, rank: int, group, *, tied_weight, loss_parallel) -> nn.Module:
-    if entry.custom is not None:  # a style that builds its own layer (MoE experts, ALiBi slicing, sharded norms)
-        return entry.custom.build(entry, module, rank, group)
-    spec = entry.specs[rank]["weight"]
-    bias = getattr(module, "bias", None)
-    if entry.style == "VocabEmbedding":
-        return VocabParallelEmbedding(module, spec, group)
-    if entry.style == "VocabLMHead":
-        return VocabParallelLMHead(module, spec, group, tied_weight=tied_weight, gather_output=not loss_parallel)
-    if entry.style.startswith("Colwise"):
-        replicas = entry.specs.count(entry.specs[rank]) if entry.shared_rows else 1
-        return ColumnParallelLinear(module.weight, bias, spec, group, transposed=entry.transposed,
-                                    sync_input_grad=entry.sync_input_grad, shared_rows=entry.shared_rows,
-                                    replicas=replicas)
-    return RowParallelLinear(module.weight, bias, spec, group, transposed=entry.transposed)
-
-
 def _enter_region(group):
     def hook(module, args, kwargs):
         if args:
@@ -167,27 +151,28 @@ def _install_layers(model: nn.Module, entries: list[PlanEntry], rank: int, group
     for entry in entries:
         parent, name = _parent(model, entry.path)
         module = getattr(parent, name)
-        layer = _build_layer(entry, module, rank, group, tied_weight=new_embed.weight if tied and new_embed else None,
-                             loss_parallel=loss_parallel)
-        if entry.style == "VocabEmbedding":
+        layer = entry.style.build(entry, module, rank, group, loss_parallel=loss_parallel,
+                                  tied_weight=new_embed.weight if tied and new_embed else None)
+        if isinstance(entry.style, VocabEmbedding):
             new_embed = layer
         setattr(parent, name, layer)
-        if entry.style == "VocabLMHead" and getattr(module, "bias", None) is not None:
+        is_head = isinstance(entry.style, VocabLMHead)
+        if is_head and getattr(module, "bias", None) is not None:
             _retie(model, module.bias, layer.bias)  # BERT-style heads share their bias with `predictions.bias`
-        if entry.style == "VocabLMHead" and loss_parallel:
+        if is_head and loss_parallel:
             model.loss_function = VocabParallelCausalLMLoss(layer.vocab_start, layer.vocab_stop, group)
 
 
 def split_vocab(model: nn.Module, state: TPState, *, embed_scale=None) -> None:
     """Split the (whole, e.g. just resized) input embedding and LM head again by vocabulary; update the plan."""
     plan, mesh = state.plan, state.mesh
-    old = [e for e in plan.entries if e.style in ("VocabEmbedding", "VocabLMHead")]
+    old = [e for e in plan.entries if isinstance(e.style, (VocabEmbedding, VocabLMHead))]
     new = vocab_entries(model, plan.tp_size)
     body = [e for e in plan.entries if e not in old]
     plan.entries = new[:1] + body + new[1:]
     for before, after in zip(old, new):  # parameter counts follow the new vocabulary size
         delta_full = math.prod(after.full_shapes["weight"]) - math.prod(before.full_shapes["weight"])
-        tied_head = after.style == "VocabLMHead" and plan.tied_embeddings
+        tied_head = isinstance(after.style, VocabLMHead) and plan.tied_embeddings
         plan.num_parameters += 0 if tied_head else delta_full
         for r in range(plan.tp_size):
             delta = math.prod(after.local_shape(r, "weight")) - math.prod(before.local_shape(r, "weight"))
@@ -203,7 +188,7 @@ def apply_plan(model: nn.Module, plan: Plan, rank: int, group, *, loss_parallel:
     if plan.attention is not None:
         shard = plan.attention.heads[rank]
         for path in plan.attention.paths:
-            patch_head_counts(model.get_submodule(path), shard, plan.attention.head_dim, plan.attention.local_dims)
+            patch_heads(model.get_submodule(path), plan.attention, shard, local_dims=plan.attention.local_dims)
     for path in plan.regions:
         model.get_submodule(path).register_forward_pre_hook(_enter_region(group), with_kwargs=True)
     sharded = {id(p) for m in model.modules() if isinstance(m, PARALLEL_LAYERS) for p in m.parameters()}

@@ -21,7 +21,6 @@ bias or missing all-reduce gives.
 from __future__ import annotations
 
 import copy
-import datetime
 import math
 import multiprocessing as mp
 import os
@@ -33,6 +32,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
+from .testing import init_rank, reap, spawn
 from .tiny_models import BATCH, SEQ, VOCAB, build_tiny, load_local  # noqa: F401  (re-exported)
 
 TOL = 1e-4
@@ -174,16 +174,10 @@ def check_one(name: str, tp: int, load=None, engine: str = "tp_plugin") -> Resul
 
 # ---------------------------------------------------------------- ranks
 
-def _rank_main(rank, world, port, names, tp, load, queue, timeout_s, engine="tp_plugin"):
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), HF_HUB_OFFLINE="1")
-    torch.set_num_threads(1)
+def _rank_main(rank, world, port, queue, timeout_s, names, tp, load, engine="tp_plugin"):
     current = names[0] if names else "?"
     try:
-        store = dist.TCPStore("127.0.0.1", port, world, is_master=False,
-                              timeout=datetime.timedelta(seconds=timeout_s))
-        dist.init_process_group("gloo", store=store, rank=rank, world_size=world,
-                                timeout=datetime.timedelta(seconds=timeout_s))
+        init_rank(rank, world, port, timeout_s)
         for name in names:
             current = name
             result = check_one(name, tp, load, engine)
@@ -199,14 +193,7 @@ def _rank_main(rank, world, port, names, tp, load, queue, timeout_s, engine="tp_
 def run_on_ranks(names: list[str], tp: int, *, load=None, timeout_s: float = 60.0,
                  engine: str = "tp_plugin") -> list[Result]:
     """Check `names` one after another in one set of `tp` forked ranks; a timeout marks the rest as errors."""
-    ctx = mp.get_context("fork")
-    store = dist.TCPStore("127.0.0.1", 0, tp + 1, is_master=True, wait_for_workers=False,
-                          timeout=datetime.timedelta(seconds=timeout_s))
-    queue = ctx.Queue()
-    procs = [ctx.Process(target=_rank_main, args=(r, tp, store.port, names, tp, load, queue, timeout_s, engine))
-             for r in range(tp)]
-    for p in procs:
-        p.start()
+    store, queue, procs = spawn(mp.get_context("fork"), tp, _rank_main, (names, tp, load, engine), timeout_s)
     results = []
     try:
         while len(results) < len(names):
@@ -217,11 +204,8 @@ def run_on_ranks(names: list[str], tp: int, *, load=None, timeout_s: float = 60.
     except Exception:  # noqa: BLE001  (a rank hung or died)
         pass
     finally:
-        for p in procs:
-            p.join(timeout=2)
-            if p.is_alive():
-                p.kill()
-                p.join()
+        reap(procs, timeout_s=2)
+        del store
     done = {r.name for r in results}
     results += [Result(n, "error", detail="timed out or crashed (a rank hung past the timeout)")
                 for n in names if n not in done]

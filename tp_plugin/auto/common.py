@@ -13,7 +13,6 @@ from transformers.pytorch_utils import Conv1D
 from ..policy import Colwise, Policy, Rowwise
 from ..styles import Experts, HeadColwise, HeadRowwise, ShardedNorm
 
-NO_MODULE = "(patched by HeadAttrs)"  # an AttentionSpec.module pattern that matches no module
 HEAD_ATTRS = ("num_attention_heads", "n_head", "num_heads", "n_heads", "decoder_attention_heads",
               "num_attention_heads_per_layer")
 KV_ATTRS = ("num_key_value_heads", "num_kv_heads", "n_kv_heads", "multi_query_group_num", "n_head_kv")

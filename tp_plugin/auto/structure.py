@@ -23,7 +23,7 @@ from torch import nn
 from ..policy import AttentionSpec, Colwise, Policy, Rowwise
 from ..sharding import TPSplitError
 from ..styles import Experts, HeadAttrs
-from .common import (NO_MODULE, attention_extras, base_prefix, dims, generic, head_config, head_dim_of, head_split,
+from .common import (attention_extras, base_prefix, dims, generic, head_config, head_dim_of, head_split,
                      hidden_size_of, is_attention, is_dense, mlp_scalars, packed_qkv, text_config,
                      with_replicated_rest)
 
@@ -87,7 +87,7 @@ def structural_policy(model: nn.Module) -> Policy:
                 layers.update(styles)
                 layers[path] = HeadAttrs()
                 partial += part
-        attention = AttentionSpec(NO_MODULE, num_heads=num_heads, num_kv_heads=num_kv, head_dim=hd)
+        attention = AttentionSpec(None, num_heads=num_heads, num_kv_heads=num_kv, head_dim=hd)
     if not layers:
         raise TPSplitError(
             f"{type(model).__name__} (model_type={model_type!r}): the structural fallback found no attention or "

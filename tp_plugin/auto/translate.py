@@ -29,7 +29,7 @@ from torch import nn
 from ..policy import AttentionSpec, Colwise, Policy, Rowwise
 from ..sharding import TPSplitError
 from ..styles import Experts, HeadAttrs
-from .common import (NO_MODULE, attention_extras, base_prefix, generic, head_config, head_dim_of, head_split,
+from .common import (attention_extras, base_prefix, generic, head_config, head_dim_of, head_split,
                      is_attention, is_dense, mlp_scalars, modules, packed_qkv, text_config, with_replicated_rest)
 
 COLWISE = {"colwise", "local_colwise", "packed_colwise"}
@@ -108,7 +108,7 @@ def translate_tp_plan(model: nn.Module, plan: dict[str, str] | None = None) -> P
         if attention is None and complete and all(styles.values()) and extras is not None:
             # Head attributes are patched by the HeadAttrs entries, on split attention modules only; the spec's
             # own module pattern then names none (a hybrid may hold another attention kind under `parent`).
-            attention = AttentionSpec(NO_MODULE, num_heads=num_heads, num_kv_heads=num_kv, head_dim=hd)
+            attention = AttentionSpec(None, num_heads=num_heads, num_kv_heads=num_kv, head_dim=hd)
             layers.update(styles)
             layers.update(extras[0])
             partial += extras[1]
