@@ -17,10 +17,12 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from .state import tp_state
+
 
 def _params_and_group(model_or_params, tp_group) -> tuple[list[torch.Tensor], dist.ProcessGroup | None]:
     if isinstance(model_or_params, nn.Module):
-        state = getattr(model_or_params, "tp_plugin_state", None)
+        state = tp_state(model_or_params)
         mesh = getattr(state, "mesh", None)
         return list(model_or_params.parameters()), tp_group or (mesh.tp_group if mesh is not None else None)
     params = [model_or_params] if isinstance(model_or_params, torch.Tensor) else list(model_or_params)
@@ -35,7 +37,7 @@ def grad_norm(model_or_params: nn.Module | Iterable[torch.Tensor], norm_type: fl
     sharded = any(getattr(p, "tp_shard", None) is not None for p in with_grad)
     if sharded and group is None:
         raise ValueError("clip_grad_norm_ got tensor-parallel shards but no TP group: pass the split model "
-                         "itself, or tp_group=model.tp_plugin_state.mesh.tp_group with its parameters")
+                         "itself, or tp_group=tp_plugin.tp_state(model).mesh.tp_group with its parameters")
     tp_size = dist.get_world_size(group) if group is not None else 1
     tp_rank = dist.get_rank(group) if group is not None else 0
     norm_type = float(norm_type)

@@ -93,11 +93,17 @@ class RowParallelLinear(nn.Module):
         self.bias = None if bias is None else _shard_param(bias, None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.reduce(self.partial_output(x))
+
+    def partial_output(self, x: torch.Tensor) -> torch.Tensor:
+        """This rank's contribution `x_local @ A_local^T`, [..., out], before the sum over the group."""
         if self.transposed:
-            out = (x.reshape(-1, x.shape[-1]) @ self.weight).view(*x.shape[:-1], self.weight.shape[1])
-        else:
-            out = F.linear(x, self.weight)
-        out = reduce_from_tp(out, self.group)
+            return (x.reshape(-1, x.shape[-1]) @ self.weight).view(*x.shape[:-1], self.weight.shape[1])
+        return F.linear(x, self.weight)
+
+    def reduce(self, partial: torch.Tensor) -> torch.Tensor:
+        """Sum the partial outputs over the group (the one forward all-reduce), then add the bias once."""
+        out = reduce_from_tp(partial, self.group)
         return out if self.bias is None else out + self.bias
 
     def extra_repr(self) -> str:

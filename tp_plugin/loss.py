@@ -11,6 +11,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.distributed import ProcessGroup
 
+from .comm import all_reduce
+
 
 class _VocabParallelCE(torch.autograd.Function):
     @staticmethod
@@ -21,7 +23,7 @@ class _VocabParallelCE(torch.autograd.Function):
             logits = logits.clone()
             logits[:, local_width:] = float("-inf")
         logits_max = logits.max(dim=-1).values
-        dist.all_reduce(logits_max, op=dist.ReduceOp.MAX, group=group)
+        all_reduce(logits_max, group, op=dist.ReduceOp.MAX)
         shifted = logits - logits_max.unsqueeze(-1)
 
         in_range = (target >= vocab_start) & (target < vocab_stop)
@@ -29,7 +31,7 @@ class _VocabParallelCE(torch.autograd.Function):
         target_logit = shifted.gather(-1, local_target.unsqueeze(-1)).squeeze(-1).masked_fill(~in_range, 0.0)
         exp = shifted.exp()
         stats = torch.stack([exp.sum(dim=-1), target_logit])  # [2, N]: one all-reduce for both
-        dist.all_reduce(stats, group=group)
+        all_reduce(stats, group)
         sum_exp, target_logit = stats
         ctx.save_for_backward(exp.div_(sum_exp.unsqueeze(-1)), local_target, in_range)
         return sum_exp.log() - target_logit

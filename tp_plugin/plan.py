@@ -30,6 +30,7 @@ class Plan:
     tied_embeddings: bool
     replicated: list[str] = field(default_factory=list)  # parameter names kept whole on every rank
     partial_grad: list[str] = field(default_factory=list)  # replicated modules whose grads are summed over TP
+    kept_whole: list[str] = field(default_factory=list)  # linear layers the policy keeps replicated on purpose
 
     num_parameters: int = 0  # of the unsplit model
     rank_parameters: list[int] = field(default_factory=list)  # held by each TP rank (padding rows included)
@@ -141,25 +142,26 @@ def resolve_plan(model: nn.Module, policy: Policy, tp_size: int) -> Plan:
     tied = head is not None and head.weight is embed.weight
 
     partial = [path for pattern in policy.partial_grad for path, _ in _matches(model, pattern, prefix)]
-    _check_coverage(model, prefix, entries, policy, regions)
+    kept_whole = _check_coverage(model, prefix, entries, policy)
     sharded = {f"{e.path}.{name}" for e in entries for name in e.full_shapes}
     replicated = [name for name, _ in model.named_parameters() if name not in sharded]
-    plan = Plan(policy.name or model_type, tp_size, entries, attn, regions, tied, replicated, partial)
+    plan = Plan(policy.name or model_type, tp_size, entries, attn, regions, tied, replicated, partial, kept_whole)
     plan.count_parameters(model)
     return plan
 
 
-def _check_coverage(model, prefix, entries, policy, regions) -> None:
-    """Every dense layer inside the base model is either split or deliberately replicated."""
+def _check_coverage(model, prefix, entries, policy) -> list[str]:
+    """Every dense layer inside the base model is either split or deliberately replicated; returns the latter."""
     planned = {e.path for e in entries}
     keep = [_pattern(p, prefix) for p in policy.replicate]
     in_base = {id(m) for m in getattr(model, "base_model", model).modules()}
-    missed = [name for name, mod in model.named_modules()
-              if is_dense(mod) and id(mod) in in_base and name not in planned
-              and not any(k.fullmatch(name) for k in keep)]
+    unsplit = [name for name, mod in model.named_modules()
+               if is_dense(mod) and id(mod) in in_base and name not in planned]
+    missed = [name for name in unsplit if not any(k.fullmatch(name) for k in keep)]
     if missed:
         raise TPSplitError(f"policy {policy.name!r} leaves {len(missed)} linear layer(s) unassigned, e.g. "
                            f"{missed[:3]}: add them to the policy's `layers` (Colwise/Rowwise) or `replicate`")
+    return unsplit
 
 
 def _grouped_rows(plan: Plan) -> "OrderedDict[tuple, list[str]]":
@@ -191,6 +193,9 @@ def format_plan(plan: Plan) -> str:
     widths = [max(len(row[i]) for row in table) for i in range(len(header))]
     lines += ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in table]
     lines.append(f"replicated parameters: {len(plan.replicated)} (norms, position embeddings, small heads)")
+    if plan.kept_whole:
+        kinds = sorted({re.sub(r"\.\d+\.", ".*.", path) for path in plan.kept_whole})
+        lines.append(f"linear layers kept whole (replicated, not split): {len(plan.kept_whole)}, e.g. {kinds[:4]}")
     lines.append(f"parameter count: {plan.num_parameters:,} unsplit; held per rank "
                  f"{[f'{n:,}' for n in plan.rank_parameters]} (model.num_parameters() counts this rank's)")
     return "\n".join(lines)

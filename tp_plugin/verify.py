@@ -33,6 +33,7 @@ import torch
 import torch.distributed as dist
 
 from .testing import init_rank, reap, spawn
+from .state import tp_state
 from .tiny_models import BATCH, SEQ, VOCAB, build_tiny, load_local  # noqa: F401  (re-exported)
 
 TOL = 1e-4
@@ -142,7 +143,7 @@ def check_one(name: str, tp: int, load=None, engine: str = "tp_plugin") -> Resul
         return Result(name, "refused", detail=str(exc)[:300])
     except Exception as exc:  # noqa: BLE001
         return Result(name, "error", detail=f"parallelize: {type(exc).__name__}: {str(exc)[:300]}")
-    plan = model.tp_plugin_state.plan
+    plan = tp_state(model).plan
     numel = sum(p.numel() for p in ref.parameters())
     split = sum(p.numel() for n, p in ref.named_parameters() if n not in set(plan.replicated))
     result = Result(name, "match", how=_how(plan.policy_name), policy=plan.policy_name, sharded=split / numel,
@@ -150,7 +151,7 @@ def check_one(name: str, tp: int, load=None, engine: str = "tp_plugin") -> Resul
     try:
         out = model(input_ids=ids, labels=ids)
         out.loss.backward()
-        group = model.tp_plugin_state.mesh.tp_group
+        group = tp_state(model).mesh.tp_group
         result.errors["logits"] = _rel(out.logits, ref_out.logits)
         result.errors["loss"] = _rel(out.loss, ref_out.loss)
         ref_params = dict(ref.named_parameters())

@@ -17,6 +17,7 @@ from torch import nn
 
 from ..mesh import TPMesh
 from ..sharding import ShardSpec, unshard_tensor
+from ..state import tp_state
 
 
 def unwrap(model_or_engine) -> nn.Module:
@@ -33,7 +34,7 @@ def unwrap(model_or_engine) -> nn.Module:
 
 
 def mesh_of(model: nn.Module) -> TPMesh | None:
-    state = getattr(model, "tp_plugin_state", None)
+    state = tp_state(model)
     return None if state is None else state.mesh
 
 
@@ -58,7 +59,7 @@ def _local_shape(tensor: torch.Tensor) -> tuple[int, ...]:
 
 def tensor_entries(model: nn.Module) -> list[Entry]:
     """The state dict's distinct tensors in order (a tied weight once, under its first name, as HF saves it)."""
-    state = getattr(model, "tp_plugin_state", None)
+    state = tp_state(model)
     plan_specs: dict[str, tuple[list, tuple]] = {}
     if state is not None and state.mesh is not None and state.plan.tp_size > 1:
         for e in state.plan.entries:

@@ -49,6 +49,7 @@ from torch import nn
 
 from ..mesh import TPMesh
 from ..sharding import TPSplitError
+from ..state import tp_state
 
 
 class TPMpu:
@@ -96,7 +97,7 @@ def mpu(model: nn.Module) -> TPMpu:
 
 
 def _mesh(model: nn.Module) -> TPMesh | None:
-    state = getattr(model, "tp_plugin_state", None)
+    state = tp_state(model)
     if state is None:
         raise ValueError(f"{type(model).__name__} has not been split by tp_plugin.parallelize")
     return state.mesh
@@ -108,7 +109,7 @@ def prepare_model(model: nn.Module) -> None:
     Called by `parallelize` for tp > 1. Only sets attributes: DeepSpeed need not be installed.
     """
     model.ds_autotp_parsed = True  # DeepSpeed's own flag: AutoTP leaves the model alone
-    model.set_deepspeed_parallelism = _UseModelGroups(model.tp_plugin_state.mesh, model)
+    model.set_deepspeed_parallelism = _UseModelGroups(tp_state(model).mesh, model)
     _forget_installed_groups()
 
 
@@ -162,7 +163,7 @@ class _UseModelGroups:
 
 def _count_replicated_rows_once(model: nn.Module, tp_rank: int) -> None:
     """Untag replicated KV-head shards on every holder but the first, for DeepSpeed's grad norm."""
-    for entry in model.tp_plugin_state.plan.entries:
+    for entry in tp_state(model).plan.entries:
         if not entry.shared_rows:
             continue
         mine = entry.specs[tp_rank]["weight"]

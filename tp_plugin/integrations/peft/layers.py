@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from peft.tuners.lora import layer as lora
 from torch import nn
 
-from ...comm import copy_to_tp, reduce_from_tp, sum_grad_over_sharers
+from ...comm import broadcast_from_rank0, copy_to_tp, sum_grad_over_sharers
 from ...layers import ColumnParallelLinear, RowParallelLinear, tag_param
 from ...sharding import ShardSpec, TPSplitError, shard_tensor
 
@@ -63,10 +63,7 @@ class TPLoraLinear(lora.Linear):
             factors["B.bias"] = self.lora_B[adapter_name].bias
         if not any(p.is_meta for p in factors.values()) and dist.get_world_size(base.group) > 1:
             # One broadcast per layer: every rank then holds TP rank 0's full factors, whatever its RNG did.
-            flat = torch._utils._flatten_dense_tensors([p.data for p in factors.values()])
-            dist.broadcast(flat, group=base.group, group_src=0)
-            for p, synced in zip(factors.values(), torch._utils._unflatten_dense_tensors(flat, list(factors.values()))):
-                p.data.copy_(synced)
+            broadcast_from_rank0([p.data for p in factors.values()], base.group)
         specs = self._factor_specs()
         replicas = getattr(base.weight, "tp_replicas", 1)
         for key, full in factors.items():
@@ -168,10 +165,7 @@ class TPLoraRowLinear(TPLoraLinear):
 
     def _forward_with_adapters(self, x: torch.Tensor, adapters: list[str]) -> torch.Tensor:
         base: RowParallelLinear = self.get_base_layer()
-        if base.transposed:  # GPT-2 Conv1D: weight [in_local, out]
-            partial = (x.reshape(-1, x.shape[-1]) @ base.weight).view(*x.shape[:-1], base.weight.shape[1])
-        else:
-            partial = F.linear(x, base.weight)                               # [..., out], partial over ranks
+        partial = base.partial_output(x)                                     # [..., out], partial over ranks
         result_dtype = partial.dtype
         lora_bias = None
         for name in adapters:
@@ -182,9 +176,7 @@ class TPLoraRowLinear(TPLoraLinear):
             if lora_b.bias is not None:
                 b = lora_b.bias * scaling
                 lora_bias = b if lora_bias is None else lora_bias + b
-        out = reduce_from_tp(partial, base.group)
-        if base.bias is not None:
-            out = out + base.bias
+        out = base.reduce(partial)  # the LoRA terms ride on the base layer's one all-reduce
         if lora_bias is not None:
             out = out + lora_bias
         return out.to(result_dtype)

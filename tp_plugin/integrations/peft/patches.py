@@ -27,6 +27,7 @@ from torch import nn
 from ...checks import arrive_together
 from ...layers import PARALLEL_LAYERS, ColumnParallelLinear, RowParallelLinear
 from ...sharding import TPSplitError, unshard_tensor
+from ...state import tp_state as tp_state_of
 from .layers import LORA_LAYERS
 
 _SUPPORTED_INITS = (True, False, "gaussian")
@@ -35,7 +36,7 @@ _STATE_DICT_MODULES = ("peft", "peft.utils", "peft.utils.save_and_load", "peft.p
 
 def tp_state(model: nn.Module):
     """The TPState of a split model (also through PeftModel/LoraModel, which forward attributes), else None."""
-    state = getattr(model, "tp_plugin_state", None)
+    state = tp_state_of(model)
     mesh = getattr(state, "mesh", None)
     return state if mesh is not None and mesh.tp_size > 1 else None
 
