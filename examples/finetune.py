@@ -4,8 +4,9 @@
     accelerate launch --config_file configs/accelerate/cpu_tp2_dp2_zero2.yaml examples/finetune.py
 
 The TP degree and the data-parallel engine (DDP or DeepSpeed ZeRO) come from the config file; nothing below
-names them. The only tp_plugin lines are `parallelize` and `save_pretrained` (`import tp_plugin` also adapts
-Accelerate: DDP and data sharding over the data-parallel group, gloo on a machine without GPU).
+names them. The only tp_plugin lines are `parallelize` and `save_pretrained` (the split also adapts Accelerate:
+DDP and data sharding over the data-parallel group, gloo on a machine without GPU; so it comes before
+`Accelerator()`).
 """
 
 from __future__ import annotations

@@ -52,19 +52,19 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    accelerator = Accelerator()
     torch.set_num_threads(1)  # one process per core; more threads only fight over them
     torch.manual_seed(args.seed)
+    if args.model is None:
+        args.model = default_model_dir()  # `make demo` converts the gguf before launching
+    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
+    # Split before Accelerator(): the launch's TP degree is tp_plugin's, and on a machine without GPU the split
+    # gives Accelerate its gloo process group.
+    model = tp_plugin.parallelize(model)  # TP degree from the launch config (default: all processes)
+    accelerator = Accelerator()
     log = accelerator.print
     if not accelerator.is_main_process:
         transformers.utils.logging.disable_progress_bar()
-
-    if args.model is None:
-        with accelerator.main_process_first():  # the first use converts the gguf: once, not once per rank
-            args.model = default_model_dir()
-    tokenizer = AutoTokenizer.from_pretrained(args.model)
-    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
-    model = tp_plugin.parallelize(model)  # TP degree from the launch config (default: all processes)
     targets = args.targets if args.targets == "all-linear" else args.targets.split(",")
     model = get_peft_model(model, LoraConfig(r=args.rank, lora_alpha=args.alpha, lora_dropout=args.dropout,
                                              target_modules=targets, task_type="CAUSAL_LM"))

@@ -76,3 +76,15 @@ def test_config_runs_through_accelerate_launch(config, tiny_model, tmp_path):
     for other in dp2:
         diffs = [abs(a - b) for a, b in zip(_RESULTS[other]["losses"], _RESULTS[dp2[0]]["losses"])]
         assert max(diffs) <= 1e-5, (other, _RESULTS[other]["losses"], dp2[0], _RESULTS[dp2[0]]["losses"])
+
+
+def test_lora_demo_runs_through_accelerate_launch(tiny_model, tmp_path):
+    """`make demo`'s second job: LoRA on the split model, then the adapter reloaded by plain PEFT (--check)."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    env.pop("ACCELERATE_USE_CPU", None)
+    cmd = [str(Path(sys.executable).parent / "accelerate"), "launch", "--config_file", "configs/accelerate/cpu_tp2.yaml",
+           "examples/lora_finetune.py", "--model", str(tiny_model), "--max-steps", "2", "--no-generate", "--check",
+           "--output-dir", str(tmp_path / "adapter")]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=280)
+    assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}"
+    assert (tmp_path / "adapter" / "adapter_model.safetensors").exists()
