@@ -220,14 +220,25 @@ def sum_grad_over_tp(group: ProcessGroup):
 _INT_VIEW = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
-def fingerprint(tensors: list[torch.Tensor]) -> torch.Tensor:
-    """Two int64 that change when any bit of `tensors` changes (almost surely), computed on the tensors' device:
-    the sum and a position-weighted sum of their bits read as integers. For "do the ranks hold the same
-    weights?" without copying every weight to the host."""
+def fingerprint(tensors: list[torch.Tensor], chunk: int = 1 << 22) -> torch.Tensor:
+    """Two int64 that change when any bit of `tensors` changes (almost surely), computed on the tensors' device
+    in chunks (no full-size temporary): the sum and a position-weighted sum of their bits read as integers.
+    For "do the ranks hold the same weights?" without copying every weight to the host."""
     device = tensors[0].device if tensors else torch.device("cpu")
     total = torch.zeros(2, dtype=torch.int64, device=device)
     for i, t in enumerate(tensors):
-        bits = t.detach().reshape(-1).contiguous().view(_INT_VIEW[t.element_size()]).to(torch.int64)
-        weights = torch.arange(1, bits.numel() + 1, device=device, dtype=torch.int64) % 1021 + i + 1
-        total += torch.stack([bits.sum(), (bits * weights).sum()])
+        bits = t.detach().reshape(-1).view(_INT_VIEW[t.element_size()])
+        for start in range(0, bits.numel(), chunk):
+            part = bits[start:start + chunk].to(torch.int64)
+            weights = torch.arange(start + 1, start + part.numel() + 1, device=device) % 1021 + i + 1
+            total += torch.stack([part.sum(), (part * weights).sum()])
     return total
+
+
+def all_equal(tensor: torch.Tensor, group: ProcessGroup) -> bool:
+    """Whether every rank of `group` holds the same (small) tensor: one all-gather, on a device the backend
+    supports."""
+    mine = tensor.to(_backend_device(group, tensor))
+    everyone = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(everyone, mine, group=group)
+    return all(torch.equal(everyone[0], other) for other in everyone[1:])

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import math
 
-import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
@@ -18,7 +17,7 @@ from torch.distributed.tensor import DTensor
 from . import hf_methods, rng
 from .auto import auto_policy  # the model's own base_model_tp_plan, translated, else its structure
 from .checks import install_first_forward_check
-from .comm import broadcast_from_rank0, copy_to_tp, fingerprint, sum_grad_over_tp
+from .comm import all_equal, broadcast_from_rank0, copy_to_tp, fingerprint, sum_grad_over_tp
 from .config import configured_tp_size
 from .entry import PlanEntry
 from .layers import PARALLEL_LAYERS, tag_param
@@ -113,10 +112,7 @@ def sync_from_tp_rank0(model: nn.Module, group: dist.ProcessGroup) -> None:
     """
     tensors = [t.data for t in list(model.parameters()) + list(model.buffers())]
     if not any(t.is_meta for t in tensors):  # built on meta: each rank loads its shards later
-        mine = fingerprint(tensors)
-        everyone = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
-        dist.all_gather(everyone, mine, group=group)
-        if any(not torch.equal(everyone[0], other) for other in everyone[1:]):
+        if not all_equal(fingerprint(tensors), group):
             broadcast_from_rank0(tensors, group)
     rng.sync_from_tp_rank0(group)
 
