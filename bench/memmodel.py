@@ -15,51 +15,14 @@ is skipped for meta params, its layers slice meta tensors), so nothing is alloca
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
+
+from tp_plugin.planner import saved_bytes
 
 from .shapes import config
 
 GiB = 2 ** 30
-
-
-@contextlib.contextmanager
-def _flash_attention():
-    original = F.scaled_dot_product_attention
-
-    def flash(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
-        if attn_mask is not None:
-            raise RuntimeError("memory model: expected a causal SDPA call without an explicit mask")
-        if enable_gqa:  # the CPU flash kernel wants as many KV heads as query heads
-            k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
-            v = v.repeat_interleave(q.shape[1] // v.shape[1], dim=1)
-        return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, dropout_p, is_causal,
-                                                                          scale=scale)[0]
-    F.scaled_dot_product_attention = flash
-    try:
-        yield
-    finally:
-        F.scaled_dot_product_attention = original
-
-
-def _saved_bytes(model, batch: int, seq: int) -> int:
-    params = {p.untyped_storage()._cdata for p in model.parameters()}
-    seen: dict[int, int] = {}
-
-    def pack(t):
-        storage = t.untyped_storage()
-        if storage._cdata not in params:
-            seen[storage._cdata] = storage.nbytes()
-        return t
-
-    ids = torch.zeros(batch, seq, dtype=torch.long, device="meta")
-    with _flash_attention(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        loss = model(input_ids=ids, labels=ids).loss
-    del loss
-    return sum(seen.values())
 
 
 def rank0_memory(shape: str, tp: int, *, batch: int, seq: int, layers: int | None = None,
@@ -79,7 +42,7 @@ def rank0_memory(shape: str, tp: int, *, batch: int, seq: int, layers: int | Non
         numel = sum(p.numel() for p in params)
         out = {"shape": shape, "tp": tp, "batch": batch, "seq": seq, "layers": model.config.num_hidden_layers,
                "params": numel * dtype.itemsize, "grads": numel * dtype.itemsize, "optimizer": numel * 2 * 4,
-               "activations": _saved_bytes(model, batch, seq)}
+               "activations": saved_bytes(model, batch, seq)[0]}
     finally:
         dist.destroy_process_group()
     out["total"] = out["params"] + out["grads"] + out["optimizer"] + out["activations"]

@@ -2,6 +2,7 @@
 
     tp-plugin consolidate SHARDED_DIR OUT_DIR [--max-shard-size 5GB]
     tp-plugin verify MODEL_OR_CONFIG [--tp N] | --all-architectures [--tp 2 --tp 4] [--markdown FILE]
+    tp-plugin plan MODEL_OR_CONFIG --gpus N --gpu-memory GIB [--nodes K] [--seq S] [--lora] [--json] ...
 
 Adding a subcommand: write `_configure_x(parser)` and `_run_x(args) -> int`, then
 `register("x", "one-line help", _configure_x, _run_x)`.
@@ -72,6 +73,54 @@ def _run_verify(args: argparse.Namespace) -> int:
 
 register("verify", "split a model on N local CPU ranks and compare it with the unsplit model (parity)",
          _configure_verify, _run_verify)
+
+
+def _configure_plan(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("target", metavar="MODEL_OR_CONFIG",
+                        help="a local model directory (config.json is enough: no weights are read) or a model_type")
+    parser.add_argument("--gpus", type=int, required=True, help="GPUs in all")
+    parser.add_argument("--gpu-memory", type=float, required=True, metavar="GIB", help="memory per GPU in GiB")
+    parser.add_argument("--nodes", type=int, default=1, help="nodes the GPUs are spread over (default 1)")
+    parser.add_argument("--seq", type=int, default=4096, help="sequence length (default 4096)")
+    parser.add_argument("--micro-batch", type=int, default=1, help="micro batch per GPU (default 1)")
+    parser.add_argument("--dtype", default="bf16", choices=sorted(DTYPE_NAMES), help="training dtype (default bf16)")
+    parser.add_argument("--optimizer", default="adamw", choices=("adamw", "sgd"))
+    parser.add_argument("--lora", action="store_true", help="LoRA on every linear layer instead of full fine-tuning")
+    parser.add_argument("--lora-rank", type=int, default=16)
+    parser.add_argument("--gradient-checkpointing", action="store_true",
+                        help="only layouts with gradient checkpointing (default: with and without)")
+    parser.add_argument("--sequence-parallel", action="store_true",
+                        help="also estimate sequence-parallel layouts (not in tp_plugin yet)")
+    parser.add_argument("--json", action="store_true", help="print the machine-readable document")
+    parser.add_argument("--write-configs", metavar="DIR", help="write an Accelerate yaml + DeepSpeed json for the "
+                                                              "recommended layout")
+
+
+DTYPE_NAMES = ("bf16", "fp16", "fp32")
+
+
+def _run_plan(args: argparse.Namespace) -> int:
+    import json
+
+    from .planner import Workload, format_table, load_config, plan_document, write_configs
+
+    work = Workload(gpus=args.gpus, gpu_memory_gib=args.gpu_memory, nodes=args.nodes, seq=args.seq,
+                    micro_batch=args.micro_batch, dtype=args.dtype, optimizer=args.optimizer, lora=args.lora,
+                    lora_rank=args.lora_rank, gradient_checkpointing=True if args.gradient_checkpointing else None,
+                    sequence_parallel=args.sequence_parallel)
+    doc = plan_document(load_config(args.target), work)
+    print(json.dumps(doc, indent=2) if args.json else format_table(doc))
+    if args.write_configs:
+        if doc["recommended"] is None:
+            print("tp-plugin plan: nothing fits, no config written", file=sys.stderr)
+            return 1
+        for path in write_configs(doc["recommended"], work, args.write_configs):
+            print(f"wrote {path}", file=sys.stderr)
+    return 0
+
+
+register("plan", "which TP degree, data parallelism and ZeRO stage fit a model on N GPUs (no weights read)",
+         _configure_plan, _run_plan)
 
 
 def build_parser() -> argparse.ArgumentParser:

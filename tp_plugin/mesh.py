@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 from dataclasses import dataclass
 
+import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
@@ -73,11 +75,39 @@ def build_mesh(tp_size: int, device_type: str) -> TPMesh:
     """A 2-D mesh: `world / tp_size` data-parallel replicas of `tp_size` consecutive ranks."""
     world = world_size()
     mesh = init_device_mesh(device_type, (world // tp_size, tp_size), mesh_dim_names=("dp", "tp"))
-    local = int(os.environ.get("LOCAL_WORLD_SIZE", world))
-    if tp_size > local and dist.get_rank() == 0:
-        logger.warning("tensor-parallel groups of %d ranks span nodes of %d ranks: TP traffic will cross the "
-                       "network; prefer tp_size <= ranks per node", tp_size, local)
     return TPMesh(mesh)
+
+
+HOSTNAME_ENV = "TP_PLUGIN_HOSTNAME"  # overrides the host name (to simulate several hosts on one machine)
+
+
+def topology_warning(tp_mesh: TPMesh) -> str | None:
+    """A warning when the TP group spans hosts, or its GPUs on one host cannot reach each other directly (no
+    NVLink / P2P); None when the layout is right. One small object all-gather over the TP group."""
+    here = os.environ.get(HOSTNAME_ENV) or socket.gethostname()
+    device = torch.cuda.current_device() if torch.cuda.is_available() and torch.cuda.is_initialized() else -1
+    everyone = [None] * tp_mesh.tp_size
+    dist.all_gather_object(everyone, (here, device), group=tp_mesh.tp_group)
+    hosts = sorted({h for h, _ in everyone})
+    if len(hosts) > 1:
+        per_host = {h: sum(1 for x, _ in everyone if x == h) for h in hosts}
+        return (f"tp_plugin: the tensor-parallel group of {tp_mesh.tp_size} ranks spans {len(hosts)} hosts "
+                f"({per_host}): its 2 all-reduces per block each way cross the network. Keep TP inside a node "
+                f"(tp_size <= GPUs per node) and use data parallelism (ZeRO / FSDP) or pipeline stages across "
+                f"nodes; `tp-plugin plan` shows the layouts that fit.")
+    local = sorted({d for h, d in everyone if h == here and d >= 0})
+    unlinked = [(a, b) for a in local for b in local if a < b and not torch.cuda.can_device_access_peer(a, b)]
+    if unlinked:
+        return (f"tp_plugin: GPUs {unlinked} of the tensor-parallel group cannot access each other directly (no "
+                f"NVLink / P2P): TP all-reduces go through host memory. Put the TP group on linked GPUs.")
+    return None
+
+
+def warn_on_topology(tp_mesh: TPMesh) -> None:
+    """Log `topology_warning` once per group, on its first rank."""
+    message = topology_warning(tp_mesh)
+    if message and tp_mesh.tp_rank == 0:
+        logger.warning(message)
 
 
 def _data_dims(mesh: DeviceMesh) -> list[str]:

@@ -22,7 +22,8 @@ from .config import configured_tp_size
 from .entry import PlanEntry
 from .layers import PARALLEL_LAYERS, tag_param
 from .loss import VocabParallelCausalLMLoss
-from .mesh import build_mesh, check_layout, mesh_device_type, mesh_from, tp_size_of, world_size
+from .mesh import (build_mesh, check_layout, mesh_device_type, mesh_from, tp_size_of, warn_on_topology,
+                   world_size)
 from .plan import Plan, resolve_plan, vocab_entries
 from .policy import Policy, get_policy, registered_model_types
 from .sharding import TPSplitError
@@ -48,7 +49,9 @@ def split_model(model: nn.Module, tp_size: int | None = None, *, mesh: DeviceMes
     elif world_size() > 1:
         tp_mesh = build_mesh(tp_size, mesh_device_type(model))
     if tp_mesh is not None and tp_size > 1:
-        sync_from_tp_rank0(model, tp_mesh.tp_group)
+        if str(dist.get_backend(tp_mesh.tp_group)) != "fake":  # a fake group (memory models) has no peers to ask
+            warn_on_topology(tp_mesh)  # a TP group across hosts or unlinked GPUs: one clear warning
+            sync_from_tp_rank0(model, tp_mesh.tp_group)
         apply_plan(model, plan, tp_mesh.tp_rank, tp_mesh.tp_group, loss_parallel=loss_parallel)
     model.tp_plugin_state = TPState(plan, tp_mesh, loss_parallel)
     if tp_mesh is not None and tp_size > 1:

@@ -1,0 +1,346 @@
+"""`tp-plugin plan`: which layout (TP degree, data parallelism, ZeRO stage, checkpointing) fits a model on N GPUs.
+
+Nothing is loaded and nothing is allocated: the model is built on the meta device from its config, and
+
+* parameters per rank are exact: the plan that `parallelize` would apply, resolved for every TP degree the heads,
+  KV heads and vocabulary allow (uneven splits, replicated KV heads and the padded vocabulary included);
+* activations are measured, not modelled: the bytes autograd saves for backward in one training forward of a
+  1- and a 2-layer copy of the model on the meta device, split at the same degree over a fake process group,
+  extrapolated to all layers (per layer = 2 layers - 1 layer); attention runs the flash kernel's saving pattern.
+  Gradient checkpointing keeps each layer's input plus one layer recomputed at a time. Sequence parallelism
+  (not in tp_plugin yet) is estimated by dividing the saved tensors of hidden width (norm inputs, residuals) by tp;
+* model states: weights and gradients in the training dtype, the optimizer's fp32 master copy (when the training
+  dtype is lower) and states (AdamW 2, SGD none), divided over the data-parallel ranks by the ZeRO stage
+  (1: optimizer, 2: + gradients, 3 / FSDP: + weights), e.g. 16 bytes per parameter for bf16 AdamW;
+* temporary buffers: under ZeRO-3 / FSDP two layers' weights gathered at a time; the loss is taken vocab-parallel
+  (`loss_parallel=True`), so the full logits are never gathered (its saved softmax shard is in the activations);
+* a fixed margin for the CUDA context, NCCL buffers and allocator fragmentation (`MARGIN_GIB`).
+
+The recommendation follows the usual rule: the smallest TP degree that fits inside one node (at most 8), then no
+gradient checkpointing if that fits, then the lowest ZeRO stage that fits. Pipeline stages are not offered (not in
+tp_plugin yet), so pp is always 1.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+GiB = 2 ** 30
+MARGIN_GIB = 2.0
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+OPTIMIZER_STATES = {"adamw": 2, "sgd": 0}  # fp32 states per trainable parameter
+
+
+@dataclass
+class Workload:
+    gpus: int
+    gpu_memory_gib: float
+    nodes: int = 1
+    seq: int = 4096
+    micro_batch: int = 1
+    dtype: str = "bf16"
+    optimizer: str = "adamw"
+    lora: bool = False
+    lora_rank: int = 16
+    gradient_checkpointing: bool | None = None  # None: try both
+    sequence_parallel: bool = False  # also estimate SP layouts
+
+    @property
+    def gpus_per_node(self) -> int:
+        return max(1, self.gpus // self.nodes)
+
+
+@dataclass
+class Candidate:
+    tp: int
+    pp: int
+    dp: int
+    zero_stage: int
+    sequence_parallel: bool
+    gradient_checkpointing: bool
+    fits: bool
+    memory_gib: dict[str, float]
+    comm_gib_per_step: dict[str, float]
+    notes: list[str] = field(default_factory=list)
+
+
+# ---- the model on the meta device -------------------------------------------------------------------------------
+
+def load_config(target: str):
+    """A local model directory (or one holding only config.json), else a model_type (a tiny default config)."""
+    from transformers import AutoConfig
+
+    if Path(target).is_dir():
+        return AutoConfig.from_pretrained(target)
+    from .tiny_models import tiny_config
+
+    return tiny_config(target)
+
+
+def meta_model(config, dtype: torch.dtype, layers: int | None = None) -> nn.Module:
+    import copy
+
+    from transformers import AutoModelForCausalLM
+
+    config = copy.deepcopy(config)
+    if layers is not None:
+        config.num_hidden_layers = layers
+        if getattr(config, "layer_types", None):
+            config.layer_types = config.layer_types[:layers]
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config, dtype=dtype)
+
+
+def split_degrees(model: nn.Module, limit: int) -> dict[int, object]:
+    """{tp: plan} for every degree up to `limit` the model can be split into (pure: no process group)."""
+    from .plan import resolve_plan
+    from .sharding import TPSplitError
+    from .split import _policy_for
+
+    plans = {}
+    for tp in range(1, limit + 1):
+        try:
+            plans[tp] = resolve_plan(model, _policy_for(model), tp)
+        except TPSplitError:
+            continue
+    return plans
+
+
+def lora_parameters(plan, rank: int, r: int) -> int:
+    """Trainable LoRA parameters on TP rank `rank` with `target_modules="all-linear"` at rank `r`."""
+    from .styles import ColumnStyle, RowStyle
+
+    total = 0
+    for entry in plan.entries:
+        if not isinstance(entry.style, (ColumnStyle, RowStyle)):
+            continue
+        out_f, in_f = entry.full_shapes["weight"][::-1] if entry.transposed else entry.full_shapes["weight"]
+        local = entry.specs[rank]["weight"].local_size
+        total += r * in_f + local * r if isinstance(entry.style, ColumnStyle) else r * local + out_f * r
+    return total
+
+
+@contextlib.contextmanager
+def flash_attention():
+    """Route SDPA to the CPU flash kernel, whose backward saves q, k, v, the output and the log-sum-exp like the
+    flash kernels used on GPUs (on the meta device SDPA would pick its math kernel, which saves [s, s] scores)."""
+    original = F.scaled_dot_product_attention
+
+    def flash(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
+        if attn_mask is not None:
+            raise RuntimeError("memory model: expected a causal SDPA call without an explicit mask")
+        if enable_gqa:  # the CPU flash kernel wants as many KV heads as query heads
+            k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+            v = v.repeat_interleave(q.shape[1] // v.shape[1], dim=1)
+        return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, dropout_p, is_causal,
+                                                                          scale=scale)[0]
+    F.scaled_dot_product_attention = flash
+    try:
+        yield
+    finally:
+        F.scaled_dot_product_attention = original
+
+
+def saved_bytes(model: nn.Module, batch: int, seq: int, hidden: int | None = None) -> tuple[int, int]:
+    """Bytes autograd saves for backward in one training forward (each storage once, parameters left out), and
+    the part of them in tensors whose last dim is `hidden` (what sequence parallelism would split)."""
+    params = {p.untyped_storage()._cdata for p in model.parameters()}
+    seen: dict[int, tuple[int, bool]] = {}
+
+    def pack(t):
+        storage = t.untyped_storage()
+        if storage._cdata not in params:
+            seen[storage._cdata] = (storage.nbytes(), hidden is not None and t.dim() > 1 and t.shape[-1] == hidden)
+        return t
+
+    ids = torch.zeros(batch, seq, dtype=torch.long, device="meta")
+    with flash_attention(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = model(input_ids=ids, labels=ids).loss
+    del loss
+    return sum(n for n, _ in seen.values()), sum(n for n, wide in seen.values() if wide)
+
+
+def activation_bytes(config, tp: int, batch: int, seq: int, dtype: torch.dtype) -> dict[str, int]:
+    """Saved activations on TP rank 0 at degree `tp`: the part outside the layers, per layer, and per layer in
+    tensors of hidden width (fake process group of `tp` ranks, meta device, 1- and 2-layer copies)."""
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    from .split import split_model
+
+    hidden = getattr(config.get_text_config(), "hidden_size", None)
+    measured = []
+    for layers in (1, 2):
+        model = meta_model(config, dtype, layers)
+        model.train()
+        if tp > 1:
+            dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=tp)
+        try:
+            if tp > 1:
+                split_model(model, tp, loss_parallel=True)
+            measured.append(saved_bytes(model, batch, seq, hidden))
+        finally:
+            if tp > 1:
+                dist.destroy_process_group()
+    (one, one_wide), (two, two_wide) = measured
+    return {"outside": 2 * one - two, "per_layer": two - one, "per_layer_hidden": two_wide - one_wide}
+
+
+# ---- candidates ---------------------------------------------------------------------------------------------------
+
+def _ring(size_bytes: float, ranks: int) -> float:
+    """Bytes each rank sends in a ring all-reduce of `size_bytes` over `ranks` ranks."""
+    return 0.0 if ranks <= 1 else 2 * (ranks - 1) / ranks * size_bytes
+
+
+def candidates(config, work: Workload) -> list[Candidate]:
+    dtype = DTYPES[work.dtype]
+    width = dtype.itemsize
+    text = config.get_text_config()
+    layers = text.num_hidden_layers
+    model = meta_model(config, dtype)
+    limit = min(work.gpus, 8 * max(1, work.nodes))
+    plans = split_degrees(model, limit)
+    out = []
+    for tp, plan in plans.items():
+        if work.gpus % tp:
+            continue
+        dp = work.gpus // tp
+        acts = activation_bytes(config, tp, work.micro_batch, work.seq, dtype)
+        params = max(plan.rank_parameters)
+        trainable = max(lora_parameters(plan, r, work.lora_rank) for r in range(tp)) if work.lora else params
+        master = 4 if width < 4 else 0
+        states = OPTIMIZER_STATES[work.optimizer] * 4
+        for zero in (0, 1, 2, 3) if dp > 1 else (0,):
+            for ckpt in ([False, True] if work.gradient_checkpointing is None else [work.gradient_checkpointing]):
+                for sp in ([False, True] if work.sequence_parallel and tp > 1 else [False]):
+                    out.append(_candidate(work, tp, dp, zero, ckpt, sp, params, trainable, width, master, states,
+                                          acts, layers, text.hidden_size, plan))
+    return out
+
+
+def _candidate(work, tp, dp, zero, ckpt, sp, params, trainable, width, master, states, acts, layers, hidden,
+               plan) -> Candidate:
+    notes = []
+    per_layer = acts["per_layer"] - (acts["per_layer_hidden"] * (tp - 1) / tp if sp else 0)
+    if ckpt:  # each layer keeps its input; one layer's activations are rebuilt at a time in backward
+        layer_input = work.micro_batch * work.seq * hidden * width / (tp if sp else 1)
+        activations = acts["outside"] + layers * layer_input + per_layer
+    else:
+        activations = acts["outside"] + layers * per_layer
+    memory = {"params": params * width / (dp if zero >= 3 else 1),
+              "grads": trainable * width / (dp if zero >= 2 else 1),
+              "optimizer": trainable * (master + states) / (dp if zero >= 1 else 1),
+              "activations": activations}
+    # temporaries: ZeRO-3 / FSDP gathers a layer's weights (and prefetches the next): two layers' shards
+    memory["buffers"] = 2 * params / layers * width if zero >= 3 and dp > 1 else 0.0
+    memory = {k: v / GiB for k, v in memory.items()}
+    memory["margin"] = MARGIN_GIB
+    memory["total"] = sum(memory.values())
+    fits = memory["total"] <= work.gpu_memory_gib
+    tokens = work.micro_batch * work.seq * hidden * width
+    tp_bytes = layers * (6 if ckpt else 4) * _ring(tokens, tp)  # 2 all-reduces per block each way (+ recompute)
+    dp_bytes = _ring(trainable * width, dp) + (2 * (dp - 1) / dp * params * width if zero >= 3 else 0)
+    if tp > work.gpus_per_node:
+        notes.append(f"the TP group of {tp} spans nodes of {work.gpus_per_node} GPUs: TP traffic would cross the "
+                     f"network; keep TP inside a node")
+    if tp > 8:
+        notes.append("TP beyond 8 ranks: prefer data parallelism or pipeline stages")
+    if sp:
+        notes.append("sequence parallelism is not in tp_plugin yet: an estimate")
+    if not fits:
+        biggest = max(("params", "grads", "optimizer", "activations"), key=lambda k: memory[k])
+        notes.append(f"needs {memory['total']:.1f} GiB of {work.gpu_memory_gib:g} (largest part: {biggest} "
+                     f"{memory[biggest]:.1f} GiB)")
+    if work.lora:
+        notes.append(f"LoRA r={work.lora_rank} on all linear layers: {trainable:,} trainable parameters per rank")
+    return Candidate(tp, 1, dp, zero, sp, ckpt, fits, {k: round(v, 3) for k, v in memory.items()},
+                     {"tp": round(tp_bytes / GiB, 3), "dp": round(dp_bytes / GiB, 3)}, notes)
+
+
+def recommend(cands: list[Candidate], work: Workload) -> Candidate | None:
+    """The smallest TP degree that fits inside a node (<= 8), then no checkpointing, then the lowest ZeRO stage."""
+    usable = [c for c in cands if c.fits and not c.sequence_parallel and c.tp <= min(8, work.gpus_per_node)]
+    return min(usable, key=lambda c: (c.tp, c.gradient_checkpointing, c.zero_stage), default=None)
+
+
+def reason(best: Candidate | None, cands: list[Candidate], work: Workload) -> str:
+    if best is not None and best.tp == 1:
+        return (f"the model fits without tensor parallelism ({best.memory_gib['total']:.1f} of "
+                f"{work.gpu_memory_gib:g} GiB per GPU): {best.dp}x data parallelism"
+                + (f" with ZeRO-{best.zero_stage}, the lowest stage that fits" if best.zero_stage else "")
+                + ("; gradient checkpointing is needed to fit the activations" if best.gradient_checkpointing else "")
+                + ".")
+    if best is None:
+        smallest = min(cands, key=lambda c: c.memory_gib["total"])
+        return (f"nothing fits on {work.gpus} x {work.gpu_memory_gib:g} GiB: the leanest layout (tp={smallest.tp}, "
+                f"dp={smallest.dp}, ZeRO-{smallest.zero_stage}, checkpointing {smallest.gradient_checkpointing}) "
+                f"needs {smallest.memory_gib['total']:.1f} GiB per GPU. Use more GPUs, LoRA, or a shorter sequence.")
+    return (f"tp={best.tp} is the smallest tensor-parallel degree that fits ({best.memory_gib['total']:.1f} of "
+            f"{work.gpu_memory_gib:g} GiB per GPU) inside a node of {work.gpus_per_node} GPUs, where the TP "
+            f"all-reduces ({best.comm_gib_per_step['tp']:.2f} GiB per step per GPU) stay on the fast links; the "
+            f"other {best.dp}x is data parallelism"
+            + (f" with ZeRO-{best.zero_stage}, the lowest stage that fits" if best.zero_stage else "")
+            + ("; gradient checkpointing is needed to fit the activations" if best.gradient_checkpointing else "")
+            + ".")
+
+
+def plan_document(config, work: Workload) -> dict:
+    cands = candidates(config, work)
+    best = recommend(cands, work)
+    return {"model_type": config.model_type, "workload": asdict(work),
+            "candidates": [asdict(c) for c in cands], "recommended": asdict(best) if best else None,
+            "reason": reason(best, cands, work)}
+
+
+def write_configs(best: dict, work: Workload, directory: str | Path) -> list[Path]:
+    """An Accelerate yaml and the DeepSpeed json it points to, in the shape of `configs/`."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    tp, dp, zero = best["tp"], best["dp"], best["zero_stage"]
+    ds = {"train_micro_batch_size_per_gpu": work.micro_batch, "gradient_accumulation_steps": 1,
+          "gradient_clipping": 1.0, "zero_optimization": {"stage": zero}}
+    if tp > 1:  # the key tp_plugin reads as its TP degree (see README, DeepSpeed)
+        ds["tensor_parallel"] = {"autotp_size": tp}
+    if work.dtype == "bf16":
+        ds["bf16"] = {"enabled": True}
+    name = f"tp{tp}_dp{dp}_zero{zero}"
+    ds_path = directory / f"ds_{name}.json"
+    ds_path.write_text(json.dumps(ds, indent=2) + "\n")
+    yaml_path = directory / f"accelerate_{name}.yaml"
+    yaml_path.write_text(
+        "compute_environment: LOCAL_MACHINE\n"
+        "distributed_type: DEEPSPEED\n"
+        f"deepspeed_config:\n  deepspeed_config_file: {ds_path}\n"
+        f"num_machines: {work.nodes}\nnum_processes: {work.gpus}\n"
+        "machine_rank: 0\nmain_training_function: main\n"
+        f"mixed_precision: {'bf16' if work.dtype == 'bf16' else 'no'}\n"
+        "same_network: true\nuse_cpu: false\n")
+    return [yaml_path, ds_path]
+
+
+def format_table(doc: dict) -> str:
+    header = ["tp", "dp", "zero", "ckpt", "sp", "params", "grads", "optim", "acts", "total GiB", "fits", "TP GiB/step"]
+    rows = [header]
+    for c in sorted(doc["candidates"], key=lambda c: (c["tp"], c["zero_stage"], c["gradient_checkpointing"])):
+        m = c["memory_gib"]
+        rows.append([str(c["tp"]), str(c["dp"]), str(c["zero_stage"]), "yes" if c["gradient_checkpointing"] else "no",
+                     "yes" if c["sequence_parallel"] else "no", f"{m['params']:.1f}", f"{m['grads']:.1f}",
+                     f"{m['optimizer']:.1f}", f"{m['activations']:.1f}", f"{m['total']:.1f}",
+                     "yes" if c["fits"] else "no", f"{c['comm_gib_per_step']['tp']:.2f}"])
+    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
+    lines = ["  ".join(cell.rjust(w) for cell, w in zip(row, widths)) for row in rows]
+    best = doc["recommended"]
+    lines.append("")
+    lines.append("recommended: " + (f"tp={best['tp']} pp=1 dp={best['dp']} ZeRO-{best['zero_stage']}"
+                                    f"{' + gradient checkpointing' if best['gradient_checkpointing'] else ''}"
+                                    if best else "none"))
+    lines.append(doc["reason"])
+    return "\n".join(lines)
