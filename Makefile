@@ -3,6 +3,7 @@
 # make demo   fine-tune SmolLM2-135M split over 2 CPU ranks (extra flags: make demo ARGS=--loss-parallel)
 # make bench  benchmarks: tp_plugin vs DeepSpeed AutoTP and transformers TP (bench/results/)
 # make test-versions  the core parity tests against the lowest declared and the newest transformers
+# make gpu-check  the checks that need a GPU (bench/gpu_check.py; on a CPU-only machine: a smoke run)
 SHELL := /bin/bash
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -14,7 +15,7 @@ STAMP := $(VENV)/.installed-$(shell cat constraints-dev.txt pyproject.toml | sha
 RUN_ENV := HF_HUB_OFFLINE=1 DS_ACCELERATOR=cpu OMP_NUM_THREADS=1 TMPDIR=$(CURDIR)/.tmp \
 	TORCH_EXTENSIONS_DIR=$(CURDIR)/.cache/torch_extensions
 
-.PHONY: venv test test-versions demo bench
+.PHONY: venv test test-versions demo bench gpu-check
 
 venv: $(STAMP)
 
@@ -63,3 +64,9 @@ bench: venv
 	mkdir -p .tmp
 	$(RUN_ENV) $(PY) -c "from deepspeed.ops.op_builder.cpu import ShareMemCommBuilder as B; B().load(verbose=False)"
 	$(RUN_ENV) $(PY) -m bench $(ARGS)
+
+# The GPU machines have no network and no venv: there the system python runs it from the source tree.
+GPU_PY = $(shell test -x $(PY) && echo $(PY) || echo python3)
+gpu-check:
+	mkdir -p .tmp
+	HF_HUB_OFFLINE=1 OMP_NUM_THREADS=4 TMPDIR=$(CURDIR)/.tmp PYTHONPATH=$(CURDIR) $(GPU_PY) -m bench.gpu_check $(ARGS)

@@ -72,3 +72,12 @@ def test_memory_model_on_meta_with_a_fake_process_group():
     # split weights shrink with tp (vocab padding and replicated norms keep them above the ideal 1/tp)
     assert rows[0]["params"] > rows[1]["params"] > rows[2]["params"] >= rows[0]["params"] / 4
     assert not torch.distributed.is_initialized()
+
+
+def test_gpu_check_correctness_section_runs_on_the_cpu():
+    """`make gpu-check`'s first section, on the CPU with gloo (the GPU run uses the same code with CUDA tensors)."""
+    from bench.gpu_check import correctness
+
+    result = correctness("cpu")
+    assert result["ok"] and result["cpu_rng_equal_after_split"] and result["sampling_equal_after_per_rank_seeds"], \
+        result

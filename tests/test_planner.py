@@ -10,7 +10,6 @@ save differently from the planner's flash-attention pattern.
 from __future__ import annotations
 
 import json
-import logging
 import os
 
 import pytest

@@ -1,0 +1,246 @@
+"""`make gpu-check`: the checks that need a GPU, in one run that finishes in a few minutes on one H100.
+
+    python -m bench.gpu_check [--quick] [--out bench/results/gpu_check]
+
+Writes `<out>.json` and `<out>.md`. Three sections; on a machine without CUDA, sections 1 and 3 run on the CPU
+with toy shapes (a smoke test of the code, not a GPU result: the device field says "no CUDA device"), section 2
+says "skipped: no CUDA device" and a toy planner run stands in for it:
+
+1. correctness of the CUDA path: 2 ranks on the one GPU with the gloo backend (NCCL refuses two ranks on one
+   device), a tiny Llama split at tp=2 against the unsplit model (logits, loss, every gradient), the CUDA RNG
+   states equal across the TP group after the split, and sampling after per-rank seeds equal on both ranks;
+2. per-rank compute at tp = 1, 2, 4, 8 for Llama-3-8B-shaped blocks in bf16 with a fake process group (this
+   process is rank 0 of tp; no communication): step time against the unsplit time / tp, and peak memory against
+   the planner's prediction for the same setup (`tp_plugin.planner`: parameters, gradients, AdamW states in the
+   parameters' dtype, activations);
+3. `generate()` per-token latency at tp=2 (2 ranks on the GPU, gloo; greedy, KV cache, prompt 128, 64 new
+   tokens, batch 1 and 8) next to the unsplit model.
+
+The GPU machines have no network: this needs only torch, transformers and tp_plugin's own files.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import statistics
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from .gpu import _rank0_step
+from .shapes import config
+
+SKIPPED = "skipped: no CUDA device"
+
+
+def _tiny(seed: int = 0):
+    import transformers
+
+    torch.manual_seed(seed)
+    cfg = transformers.LlamaConfig(vocab_size=101, hidden_size=72, intermediate_size=98, num_hidden_layers=2,
+                                   num_attention_heads=9, num_key_value_heads=3, head_dim=8,
+                                   max_position_embeddings=64, pad_token_id=0)
+    return transformers.LlamaForCausalLM(cfg)
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def _correctness_rank(rank, world, port, queue, timeout_s, device):
+    import copy
+
+    from tp_plugin import parallelize, testing, tp_state
+    from tp_plugin.sharding import unshard_tensor
+
+    testing.init_rank(rank, world, port, timeout_s)
+    try:
+        if device == "cuda":
+            torch.cuda.set_device(0)
+        ref = _tiny().to(device)
+        model = parallelize(copy.deepcopy(ref), tp_size=2)
+        group = tp_state(model).mesh.tp_group
+        ids = torch.randint(3, 101, (2, 12), generator=torch.Generator().manual_seed(1)).to(device)
+        out, ref_out = model(ids, labels=ids), ref(ids, labels=ids)
+        out.loss.backward()
+        ref_out.loss.backward()
+        grad_err = 0.0
+        ref_params = dict(ref.named_parameters())
+        for name, p in model.named_parameters():
+            grad = p.grad
+            if getattr(p, "tp_shard", None) is not None:
+                shards, specs = [None] * 2, [None] * 2
+                dist.all_gather_object(shards, p.grad.cpu(), group=group)
+                dist.all_gather_object(specs, p.tp_shard, group=group)
+                grad = unshard_tensor(shards, specs).to(device)
+            grad_err = max(grad_err, (grad - ref_params[name].grad).abs().max().item())
+        states = [None] * 2
+        rng_state = torch.cuda.get_rng_state() if device == "cuda" else torch.get_rng_state()
+        dist.all_gather_object(states, rng_state, group=group)
+        torch.manual_seed(100 + rank)  # per-rank seeds (CPU and CUDA generators), then sampling
+        model.eval()
+        sampled = model.generate(ids[:1, :5], do_sample=True, max_new_tokens=8, top_k=0, pad_token_id=0).cpu()
+        queue.put((rank, {"logits_err": (out.logits - ref_out.logits).abs().max().item(),
+                          "loss_err": abs(out.loss.item() - ref_out.loss.item()), "grad_err": grad_err,
+                          "cuda_rng_equal": torch.equal(states[0], states[1]), "sampled": sampled.tolist()}))
+    except BaseException as exc:  # noqa: BLE001  (reported in the results)
+        queue.put((rank, {"error": repr(exc)}))
+    finally:
+        dist.destroy_process_group()
+
+
+def _two_ranks(target, *args, timeout_s: float = 300.0) -> list[dict]:
+    from tp_plugin import testing
+
+    store, queue, procs = testing.spawn(mp.get_context("spawn"), 2, target, args, timeout_s)
+    try:
+        results = dict(queue.get(timeout=timeout_s) for _ in range(2))
+    finally:
+        testing.reap(procs)
+        del store
+    return [results[0], results[1]]
+
+
+def correctness(device: str) -> dict:
+    r0, r1 = _two_ranks(_correctness_rank, device)
+    if "error" in r0 or "error" in r1:
+        return {"error": r0.get("error") or r1.get("error")}
+    return {"logits_err": r0["logits_err"], "loss_err": r0["loss_err"], "grad_err": max(r0["grad_err"], r1["grad_err"]),
+            f"{device}_rng_equal_after_split": r0["cuda_rng_equal"], "sampling_equal_after_per_rank_seeds":
+            r0["sampled"] == r1["sampled"], "ok": r0["logits_err"] < 1e-4 and r0["grad_err"] < 1e-4
+            and r0["cuda_rng_equal"] and r0["sampled"] == r1["sampled"]}
+
+
+def _predicted_gib(shape: str, layers: int, tp: int, batch: int, seq: int) -> float:
+    """The planner's numbers for what `_rank0_step` runs: bf16 weights, grads and AdamW states (torch keeps the
+    states in the parameters' dtype), plus the activations measured on meta."""
+    from tp_plugin import planner
+
+    cfg = config(shape, layers)
+    acts = planner.activation_bytes(cfg, tp, batch, seq, torch.bfloat16)
+    plan = planner.split_degrees(planner.meta_model(cfg, torch.bfloat16), tp)[tp]
+    params = max(plan.rank_parameters)
+    return (params * 2 * 4 + acts["outside"] + layers * acts["per_layer"]) / 2 ** 30
+
+
+def compute(quick: bool) -> dict:
+    if not torch.cuda.is_available():
+        return {"skipped": SKIPPED}
+    layers, seq = (2, 512) if quick else (4, 2048)
+    rows = []
+    for tp in (1, 2, 4, 8):
+        row = _rank0_step(tp, layers=layers, batch=1, seq=seq, steps=3 if quick else 5)
+        row["predicted_gib"] = _predicted_gib("llama3-8b", layers, tp, 1, seq)
+        row["memory_vs_prediction"] = row["peak_gib"] / row["predicted_gib"]
+        rows.append(row)
+    for row in rows:
+        row["time_vs_ideal"] = row["step_s"] / (rows[0]["step_s"] / row["tp"])
+    return {"device": torch.cuda.get_device_name(), "shape": f"llama3-8b blocks x {layers}, batch 1, seq {seq}, "
+            "bf16, AdamW", "rows": rows}
+
+
+def _generate_rank(rank, world, port, queue, timeout_s, split, batch, prompt, new, device):
+    import transformers
+
+    from tp_plugin import parallelize, testing
+
+    if split:
+        testing.init_rank(rank, world, port, timeout_s)
+    try:
+        if device == "cuda":
+            torch.cuda.set_device(0)
+        torch.manual_seed(0)
+        shape = "smollm2-135m-h12" if device == "cuda" else "toy-h4"
+        model = transformers.LlamaForCausalLM(config(shape)).to(torch.bfloat16).to(device).eval()
+        if split:
+            parallelize(model, tp_size=2)
+        ids = torch.randint(3, 1000, (batch, prompt), device=device)
+        times = []
+        for _ in range(3):
+            _sync(device)
+            t0 = time.perf_counter()
+            model.generate(ids, max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=0)
+            _sync(device)
+            times.append(time.perf_counter() - t0)
+        queue.put((rank, {"ms_per_token": 1e3 * statistics.median(times[1:]) / new}))
+    except BaseException as exc:  # noqa: BLE001
+        queue.put((rank, {"error": repr(exc)}))
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def generate_latency(quick: bool, device: str) -> dict:
+    prompt, new = (32, 16) if quick or device != "cuda" else (128, 64)
+    rows = []
+    for batch in (1, 8):
+        single = _two_ranks(_generate_rank, False, batch, prompt, new, device)[0]
+        split = _two_ranks(_generate_rank, True, batch, prompt, new, device)
+        rows.append({"batch": batch, "unsplit_ms_per_token": single.get("ms_per_token"),
+                     "tp2_ms_per_token": max(r.get("ms_per_token", float("nan")) for r in split),
+                     "errors": [r["error"] for r in [single, *split] if "error" in r]})
+    shape = "smollm2-135m (12 heads)" if device == "cuda" else "toy (CPU smoke)"
+    return {"shape": f"{shape}, bf16, greedy, prompt {prompt}, {new} new tokens; tp=2 = 2 ranks on one device over "
+            f"gloo (on one GPU the collectives go through the host: an upper bound)", "rows": rows}
+
+
+def cpu_smoke() -> dict:
+    """The compute section's code path on toy shapes on the CPU (no GPU here): planner prediction vs. the saved
+    activations and parameters of a fake-process-group rank 0."""
+    from tp_plugin import planner
+
+    cfg = config("toy-h4")
+    rows = []
+    for tp in (1, 2, 4):
+        acts = planner.activation_bytes(cfg, tp, 1, 16, torch.float32)
+        plan = planner.split_degrees(planner.meta_model(cfg, torch.float32), tp)[tp]
+        rows.append({"tp": tp, "params_rank0": plan.rank_parameters[0], "activations_per_layer": acts["per_layer"]})
+    return {"toy": rows}
+
+
+def markdown(results: dict) -> str:
+    lines = [f"# GPU check ({results['date']}, {results['device']})", ""]
+    for name in ("correctness", "compute", "generate", "cpu_smoke"):
+        section = results.get(name)
+        if section is None:
+            continue
+        lines += [f"## {name}", "", "```", json.dumps(section, indent=2), "```", ""]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="smaller shapes (a faster run)")
+    parser.add_argument("--out", default="bench/results/gpu_check", help="output path without extension")
+    args = parser.parse_args(argv)
+    cuda = torch.cuda.is_available()
+    results = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+               "device": torch.cuda.get_device_name() if cuda else "no CUDA device",
+               "torch": torch.__version__}
+    device = "cuda" if cuda else "cpu"  # without CUDA: sections 1 and 3 run on toy shapes on the CPU (smoke)
+    for name, run in (("correctness", lambda: correctness(device)), ("compute", lambda: compute(args.quick)),
+                      ("generate", lambda: generate_latency(args.quick, device))):
+        start = time.perf_counter()
+        try:
+            results[name] = run()
+        except Exception as exc:  # noqa: BLE001  (one failing section must not hide the others)
+            results[name] = {"error": repr(exc)}
+        print(f"{name}: {json.dumps(results[name])[:300]} ({time.perf_counter() - start:.0f} s)", flush=True)
+    if not cuda:
+        results["cpu_smoke"] = cpu_smoke()
+        print(f"cpu_smoke: {json.dumps(results['cpu_smoke'])[:300]}")
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(results, indent=2) + "\n")
+    out.with_suffix(".md").write_text(markdown(results))
+    print(f"wrote {out.with_suffix('.json')} and {out.with_suffix('.md')}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
