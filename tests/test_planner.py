@@ -78,11 +78,13 @@ def test_multi_node_keeps_tp_inside_a_node_and_the_document_has_its_fields(tmp_p
     from tp_plugin.cli import main
 
     directory = _config_dir(tmp_path, "llama3-70b")
-    assert main([ "plan", str(directory), "--gpus", "16", "--nodes", "2", "--gpu-memory", "80", "--seq", "2048",
-                 "--json", "--write-configs", str(tmp_path / "out")]) == 0
+    # LoRA at sequence 32768: the activations need tensor parallelism, 2 nodes of 8 GPUs offer tp up to 16
+    assert main(["plan", str(directory), "--gpus", "16", "--nodes", "2", "--gpu-memory", "80", "--seq", "32768",
+                 "--lora", "--json", "--write-configs", str(tmp_path / "out")]) == 0
     doc = json.loads(capsys.readouterr().out)
     best = doc["recommended"]
-    assert best is not None and best["tp"] <= 8 and best["tp"] * best["dp"] == 16
+    assert best is not None and 1 < best["tp"] <= 8 and best["tp"] * best["dp"] == 16, best
+    assert any(c["tp"] == 16 for c in doc["candidates"])  # offered, with its note, but not recommended
     for c in doc["candidates"]:
         assert {"tp", "pp", "dp", "zero_stage", "sequence_parallel", "gradient_checkpointing", "fits", "memory_gib",
                 "comm_gib_per_step", "notes"} <= set(c)
@@ -131,6 +133,53 @@ def test_calibration_against_a_real_two_rank_run():
     for rank, (params, acts) in enumerate(run_ranks(2, _measured, kwargs, seq)):
         assert params == plan.rank_parameters[rank]
         assert abs(predicted - acts) <= 0.10 * acts, (predicted, acts)
+
+
+def _step_peak(rank, world, config_kwargs, seq):
+    """Peak resident memory above the start of a steady-state training step (the second: AdamW's states exist)."""
+    import ctypes
+    import gc
+    import re
+
+    import tp_plugin
+
+    def status_kb(field):
+        with open("/proc/self/status") as f:
+            return int(re.search(rf"{field}:\s+(\d+)", f.read()).group(1))
+
+    torch.manual_seed(0)
+    model = tp_plugin.parallelize(transformers.LlamaForCausalLM(transformers.LlamaConfig(**config_kwargs)),
+                                  tp_size=2, loss_parallel=True)
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    ids = torch.randint(3, 1000, (1, seq))
+    for step in range(2):
+        if step == 1:
+            gc.collect()
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")  # resets VmHWM to the current resident size
+            start = status_kb("VmRSS")
+        with planner.flash_attention():
+            model(ids, labels=ids).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return (status_kb("VmHWM") - start) * 1024
+
+
+def test_calibration_of_a_training_steps_peak_resident_memory():
+    """What a step adds on top of the resident weights and optimizer states: gradients, activations and the
+    temporaries (logits gradient, the per-parameter AdamW step on CPU). Measured for this shape over 3 runs:
+    1.00x-1.07x the prediction on rank 0 and 0.97x-1.04x on rank 1; at 12 layers / seq 512: 1.13x / 1.07x
+    (resident memory also counts what the allocator keeps after freeing)."""
+    kwargs = {**SMOLLM2_135M, "num_hidden_layers": 6, "vocab_size": 8000}
+    seq = 1024  # at seq 256 the allocator's own noise was +-10% of the step's memory (0.93x-1.15x over 4 runs)
+    work = planner.Workload(gpus=2, gpu_memory_gib=80, seq=seq, dtype="fp32", device="cpu",
+                            gradient_checkpointing=False)
+    best = next(c for c in planner.candidates(transformers.LlamaConfig(**kwargs), work) if c.tp == 2)
+    predicted = (best.memory_gib["grads"] + best.memory_gib["activations"] + best.memory_gib["buffers"]) * 2 ** 30
+    for measured in run_ranks(2, _step_peak, kwargs, seq):
+        assert abs(measured - predicted) <= 0.10 * predicted, (measured, predicted)
 
 
 def _topology(rank, world):

@@ -12,8 +12,9 @@ Nothing is loaded and nothing is allocated: the model is built on the meta devic
 * model states: weights and gradients in the training dtype, the optimizer's fp32 master copy (when the training
   dtype is lower) and states (AdamW 2, SGD none), divided over the data-parallel ranks by the ZeRO stage
   (1: optimizer, 2: + gradients, 3 / FSDP: + weights), e.g. 16 bytes per parameter for bf16 AdamW;
-* temporary buffers: under ZeRO-3 / FSDP two layers' weights gathered at a time; the loss is taken vocab-parallel
-  (`loss_parallel=True`), so the full logits are never gathered (its saved softmax shard is in the activations);
+* temporary buffers (`temporaries`): the logits' gradient, the optimizer step's temporaries, under ZeRO-3 / FSDP
+  two layers' gathered weights; the loss is taken vocab-parallel (`loss_parallel=True`), so the full logits are
+  never gathered (its saved softmax shard is in the activations);
 * a fixed margin for the CUDA context, NCCL buffers and allocator fragmentation (`MARGIN_GIB`).
 
 The recommendation follows the usual rule: the smallest TP degree that fits inside one node (at most 8), then no
@@ -25,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -32,6 +34,11 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+
+from .plan import resolve_plan
+from .sharding import TPSplitError
+from .split import _policy_for, split_model
+from .styles import ColumnStyle, RowStyle, VocabLMHead
 
 GiB = 2 ** 30
 MARGIN_GIB = 2.0
@@ -52,6 +59,7 @@ class Workload:
     lora_rank: int = 16
     gradient_checkpointing: bool | None = None  # None: try both
     sequence_parallel: bool = False  # also estimate SP layouts
+    device: str = "cuda"  # "cpu": torch's per-parameter optimizer step instead of the multi-tensor one
 
     @property
     def gpus_per_node(self) -> int:
@@ -101,10 +109,6 @@ def meta_model(config, dtype: torch.dtype, layers: int | None = None) -> nn.Modu
 
 def split_degrees(model: nn.Module, limit: int) -> dict[int, object]:
     """{tp: plan} for every degree up to `limit` the model can be split into (pure: no process group)."""
-    from .plan import resolve_plan
-    from .sharding import TPSplitError
-    from .split import _policy_for
-
     plans = {}
     for tp in range(1, limit + 1):
         try:
@@ -116,7 +120,6 @@ def split_degrees(model: nn.Module, limit: int) -> dict[int, object]:
 
 def lora_parameters(plan, rank: int, r: int) -> int:
     """Trainable LoRA parameters on TP rank `rank` with `target_modules="all-linear"` at rank `r`."""
-    from .styles import ColumnStyle, RowStyle
 
     total = 0
     for entry in plan.entries:
@@ -173,7 +176,6 @@ def activation_bytes(config, tp: int, batch: int, seq: int, dtype: torch.dtype) 
     tensors of hidden width (fake process group of `tp` ranks, meta device, 1- and 2-layer copies)."""
     from torch.testing._internal.distributed.fake_pg import FakeStore
 
-    from .split import split_model
 
     hidden = getattr(config.get_text_config(), "hidden_size", None)
     measured = []
@@ -216,18 +218,38 @@ def candidates(config, work: Workload) -> list[Candidate]:
         acts = activation_bytes(config, tp, work.micro_batch, work.seq, dtype)
         params = max(plan.rank_parameters)
         trainable = max(lora_parameters(plan, r, work.lora_rank) for r in range(tp)) if work.lora else params
+        largest = max((math.prod(e.local_shape(0, n)) for e in plan.entries for n in e.full_shapes), default=0)
+        vocab_shard = max((math.prod(e.local_shape(0, "weight")[:1]) for e in plan.entries
+                           if isinstance(e.style, VocabLMHead)), default=0)
         master = 4 if width < 4 else 0
         states = OPTIMIZER_STATES[work.optimizer] * 4
         for zero in (0, 1, 2, 3) if dp > 1 else (0,):
             for ckpt in ([False, True] if work.gradient_checkpointing is None else [work.gradient_checkpointing]):
                 for sp in ([False, True] if work.sequence_parallel and tp > 1 else [False]):
                     out.append(_candidate(work, tp, dp, zero, ckpt, sp, params, trainable, width, master, states,
-                                          acts, layers, text.hidden_size, plan))
+                                          acts, layers, text.hidden_size, largest, vocab_shard))
     return out
 
 
+def temporaries(work: Workload, params: int, trainable: int, largest: int, vocab_shard: int, layers: int,
+                width: int, zero: int, dp: int) -> float:
+    """Bytes alive only for part of a step, on top of the model states and the saved activations: the gradient of
+    the (vocab-parallel, fp32) logits at the start of backward; the optimizer step's temporaries (torch's
+    multi-tensor AdamW on GPUs makes one fp32 list the size of the trainable parameters; its per-parameter loop,
+    the CPU default, two copies of the largest tensor); under ZeRO-3 / FSDP two layers' gathered weights."""
+    logits_grad = work.micro_batch * work.seq * vocab_shard * 4
+    if work.optimizer != "adamw":
+        step = 0
+    elif work.device == "cuda":
+        step = trainable * 4 / (dp if zero >= 1 else 1)  # ZeRO steps only this rank's partition
+    else:
+        step = 2 * (largest if not work.lora else 0) * 4
+    gathered = 2 * params / layers * width if zero >= 3 and dp > 1 else 0
+    return logits_grad + step + gathered
+
+
 def _candidate(work, tp, dp, zero, ckpt, sp, params, trainable, width, master, states, acts, layers, hidden,
-               plan) -> Candidate:
+               largest, vocab_shard) -> Candidate:
     notes = []
     per_layer = acts["per_layer"] - (acts["per_layer_hidden"] * (tp - 1) / tp if sp else 0)
     if ckpt:  # each layer keeps its input; one layer's activations are rebuilt at a time in backward
@@ -239,8 +261,7 @@ def _candidate(work, tp, dp, zero, ckpt, sp, params, trainable, width, master, s
               "grads": trainable * width / (dp if zero >= 2 else 1),
               "optimizer": trainable * (master + states) / (dp if zero >= 1 else 1),
               "activations": activations}
-    # temporaries: ZeRO-3 / FSDP gathers a layer's weights (and prefetches the next): two layers' shards
-    memory["buffers"] = 2 * params / layers * width if zero >= 3 and dp > 1 else 0.0
+    memory["buffers"] = temporaries(work, params, trainable, largest, vocab_shard, layers, width, zero, dp)
     memory = {k: v / GiB for k, v in memory.items()}
     memory["margin"] = MARGIN_GIB
     memory["total"] = sum(memory.values())
