@@ -22,6 +22,10 @@ each a method that defers to `Trainer` when the model is not split by tp_plugin 
   Under DeepSpeed the engine's own checkpoint (per rank) is saved next to the weights, as the Trainer does.
 * resume: `_load_from_checkpoint` reads each rank's slices of the consolidated weights in place, and the
   optimizer state of this TP rank, so a resumed run continues the uninterrupted one's losses.
+* TRL (`class MyTrainer(TPTrainerMixin, SFTTrainer)`, likewise DPO, GRPO): TRL's token counts divide by its
+  `_tp_size`, set here to the TP degree; GRPO and RLOO gather rewards and counts over every process, so around
+  their generation, scoring and loss the accelerator counts data-parallel replicas instead (`trl.replica_view`).
+  Their fused LM head is made vocab-parallel by the TRL integration (`tp_plugin/integrations/trl.py`).
 """
 
 from __future__ import annotations
