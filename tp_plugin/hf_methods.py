@@ -25,6 +25,8 @@ import torch
 from torch import nn
 
 from . import rng
+from .apply import split_vocab
+from .checkpoint.save import save_pretrained as save_consolidated
 from .checks import arrive_together
 from .layers import VocabParallelEmbedding, VocabParallelLMHead
 from .sharding import TPSplitError, unshard_tensor
@@ -41,8 +43,6 @@ def bind(model: nn.Module) -> None:
 def save_pretrained(self, save_directory, is_main_process: bool = True, state_dict=None, push_to_hub: bool = False,
                     max_shard_size="5GB", **kwargs):
     """`PreTrainedModel.save_pretrained` for a split model: call it on every rank (see the module docstring)."""
-    from .checkpoint import save_pretrained as save_consolidated
-
     if state_dict is not None:
         raise TPSplitError("save_pretrained(state_dict=...) on a split model: a state dict of this rank holds only "
                            "its shards. Call model.save_pretrained(dir) on every rank without state_dict; it writes "
@@ -84,8 +84,6 @@ def resize_token_embeddings(self, new_num_tokens: int | None = None, pad_to_mult
     memory), resized by transformers itself, and split again; the plan and, with `loss_parallel`, the loss
     follow the new vocabulary.
     """
-    from .split import split_vocab
-
     state = tp_state(self)
     mesh = state.mesh
     embed, head = self.get_input_embeddings(), self.get_output_embeddings()

@@ -7,7 +7,6 @@ ranks before the first collective.
 
 from __future__ import annotations
 
-import math
 
 import torch.distributed as dist
 from torch import nn
@@ -19,16 +18,15 @@ from .auto import auto_policy  # the model's own base_model_tp_plan, translated,
 from .checks import install_first_forward_check
 from .comm import all_equal, broadcast_from_rank0, copy_to_tp, fingerprint, sum_grad_over_tp
 from .config import configured_tp_size
-from .entry import PlanEntry
+from .apply import install_layers
 from .layers import PARALLEL_LAYERS, tag_param
-from .loss import VocabParallelCausalLMLoss
 from .mesh import (build_mesh, check_layout, mesh_device_type, mesh_from, tp_size_of, warn_on_topology,
                    world_size)
-from .plan import Plan, resolve_plan, vocab_entries
+from .plan import Plan, resolve_plan
 from .policy import Policy, get_policy, registered_model_types
 from .sharding import TPSplitError
 from .state import TPState
-from .styles import VocabEmbedding, VocabLMHead, patch_heads
+from .styles import patch_heads
 
 
 def split_model(model: nn.Module, tp_size: int | None = None, *, mesh: DeviceMesh | None = None,
@@ -120,11 +118,6 @@ def sync_from_tp_rank0(model: nn.Module, group: dist.ProcessGroup) -> None:
     rng.sync_from_tp_rank0(group)
 
 
-def _parent(model: nn.Module, path: str) -> tuple[nn.Module, str]:
-    parent_path, _, name = path.rpartition(".")
-    return (model.get_submodule(parent_path) if parent_path else model), name
-
-
 def _enter_region(group):
     def hook(module, args, kwargs):
         if args:
@@ -133,57 +126,9 @@ def _enter_region(group):
     return hook
 
 
-def _retie(model: nn.Module, old: nn.Parameter, new: nn.Parameter) -> None:
-    """Point every other module that shared `old` (a tied parameter) at its replacement `new`."""
-    for owner in model.modules():
-        for pname, param in list(owner._parameters.items()):
-            if param is old:
-                owner._parameters[pname] = new
-
-
-def _install_layers(model: nn.Module, entries: list[PlanEntry], rank: int, group, *, loss_parallel: bool) -> None:
-    """Swap each entry's module for its parallel layer (the LM head after the embedding it may be tied to)."""
-    embed_weight = model.get_input_embeddings().weight
-    head = model.get_output_embeddings()
-    tied = head is not None and head.weight is embed_weight
-    new_embed = None
-    for entry in entries:
-        parent, name = _parent(model, entry.path)
-        module = getattr(parent, name)
-        layer = entry.style.build(entry, module, rank, group, loss_parallel=loss_parallel,
-                                  tied_weight=new_embed.weight if tied and new_embed else None)
-        if isinstance(entry.style, VocabEmbedding):
-            new_embed = layer
-        setattr(parent, name, layer)
-        is_head = isinstance(entry.style, VocabLMHead)
-        if is_head and getattr(module, "bias", None) is not None:
-            _retie(model, module.bias, layer.bias)  # BERT-style heads share their bias with `predictions.bias`
-        if is_head and loss_parallel:
-            model.loss_function = VocabParallelCausalLMLoss(layer.vocab_start, layer.vocab_stop, group)
-
-
-def split_vocab(model: nn.Module, state: TPState, *, embed_scale=None) -> None:
-    """Split the (whole, e.g. just resized) input embedding and LM head again by vocabulary; update the plan."""
-    plan, mesh = state.plan, state.mesh
-    old = [e for e in plan.entries if isinstance(e.style, (VocabEmbedding, VocabLMHead))]
-    new = vocab_entries(model, plan.tp_size)
-    body = [e for e in plan.entries if e not in old]
-    plan.entries = new[:1] + body + new[1:]
-    for before, after in zip(old, new):  # parameter counts follow the new vocabulary size
-        delta_full = math.prod(after.full_shapes["weight"]) - math.prod(before.full_shapes["weight"])
-        tied_head = isinstance(after.style, VocabLMHead) and plan.tied_embeddings
-        plan.num_parameters += 0 if tied_head else delta_full
-        for r in range(plan.tp_size):
-            delta = math.prod(after.local_shape(r, "weight")) - math.prod(before.local_shape(r, "weight"))
-            plan.rank_parameters[r] += 0 if tied_head else delta
-    _install_layers(model, new, mesh.tp_rank, mesh.tp_group, loss_parallel=state.loss_parallel)
-    if embed_scale is not None:
-        model.get_input_embeddings().embed_scale = embed_scale
-
-
 def apply_plan(model: nn.Module, plan: Plan, rank: int, group, *, loss_parallel: bool) -> None:
     """Swap every planned module for its parallel layer holding this rank's shard; patch head counts."""
-    _install_layers(model, plan.entries, rank, group, loss_parallel=loss_parallel)
+    install_layers(model, plan.entries, rank, group, loss_parallel=loss_parallel)
     if plan.attention is not None:
         shard = plan.attention.heads[rank]
         for path in plan.attention.paths:
