@@ -12,9 +12,10 @@ Nothing is loaded and nothing is allocated: the model is built on the meta devic
 * model states: weights and gradients in the training dtype, the optimizer's fp32 master copy (when the training
   dtype is lower) and states (AdamW 2, SGD none), divided over the data-parallel ranks by the ZeRO stage
   (1: optimizer, 2: + gradients, 3 / FSDP: + weights), e.g. 16 bytes per parameter for bf16 AdamW;
-* temporary buffers (`temporaries`): the logits' gradient, the optimizer step's temporaries, under ZeRO-3 / FSDP
-  two layers' gathered weights; the loss is taken vocab-parallel (`loss_parallel=True`), so the full logits are
-  never gathered (its saved softmax shard is in the activations);
+* the step's peak (`step_peak`): activations and gradients never coexist in full, so on top of the resident
+  weights and optimizer state a step needs the larger of (activations + the logits' gradient + the largest weight
+  gradient) and (gradients + the optimizer step's temporaries), plus ZeRO-3 / FSDP's gathered layers; the loss is
+  taken vocab-parallel (`loss_parallel=True`), so the full logits are never gathered;
 * a fixed margin for the CUDA context, NCCL buffers and allocator fragmentation (`MARGIN_GIB`).
 
 The recommendation follows the usual rule: the smallest TP degree that fits inside one node (at most 8), then no
@@ -231,21 +232,27 @@ def candidates(config, work: Workload) -> list[Candidate]:
     return out
 
 
-def temporaries(work: Workload, params: int, trainable: int, largest: int, vocab_shard: int, layers: int,
-                width: int, zero: int, dp: int) -> float:
-    """Bytes alive only for part of a step, on top of the model states and the saved activations: the gradient of
-    the (vocab-parallel, fp32) logits at the start of backward; the optimizer step's temporaries (torch's
-    multi-tensor AdamW on GPUs makes one fp32 list the size of the trainable parameters; its per-parameter loop,
-    the CPU default, two copies of the largest tensor); under ZeRO-3 / FSDP two layers' gathered weights."""
+def step_peak(work: Workload, memory: dict[str, float], trainable: int, largest: int, vocab_shard: int,
+              params: int, layers: int, width: int, zero: int, dp: int) -> tuple[float, float]:
+    """The most a training step holds on top of the resident weights and optimizer state, and the temporaries in it.
+
+    Activations and gradients never coexist in full: backward frees a layer's activations as it makes its
+    gradients. The peak is at the start of backward (all activations, the fp32 gradient of the vocab-parallel
+    logits, the first and largest weight gradient) or in the optimizer step (all gradients plus the step's
+    temporaries: torch's multi-tensor AdamW on GPUs makes one fp32 list the size of the trainable parameters, its
+    per-parameter loop, the CPU default, two copies of the largest tensor). Under ZeRO-3 / FSDP two layers' weights
+    are gathered at any time. Checked against a CPU run's resident memory in tests/test_planner.py."""
     logits_grad = work.micro_batch * work.seq * vocab_shard * 4
+    largest_grad = 0 if work.lora else largest * width
     if work.optimizer != "adamw":
-        step = 0
+        step = 0.0
     elif work.device == "cuda":
         step = trainable * 4 / (dp if zero >= 1 else 1)  # ZeRO steps only this rank's partition
     else:
-        step = 2 * (largest if not work.lora else 0) * 4
-    gathered = 2 * params / layers * width if zero >= 3 and dp > 1 else 0
-    return logits_grad + step + gathered
+        step = 2 * largest_grad * 4 / width
+    gathered = 2 * params / layers * width if zero >= 3 and dp > 1 else 0.0
+    peak = max(memory["activations"] + logits_grad + largest_grad, memory["grads"] + step) + gathered
+    return peak, logits_grad + step + gathered
 
 
 def _candidate(work, tp, dp, zero, ckpt, sp, params, trainable, width, master, states, acts, layers, hidden,
@@ -261,10 +268,13 @@ def _candidate(work, tp, dp, zero, ckpt, sp, params, trainable, width, master, s
               "grads": trainable * width / (dp if zero >= 2 else 1),
               "optimizer": trainable * (master + states) / (dp if zero >= 1 else 1),
               "activations": activations}
-    memory["buffers"] = temporaries(work, params, trainable, largest, vocab_shard, layers, width, zero, dp)
+    memory["step_peak"], memory["buffers"] = step_peak(work, memory, trainable, largest, vocab_shard, params,
+                                                       layers, width, zero, dp)
     memory = {k: v / GiB for k, v in memory.items()}
     memory["margin"] = MARGIN_GIB
-    memory["total"] = sum(memory.values())
+    # resident: weights and optimizer state; on top, the step's peak (activations, gradients and temporaries
+    # never all at once), and the margin
+    memory["total"] = memory["params"] + memory["optimizer"] + memory["step_peak"] + memory["margin"]
     fits = memory["total"] <= work.gpu_memory_gib
     tokens = work.micro_batch * work.seq * hidden * width
     tp_bytes = layers * (6 if ckpt else 4) * _ring(tokens, tp)  # 2 all-reduces per block each way (+ recompute)
