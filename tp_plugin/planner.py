@@ -358,16 +358,19 @@ def write_configs(best: dict, work: Workload, directory: str | Path) -> list[Pat
 
 
 def format_table(doc: dict) -> str:
-    header = ["tp", "dp", "zero", "ckpt", "sp", "params", "grads", "optim", "acts", "total GiB", "fits", "TP GiB/step"]
+    header = ["tp", "dp", "zero", "ckpt", "sp", "params", "grads", "optim", "acts", "step peak", "total GiB", "fits",
+              "TP GiB/step"]
     rows = [header]
     for c in sorted(doc["candidates"], key=lambda c: (c["tp"], c["zero_stage"], c["gradient_checkpointing"])):
         m = c["memory_gib"]
         rows.append([str(c["tp"]), str(c["dp"]), str(c["zero_stage"]), "yes" if c["gradient_checkpointing"] else "no",
                      "yes" if c["sequence_parallel"] else "no", f"{m['params']:.1f}", f"{m['grads']:.1f}",
-                     f"{m['optimizer']:.1f}", f"{m['activations']:.1f}", f"{m['total']:.1f}",
+                     f"{m['optimizer']:.1f}", f"{m['activations']:.1f}", f"{m['step_peak']:.1f}", f"{m['total']:.1f}",
                      "yes" if c["fits"] else "no", f"{c['comm_gib_per_step']['tp']:.2f}"])
     widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
     lines = ["  ".join(cell.rjust(w) for cell, w in zip(row, widths)) for row in rows]
+    lines.append(f"(GiB per GPU; total = params + optim + step peak + {MARGIN_GIB:g} margin: activations and "
+                 f"gradients never coexist in full)")
     best = doc["recommended"]
     lines.append("")
     lines.append("recommended: " + (f"tp={best['tp']} pp=1 dp={best['dp']} ZeRO-{best['zero_stage']}"
