@@ -65,12 +65,10 @@ def register_policy(model_type: str, policy: "Policy | Callable[[nn.Module], Pol
 
 
 def get_policy(model_type: str) -> Policy | None:
-    from . import policies  # noqa: F401  (registers the built-in families on first use)
-
+    """The registered policy (the built-in families register when `tp_plugin.policies` is imported, which
+    `tp_plugin.split` does)."""
     return _REGISTRY.get(model_type)
 
 
 def registered_model_types() -> list[str]:
-    from . import policies  # noqa: F401
-
     return sorted(_REGISTRY)

@@ -13,7 +13,7 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor
 
-from . import hf_methods, rng
+from . import hf_methods, policies, rng  # noqa: F401  (importing policies registers the built-in families)
 from .auto import auto_policy  # the model's own base_model_tp_plan, translated, else its structure
 from .checks import install_first_forward_check
 from .comm import all_equal, broadcast_from_rank0, copy_to_tp, fingerprint, sum_grad_over_tp
