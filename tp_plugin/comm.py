@@ -104,19 +104,44 @@ class _AllReduceBothWays(torch.autograd.Function):
         return all_reduce(grad.clone(), ctx.group), None
 
 
+def all_gather_along(x: torch.Tensor, dim: int, group: ProcessGroup) -> torch.Tensor:
+    """A plain (non-autograd) all-gather of equal chunks, concatenated along `dim`."""
+    parts = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(parts, x.contiguous(), group=group)
+    return torch.cat(parts, dim=dim)
+
+
 class _GatherAlong(torch.autograd.Function):
-    """Forward: all-gather of equal chunks along `dim`. Backward: reduce-scatter of the gradient along `dim`."""
+    """Forward: all-gather of equal chunks along `dim`. Backward: reduce-scatter of the gradient along `dim`
+    when the consumers' gradients are partial sums (a tensor-parallel region), else this rank's chunk of it
+    (consumers that compute the same thing on every rank)."""
+
+    @staticmethod
+    def forward(ctx, x, dim, group, grad_is_partial):
+        ctx.dim, ctx.group, ctx.partial, ctx.size = dim, group, grad_is_partial, x.shape[dim]
+        return all_gather_along(x, dim, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        if ctx.partial:
+            return _reduce_scatter(grad, ctx.dim, ctx.group), None, None, None
+        rank = dist.get_rank(ctx.group)
+        return grad.narrow(ctx.dim, rank * ctx.size, ctx.size).contiguous(), None, None, None
+
+
+class _SplitAlong(torch.autograd.Function):
+    """Forward: keep this rank's chunk along `dim` (no communication). Backward: all-gather the gradient."""
 
     @staticmethod
     def forward(ctx, x, dim, group):
         ctx.dim, ctx.group = dim, group
-        parts = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
-        dist.all_gather(parts, x.contiguous(), group=group)
-        return torch.cat(parts, dim=dim)
+        world, rank = dist.get_world_size(group), dist.get_rank(group)
+        size = x.shape[dim] // world
+        return x.narrow(dim, rank * size, size).contiguous()
 
     @staticmethod
     def backward(ctx, grad):
-        return _reduce_scatter(grad, ctx.dim, ctx.group), None, None
+        return all_gather_along(grad, ctx.dim, ctx.group), None, None
 
 
 class _ReduceScatterAlong(torch.autograd.Function):
@@ -129,9 +154,7 @@ class _ReduceScatterAlong(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        parts = [torch.empty_like(grad) for _ in range(dist.get_world_size(ctx.group))]
-        dist.all_gather(parts, grad.contiguous(), group=ctx.group)
-        return torch.cat(parts, dim=ctx.dim), None, None
+        return all_gather_along(grad, ctx.dim, ctx.group), None, None
 
 
 def _reduce_scatter(x: torch.Tensor, dim: int, group: ProcessGroup) -> torch.Tensor:
@@ -176,10 +199,17 @@ def all_reduce_both_ways(x: torch.Tensor, group: ProcessGroup) -> torch.Tensor:
     return x if _world(group) == 1 else _AllReduceBothWays.apply(x, group)
 
 
-def gather_along(x: torch.Tensor, dim: int, group: ProcessGroup) -> torch.Tensor:
-    """Forward: all-gather along `dim`. Backward: reduce-scatter along `dim` (sequence parallelism's entry
-    into a column-parallel region)."""
-    return x if _world(group) == 1 else _GatherAlong.apply(x, dim, group)
+def gather_along(x: torch.Tensor, dim: int, group: ProcessGroup, *, grad_is_partial: bool = True) -> torch.Tensor:
+    """Forward: all-gather along `dim`. Backward: reduce-scatter along `dim` (sequence parallelism's entry into
+    a column-parallel region), or with `grad_is_partial=False` just this rank's chunk (leaving sequence
+    parallelism for replicated consumers, e.g. the LM head, which all-reduces its own input gradient)."""
+    return x if _world(group) == 1 else _GatherAlong.apply(x, dim, group, grad_is_partial)
+
+
+def split_along(x: torch.Tensor, dim: int, group: ProcessGroup) -> torch.Tensor:
+    """Forward: this rank's chunk along `dim`. Backward: all-gather along `dim` (entering sequence parallelism
+    from a replicated tensor)."""
+    return x if _world(group) == 1 else _SplitAlong.apply(x, dim, group)
 
 
 def reduce_scatter_along(x: torch.Tensor, dim: int, group: ProcessGroup) -> torch.Tensor:

@@ -98,3 +98,37 @@ def configured_tp_size() -> int | None:
                            + ", ".join(f"{where} says {size}" for where, size in found)
                            + ". Make them agree (one config edit).")
     return found[0][1] if found else None
+
+
+ENV_SEQUENCE_PARALLEL = "TP_PLUGIN_SEQUENCE_PARALLEL"
+
+
+def _ds_config_sources() -> list[dict]:
+    """The DeepSpeed configs this launch names (accelerate's json, TrainingArguments', --deepspeed_config)."""
+    found = []
+    path = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE")
+    if path and path.endswith(".json") and Path(path).is_file():
+        found.append(json.loads(Path(path).read_text()))
+    try:
+        from transformers.integrations.deepspeed import deepspeed_config
+        if isinstance(deepspeed_config(), dict):
+            found.append(deepspeed_config())
+    except ImportError:
+        pass
+    argv = sys.argv[1:]
+    for i, arg in enumerate(argv):
+        path = arg.split("=", 1)[1] if arg.startswith("--deepspeed_config=") else \
+            (argv[i + 1] if arg == "--deepspeed_config" and i + 1 < len(argv) else None)
+        if path and path.endswith(".json") and Path(path).is_file():
+            found.append(json.loads(Path(path).read_text()))
+    return found
+
+
+def configured_sequence_parallel() -> bool:
+    """Sequence parallelism asked for by the launch: `TP_PLUGIN_SEQUENCE_PARALLEL=1` (any launcher, e.g. in
+    front of `accelerate launch`), or `"tp_plugin": {"sequence_parallel": true}` in the DeepSpeed config
+    (DeepSpeed's own `tensor_parallel` section accepts no keys it does not know)."""
+    value = os.environ.get(ENV_SEQUENCE_PARALLEL, "").strip().lower()
+    if value:
+        return value in ("1", "true", "yes", "on")
+    return any(bool((cfg.get("tp_plugin") or {}).get("sequence_parallel")) for cfg in _ds_config_sources())

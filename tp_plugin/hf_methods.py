@@ -54,12 +54,16 @@ def save_pretrained(self, save_directory, is_main_process: bool = True, state_di
 
 
 def generate(self, *args, **kwargs):
-    """`GenerationMixin.generate`, after giving every rank of the TP group TP rank 0's RNG state."""
+    """`GenerationMixin.generate`, after giving every rank of the TP group TP rank 0's RNG state; a sequence-
+    parallel model generates on the plain TP path (decode steps have one token)."""
     state = tp_state(self)
     if state is not None and state.mesh is not None and state.mesh.tp_size > 1:
         arrive_together("generate", "call model.generate(...) on every rank (each computes part of every token) "
                                     "and print or keep the result on one")
         rng.sync_from_tp_rank0(state.mesh.tp_group)
+    if state is not None and state.sequence is not None:
+        with state.sequence.suspend():
+            return type(self).generate(self, *args, **kwargs)
     return type(self).generate(self, *args, **kwargs)
 
 

@@ -19,6 +19,7 @@ from torch import nn
 from torch.distributed import ProcessGroup
 
 from .comm import copy_to_tp, gather_from_tp, reduce_from_tp, sum_grad_over_sharers
+from .sequence import SequenceParallel, gather_tokens, scatter_tokens
 from .sharding import ShardSpec, shard_tensor
 
 
@@ -45,8 +46,11 @@ class ColumnParallelLinear(nn.Module):
 
     `sync_input_grad=False` when an enclosing region already applied `copy_to_tp` to the shared input
     (so q, k and v of one attention cost one all-reduce in backward, not three). `shared_rows` is set for
-    replicated KV heads: the weight gradient is then summed over the ranks that hold the same rows.
+    replicated KV heads: the weight gradient is then summed over the ranks that hold the same rows. Under
+    sequence parallelism (`sequence` set and active) a layer that syncs its own input gathers the tokens instead.
     """
+
+    sequence: SequenceParallel | None = None
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, spec: ShardSpec, group: ProcessGroup,
                  *, transposed: bool = False, sync_input_grad: bool = True, shared_rows: bool = False,
@@ -61,8 +65,17 @@ class ColumnParallelLinear(nn.Module):
             raise NotImplementedError("replicated rows are only supported for [out, in] weights")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.sync_input_grad and self.sequence is not None and self.sequence.active():
+            x, keep = gather_tokens(self.sequence, x)  # a region of its own: keep only this rank's tokens
+            if keep is not None:
+                with keep.hooks:
+                    return self._project(x)
+            return self._project(x)
         if self.sync_input_grad:
             x = copy_to_tp(x, self.group)
+        return self._project(x)
+
+    def _project(self, x: torch.Tensor) -> torch.Tensor:
         weight, bias = self.weight, self.bias
         if self.shared_rows:
             weight = sum_grad_over_sharers(weight, self.group, self.spec.ranges, self.spec.full_size)
@@ -82,8 +95,11 @@ class RowParallelLinear(nn.Module):
     """`y = x A^T + b` with A split by input columns: partial outputs all-reduced forward, nothing backward.
 
     The input is expected already split (the output of local heads or a column-parallel layer). The bias
-    is replicated and added once, after the reduction.
+    is replicated and added once, after the reduction. Under sequence parallelism the reduction is a
+    reduce-scatter over the tokens (`sequence` set and active), and the bias then sees this rank's tokens only.
     """
+
+    sequence: SequenceParallel | None = None
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, spec: ShardSpec, group: ProcessGroup,
                  *, transposed: bool = False):
@@ -103,7 +119,10 @@ class RowParallelLinear(nn.Module):
 
     def reduce(self, partial: torch.Tensor) -> torch.Tensor:
         """Sum the partial outputs over the group (the one forward all-reduce), then add the bias once."""
-        out = reduce_from_tp(partial, self.group)
+        if self.sequence is not None and self.sequence.active():
+            out = scatter_tokens(self.sequence, partial)
+        else:
+            out = reduce_from_tp(partial, self.group)
         return out if self.bias is None else out + self.bias
 
     def extra_repr(self) -> str:

@@ -12,6 +12,7 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 
 from . import integrations
+from .config import configured_sequence_parallel
 from .integrations.accelerate import prepare_launch
 from .integrations.deepspeed import prepare_model as prepare_for_deepspeed
 from .policy import Policy
@@ -20,7 +21,8 @@ from .state import tp_state
 
 
 def parallelize(model: nn.Module, tp_size: int | None = None, *, mesh: DeviceMesh | None = None,
-                policy: Policy | None = None, loss_parallel: bool = False) -> nn.Module:
+                policy: Policy | None = None, loss_parallel: bool = False,
+                sequence_parallel: bool | None = None) -> nn.Module:
     """Split `model` in place across the tensor-parallel group and return it.
 
     Without `mesh`: with world size W and `tp_size` T (default: the launch configuration's degree, else W),
@@ -28,9 +30,16 @@ def parallelize(model: nn.Module, tp_size: int | None = None, *, mesh: DeviceMes
     `mesh`, a `DeviceMesh` you built: its "tp" dim is the TP group and its one other non-"pp" dim the
     data-parallel one (e.g. ("pp", "dp", "tp") or ("dp_shard", "tp")). `loss_parallel=True` computes the LM
     loss from vocabulary shards and leaves `.logits` as this rank's vocabulary shard.
+
+    `sequence_parallel=True` (default: the launch configuration's `TP_PLUGIN_SEQUENCE_PARALLEL`, or a DeepSpeed
+    config's `"tp_plugin": {"sequence_parallel": true}`) splits the activations between tensor-parallel regions
+    along the sequence in training mode (Megatron's sequence parallelism; see `tp_plugin.sequence`).
     """
     prepare_launch()  # `accelerate launch`: the yaml's TP degree is ours; gloo on a machine without GPU
-    split_model(model, tp_size, mesh=mesh, policy=policy, loss_parallel=loss_parallel)
+    if sequence_parallel is None:
+        sequence_parallel = configured_sequence_parallel()
+    split_model(model, tp_size, mesh=mesh, policy=policy, loss_parallel=loss_parallel,
+                sequence_parallel=sequence_parallel)
     state = tp_state(model)
     if state.mesh is not None and state.mesh.tp_size > 1:
         prepare_for_deepspeed(model)  # deepspeed.initialize then trains it on these groups, no AutoTP

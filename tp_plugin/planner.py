@@ -172,7 +172,8 @@ def saved_bytes(model: nn.Module, batch: int, seq: int, hidden: int | None = Non
     return sum(n for n, _ in seen.values()), sum(n for n, wide in seen.values() if wide)
 
 
-def activation_bytes(config, tp: int, batch: int, seq: int, dtype: torch.dtype) -> dict[str, int]:
+def activation_bytes(config, tp: int, batch: int, seq: int, dtype: torch.dtype, *,
+                     sequence_parallel: bool = False) -> dict[str, int]:
     """Saved activations on TP rank 0 at degree `tp`: the part outside the layers, per layer, and per layer in
     tensors of hidden width (fake process group of `tp` ranks, meta device, 1- and 2-layer copies)."""
     from torch.testing._internal.distributed.fake_pg import FakeStore
@@ -187,7 +188,7 @@ def activation_bytes(config, tp: int, batch: int, seq: int, dtype: torch.dtype) 
             dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=tp)
         try:
             if tp > 1:
-                split_model(model, tp, loss_parallel=True)
+                split_model(model, tp, loss_parallel=True, sequence_parallel=sequence_parallel)
             measured.append(saved_bytes(model, batch, seq, hidden))
         finally:
             if tp > 1:

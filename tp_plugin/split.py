@@ -13,24 +13,28 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor
 
-from . import hf_methods, policies, rng  # noqa: F401  (importing policies registers the built-in families)
+from . import hf_methods, policies, rng, sequence  # noqa: F401  (importing policies registers the built-in families)
 from .auto import auto_policy  # the model's own base_model_tp_plan, translated, else its structure
 from .checks import install_first_forward_check
-from .comm import all_equal, broadcast_from_rank0, copy_to_tp, fingerprint, sum_grad_over_tp
+from .comm import all_equal, broadcast_from_rank0, fingerprint, sum_grad_over_tp
 from .config import configured_tp_size
 from .apply import install_layers
-from .layers import PARALLEL_LAYERS, tag_param
+from .layers import PARALLEL_LAYERS, ColumnParallelLinear, RowParallelLinear, tag_param
 from .mesh import (build_mesh, check_layout, mesh_device_type, mesh_from, tp_size_of, warn_on_topology,
                    world_size)
 from .plan import Plan, resolve_plan
 from .policy import Policy, get_policy, registered_model_types
+from .regions import install_region, install_row_exit
+from .rng import RankStreams
+from .sequence import SequenceParallel
 from .sharding import TPSplitError
 from .state import TPState
-from .styles import patch_heads
+from .styles import VocabEmbedding, VocabLMHead, patch_heads
 
 
 def split_model(model: nn.Module, tp_size: int | None = None, *, mesh: DeviceMesh | None = None,
-                policy: Policy | None = None, loss_parallel: bool = False) -> nn.Module:
+                policy: Policy | None = None, loss_parallel: bool = False,
+                sequence_parallel: bool = False) -> nn.Module:
     """Split `model` in place across the tensor-parallel group and return it (see `tp_plugin.parallelize`)."""
     tp_size = tp_size_of(mesh, tp_size) if mesh is not None else _resolve_tp_size(tp_size)
     check_not_split(model)
@@ -38,6 +42,8 @@ def split_model(model: nn.Module, tp_size: int | None = None, *, mesh: DeviceMes
         check_layout(tp_size)
     policy = policy or _policy_for(model)
     plan = resolve_plan(model, policy, tp_size)
+    if sequence_parallel:
+        _sequence_layers(model, plan)  # a model sequence parallelism cannot split fails here, on every rank
     if loss_parallel and model.get_output_embeddings() is None:
         raise TPSplitError(f"loss_parallel=True needs an LM head, and {type(model).__name__} has none")
 
@@ -50,8 +56,11 @@ def split_model(model: nn.Module, tp_size: int | None = None, *, mesh: DeviceMes
         if str(dist.get_backend(tp_mesh.tp_group)) != "fake":  # a fake group (memory models) has no peers to ask
             warn_on_topology(tp_mesh)  # a TP group across hosts or unlinked GPUs: one clear warning
             sync_from_tp_rank0(model, tp_mesh.tp_group)
-        apply_plan(model, plan, tp_mesh.tp_rank, tp_mesh.tp_group, loss_parallel=loss_parallel)
-    model.tp_plugin_state = TPState(plan, tp_mesh, loss_parallel)
+        sp = apply_plan(model, plan, tp_mesh.tp_rank, tp_mesh.tp_group, loss_parallel=loss_parallel,
+                        sequence_parallel=sequence_parallel)
+    else:
+        sp = None
+    model.tp_plugin_state = TPState(plan, tp_mesh, loss_parallel, sp)
     if tp_mesh is not None and tp_size > 1:
         hf_methods.bind(model)  # save_pretrained / generate / resize_token_embeddings that know the split
         install_first_forward_check(model, tp_mesh.tp_group)  # same batch and RNG state on every TP rank, once
@@ -118,23 +127,28 @@ def sync_from_tp_rank0(model: nn.Module, group: dist.ProcessGroup) -> None:
     rng.sync_from_tp_rank0(group)
 
 
-def _enter_region(group):
-    def hook(module, args, kwargs):
-        if args:
-            return (copy_to_tp(args[0], group), *args[1:]), kwargs
-        return args, {**kwargs, "hidden_states": copy_to_tp(kwargs["hidden_states"], group)}
-    return hook
-
-
-def apply_plan(model: nn.Module, plan: Plan, rank: int, group, *, loss_parallel: bool) -> None:
-    """Swap every planned module for its parallel layer holding this rank's shard; patch head counts."""
+def apply_plan(model: nn.Module, plan: Plan, rank: int, group, *, loss_parallel: bool,
+               sequence_parallel: bool = False) -> SequenceParallel | None:
+    """Swap every planned module for its parallel layer holding this rank's shard; patch head counts; install
+    the regions (and sequence parallelism). Returns the sequence-parallel state, if asked for."""
+    streams = RankStreams(rank) if rng.has_dropout(model) else None
+    layers_path = _sequence_layers(model, plan) if sequence_parallel else None
+    sp = SequenceParallel(sequence.base_of(model, layers_path), group, streams) if sequence_parallel else None
     install_layers(model, plan.entries, rank, group, loss_parallel=loss_parallel)
     if plan.attention is not None:
         shard = plan.attention.heads[rank]
         for path in plan.attention.paths:
             patch_heads(model.get_submodule(path), plan.attention, shard, local_dims=plan.attention.local_dims)
     for path in plan.regions:
-        model.get_submodule(path).register_forward_pre_hook(_enter_region(group), with_kwargs=True)
+        install_region(model.get_submodule(path), group, sp, streams)
+    for entry in plan.entries:
+        if entry.style.region is not None:
+            install_region(model.get_submodule(entry.path), group, sp, streams, entry.style.region)
+    for module in model.modules():
+        if isinstance(module, (ColumnParallelLinear, RowParallelLinear)):
+            module.sequence = sp
+        if isinstance(module, RowParallelLinear) and streams is not None:
+            install_row_exit(module, streams)
     sharded = {id(p) for m in model.modules() if isinstance(m, PARALLEL_LAYERS) for p in m.parameters()}
     for param in model.parameters():
         if id(param) not in sharded and not hasattr(param, "tp_shard"):  # custom styles tag their own params
@@ -143,3 +157,22 @@ def apply_plan(model: nn.Module, plan: Plan, rank: int, group, *, loss_parallel:
         for param in model.get_submodule(path).parameters():
             param.register_hook(sum_grad_over_tp(group))
             param.tp_partial_grad = True
+    if sp is not None:
+        _install_sequence_parallel(model, sp, layers_path)
+    return sp
+
+
+def _sequence_layers(model: nn.Module, plan: Plan) -> str:
+    """The decoder layers sequence parallelism splits by tokens (checked before anything is communicated)."""
+    return sequence.decoder_layers(model, [e.path for e in plan.entries
+                                           if not isinstance(e.style, (VocabEmbedding, VocabLMHead))])
+
+
+def _install_sequence_parallel(model: nn.Module, sp: SequenceParallel, layers_path: str) -> None:
+    for module in model.modules():  # a row-parallel bias is added to this rank's tokens only
+        if isinstance(module, RowParallelLinear) and module.bias is not None:
+            module.bias.register_hook(sp.sum_partial_grad)
+            module.bias.tp_sequence_partial_grad = True
+    replicated = [m for m in sequence.base_of(model, layers_path).modules() if not isinstance(m, PARALLEL_LAYERS)
+                  and any(not hasattr(p, "tp_partial_grad") for p in m.parameters(recurse=False))]
+    sequence.install(model, sp, layers_path, replicated)

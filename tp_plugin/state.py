@@ -8,6 +8,7 @@ from torch import nn
 
 from .mesh import TPMesh
 from .plan import Plan
+from .sequence import SequenceParallel
 
 
 @dataclass
@@ -17,6 +18,7 @@ class TPState:
     plan: Plan
     mesh: TPMesh | None
     loss_parallel: bool
+    sequence: SequenceParallel | None = None  # set when split with sequence_parallel=True (over > 1 rank)
 
 
 def tp_state(model: nn.Module) -> TPState | None:

@@ -19,6 +19,7 @@ from ..sharding import ShardSpec, TPSplitError
 class Style:
     input_layout: Layout = Layout.REPLICATED
     output_layout: Layout = Layout.REPLICATED
+    region = None  # a `regions.RegionInputs` when the built module is itself a region (MoE experts)
 
     def plan_entry(self, path: str, module: nn.Module, tp: int, attn: AttentionPlan | None) -> PlanEntry:
         raise NotImplementedError

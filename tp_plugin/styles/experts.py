@@ -8,9 +8,9 @@ import copy
 
 import torch
 
-from ..comm import copy_to_tp, reduce_from_tp
 from ..entry import PlanEntry
 from ..layers import _shard_param
+from ..regions import RegionInputs
 from ..sharding import ShardSpec, TPSplitError, even_ranges
 from .base import Style
 
@@ -18,10 +18,15 @@ from .base import Style
 class Experts(Style):
     """Fused 3-D MoE experts split along the intermediate dim I (see the module docstring).
 
-    Forward: the partial outputs of every rank are all-reduced once (like a row-parallel down_proj).
-    Backward: the gradients of the experts' inputs (hidden states and routing weights) are all-reduced once
-    each, so the replicated router gets full, identical gradients on every rank.
+    The experts module is a region (`tp_plugin.regions`): forward, the partial outputs of every rank are
+    all-reduced once (like a row-parallel down_proj); backward, the gradients of the experts' inputs (hidden
+    states and routing weights) are all-reduced once each, so the replicated router gets full, identical
+    gradients on every rank. Under sequence parallelism the inputs (and the chosen experts) are all-gathered
+    over the tokens and the output reduce-scattered back to this rank's tokens.
     """
+
+    region = RegionInputs(activations=((0, "hidden_states"), (2, "top_k_weights")), ids=((1, "top_k_index"),),
+                          reduce_output=True)
 
     def plan_entry(self, path, module, tp, attn):
         if getattr(module, "has_bias", False) or getattr(module, "down_proj_bias", None) is not None:
@@ -71,18 +76,4 @@ class Experts(Style):
             config = copy.copy(config)
             config._experts_implementation = "eager"
             module.config = config
-        module.register_forward_pre_hook(_experts_inputs(group), with_kwargs=True)
-        module.register_forward_hook(lambda mod, args, out: reduce_from_tp(out, group))
-        return module
-
-
-def _experts_inputs(group):
-    def hook(module, args, kwargs):
-        args = list(args)
-        for i, name in ((0, "hidden_states"), (2, "top_k_weights")):
-            if i < len(args) and torch.is_tensor(args[i]) and args[i].is_floating_point():
-                args[i] = copy_to_tp(args[i], group)
-            elif torch.is_tensor(kwargs.get(name)):
-                kwargs[name] = copy_to_tp(kwargs[name], group)
-        return tuple(args), kwargs
-    return hook
+        return module  # the split applies `region`: inputs synced or gathered, output reduced

@@ -1,0 +1,110 @@
+"""Entering and leaving a tensor-parallel region (an attention, an MLP, a block of MoE experts).
+
+A region is a module whose input feeds several column-parallel layers and whose output is made whole by a
+reduction. Its entry is where the layout of the activations changes, so the one place that decides how:
+
+                      plain TP                                   sequence parallel (training)
+    entry (pre-hook)  identity; backward all-reduce (once for   all-gather of the tokens; backward
+                      q, k and v together)                       reduce-scatter (sequence.gather_tokens)
+    exit              all-reduce (the row-parallel layer, or     reduce-scatter (same places)
+                      the experts' output hook)
+
+and the random stream: dropout between entry and exit acts on this rank's heads or features, so it draws from
+the per-rank stream (`rng.RankStreams`), which the row-parallel exit (or the region's end) leaves again.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .comm import all_gather_along, copy_to_tp, reduce_from_tp
+from .rng import RankStreams
+from .sequence import SequenceParallel, gather_tokens, scatter_tokens
+
+
+@dataclass(frozen=True)
+class RegionInputs:
+    """Which inputs of a region's forward are activations (position, keyword); `ids` are integer inputs laid out
+    like them (an MoE's chosen experts), gathered along with them under sequence parallelism."""
+
+    activations: tuple[tuple[int, str], ...] = ((0, "hidden_states"),)
+    ids: tuple[tuple[int, str], ...] = ()
+    reduce_output: bool = False  # the region's own output is the partial sum (experts), not a row layer's
+
+
+HIDDEN_STATES = RegionInputs()
+
+
+def install_region(module: nn.Module, group, sp: SequenceParallel | None, streams: RankStreams | None,
+                   inputs: RegionInputs = HIDDEN_STATES) -> None:
+    module.register_forward_pre_hook(_enter(group, sp, streams, inputs), with_kwargs=True)
+    module.register_forward_hook(_leave(group, sp, streams, inputs), always_call=True)
+
+
+def install_row_exit(row: nn.Module, streams: RankStreams) -> None:
+    """The per-rank random stream ends with the row-parallel layer (its output is replicated again)."""
+    row.register_forward_hook(lambda mod, args, out: streams.leave("region"), always_call=True)
+
+
+def _get(args, kwargs, index, name):
+    if index < len(args):
+        return args[index]
+    return kwargs.get(name)
+
+
+def _put(args: list, kwargs: dict, index, name, value) -> None:
+    if index < len(args):
+        args[index] = value
+    else:
+        kwargs[name] = value
+
+
+def _enter(group, sp, streams, inputs: RegionInputs):
+    def hook(module, args, kwargs):
+        args, kwargs = list(args), dict(kwargs)
+        sequence = sp is not None and sp.active()
+        keep = None
+        for index, name in inputs.activations:
+            x = _get(args, kwargs, index, name)
+            if not torch.is_tensor(x) or not x.is_floating_point():
+                continue
+            if sequence:
+                x, hooks = gather_tokens(sp, x)
+                keep = keep or hooks  # the first activation (the hidden states) is the one worth not keeping
+            else:
+                x = copy_to_tp(x, group)
+            _put(args, kwargs, index, name, x)
+        if sequence:
+            for index, name in inputs.ids:
+                ids = _get(args, kwargs, index, name)
+                if torch.is_tensor(ids):
+                    _put(args, kwargs, index, name, all_gather_along(ids, -2, group))
+            sp.depth += 1
+            if keep is not None:
+                keep.hooks.__enter__()
+        elif streams is not None and module.training:
+            streams.enter("region")
+        module.__dict__.setdefault("_tp_regions", []).append((sequence, keep))
+        return tuple(args), kwargs
+    return hook
+
+
+def _leave(group, sp, streams, inputs: RegionInputs):
+    def hook(module, args, output):
+        stack = module.__dict__.get("_tp_regions")
+        if not stack:
+            return None
+        sequence, keep = stack.pop()
+        if keep is not None:
+            keep.hooks.__exit__(None, None, None)
+        if sequence:
+            sp.depth -= 1
+        if streams is not None:
+            streams.leave("region")
+        if output is None or not inputs.reduce_output:
+            return None
+        return scatter_tokens(sp, output) if sequence else reduce_from_tp(output, group)
+    return hook
