@@ -54,11 +54,12 @@ def reference_losses(arch: str, steps: int, clip: float, tp: int = 2) -> tuple[l
     return losses, norms
 
 
-def deepspeed_losses(arch: str, steps: int, config: dict, *, tp: int = 2, with_mpu: bool = False) -> list[float]:
+def deepspeed_losses(arch: str, steps: int, config: dict, *, tp: int = 2, with_mpu: bool = False,
+                     sequence_parallel: bool | None = None) -> list[float]:
     """Split the model, hand it to deepspeed.initialize unchanged, train; the global loss of each step."""
     import deepspeed
 
-    model = tp_plugin.parallelize(build(arch, tp), tp_size=tp)
+    model = tp_plugin.parallelize(build(arch, tp), tp_size=tp, sequence_parallel=sequence_parallel)
     mesh = model.tp_plugin_state.mesh
     extra = {"mpu": tp_plugin.mpu(model)} if with_mpu else {}  # the top-level name users reach for
     engine, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.AdamW(model.parameters(), lr=LR),

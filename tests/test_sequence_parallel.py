@@ -43,3 +43,344 @@ def test_parity(arch, tp):
     # seq 12 divides by 2 and 4; 13 does not (padded at the end, stripped from every output)
     _assert_close(run_ranks(tp, _parity, arch, tp, 12, False))
     _assert_close(run_ranks(tp, _parity, arch, tp, 13, False))
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_parity_loss_parallel(arch):
+    _assert_close(run_ranks(2, _parity, arch, 2, 13, True))
+
+
+def _parity_moe(rank, world, seq):
+    import transformers
+
+    torch.manual_seed(0)
+    config = transformers.Qwen3MoeConfig(vocab_size=101, hidden_size=48, intermediate_size=64, moe_intermediate_size=32,
+                                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                         head_dim=12, num_experts=4, num_experts_per_tok=2, pad_token_id=0,
+                                         output_router_logits=True, router_aux_loss_coef=0.1)
+    model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager")
+    ref = copy.deepcopy(model)
+    tp_plugin.parallelize(model, tp_size=2, sequence_parallel=True)
+    model.train(), ref.train()
+    ids = batch(seq=seq)
+    mask = torch.ones_like(ids)
+    # left padding: the router's auxiliary loss reads the mask over [batch, seq] tokens. The outputs at padded
+    # positions are undefined (their queries attend to no key: eager attention spreads them evenly over every
+    # key, the appended padding included), so they are not compared, and neither is the first real token's
+    # label, which is predicted from a padded position.
+    mask[0, :3] = 0
+    labels = ids.masked_fill(mask == 0, -100)
+    labels[0, 3] = -100
+    out, ref_out = model(ids, attention_mask=mask, labels=labels), ref(ids, attention_mask=mask, labels=labels)
+    out.loss.backward()
+    ref_out.loss.backward()
+    real = mask.bool()
+    return {"loss": (out.loss - ref_out.loss).abs().item(), "ref_loss": ref_out.loss.item(),
+            "aux": (out.aux_loss - ref_out.aux_loss).abs().item(),
+            "logits": (out.logits - ref_out.logits)[real].abs().max().item(),
+            "logits_scale": ref_out.logits.abs().max().item(),
+            "grads": max_errors(model, ref, model.tp_plugin_state.mesh.tp_group)}
+
+
+def test_parity_moe_experts_and_router_logits():
+    # the experts gather the tokens (and the chosen experts) of the whole sequence, the router runs on this
+    # rank's tokens (its weight gradient summed over the group), the router logits come back in [batch, seq] order
+    for r in run_ranks(2, _parity_moe, 13):
+        assert r["aux"] <= 1e-6, r["aux"]
+    _assert_close(run_ranks(2, _parity_moe, 13))
+
+
+def _count(rank, world, arch, sequence_parallel):
+    from tests.collective_counter import CollectiveCounter
+
+    model = build(arch, 2)
+    tp_plugin.parallelize(model, tp_size=2, sequence_parallel=sequence_parallel)
+    model.train()
+    ids = batch(seq=64)
+    model(ids, labels=ids).loss.backward()  # the first training forward's one-off check
+    with CollectiveCounter() as fwd:
+        loss = model(ids, labels=ids).loss
+    with CollectiveCounter() as bwd:
+        loss.backward()
+    return {"fwd": dict(fwd.counts), "bwd": dict(bwd.counts), "fwd_bytes": dict(fwd.ring_bytes),
+            "bwd_bytes": dict(bwd.ring_bytes), "layers": model.config.num_hidden_layers}
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_collectives(arch):
+    plain, sp = run_ranks(2, _count, arch, False)[0], run_ranks(2, _count, arch, True)[0]
+    n = sp["layers"]
+    # forward: the embedding's all-reduce (replicated, then split at the first layer), per block 2 all-gathers
+    # (attention and MLP entries) + 2 reduce-scatters (their exits), 1 all-gather after the last layer, and the
+    # logits' all-gather
+    assert sp["fwd"] == {"all_reduce": 1, "all_gather": 2 * n + 2, "reduce_scatter": 2 * n}
+    # backward: per block 2 reduce-scatters (entries) + 2 all-gathers (exits) + 2 all-gathers that fetch the
+    # regions' inputs again (kept as this rank's tokens only), 1 all-gather for the first layer's split; the
+    # LM head's input gradient; and the gradient sums of the parameters that saw this rank's tokens only:
+    # llama 2 RMSNorm weights per block, gpt2 2 LayerNorms (weight, bias) + 2 row-parallel biases per block
+    partial = {"llama": 2, "gpt2": 6}[arch] * n
+    assert sp["bwd"] == {"all_reduce": 1 + partial, "all_gather": 4 * n + 1, "reduce_scatter": 2 * n}
+    # bytes each rank sends: the entries and exits move what the all-reduces they replace moved; what is added
+    # is the backward re-gather of the regions' inputs (the price of keeping only this rank's tokens, as in
+    # Megatron), the first layer's split and the final gather (once per model), and the small norm sums
+    hidden_bytes = 2 * 64 * model_hidden(arch) * 4  # [batch 2, seq 64, hidden] fp32
+    regather = 2 * n * hidden_bytes / 2
+    once = 2 * hidden_bytes / 2
+    plain_total = sum(plain["fwd_bytes"].values()) + sum(plain["bwd_bytes"].values())
+    sp_total = sum(sp["fwd_bytes"].values()) + sum(sp["bwd_bytes"].values())
+    norms = sp["bwd_bytes"]["all_reduce"] - hidden_bytes  # all but the LM head's input gradient (2 (p-1)/p N)
+    assert abs(sp_total - regather - once - norms - plain_total) <= 1e-6 * plain_total, (sp_total, plain_total)
+
+
+def model_hidden(arch: str) -> int:
+    return 72
+
+
+# ---- activations ------------------------------------------------------------------------------------------------
+
+def test_activation_bytes_per_rank_are_unsplit_over_tp():
+    # bytes autograd saves for backward in one training forward, per decoder layer, on TP rank 0 (meta device,
+    # fake process group of tp ranks, bf16). Without SP the norms' inputs, the residual stream and the
+    # column-parallel layers' inputs are kept whole on every rank; with SP every one of them is this rank's
+    # tokens, and the regions' gathered inputs are not kept (fetched again in backward).
+    import transformers
+
+    from tp_plugin.planner import activation_bytes
+
+    config = transformers.LlamaConfig(hidden_size=512, intermediate_size=1408, num_attention_heads=16,
+                                      num_key_value_heads=8, vocab_size=1024, num_hidden_layers=2)
+    unsplit = activation_bytes(config, 1, 1, 256, torch.bfloat16)["per_layer"]
+    for tp in (2, 4, 8):
+        plain = activation_bytes(config, tp, 1, 256, torch.bfloat16)["per_layer"]
+        sp = activation_bytes(config, tp, 1, 256, torch.bfloat16, sequence_parallel=True)["per_layer"]
+        assert sp <= 1.1 * unsplit / tp, (tp, sp / (unsplit / tp))
+        assert plain >= 1.25 * unsplit / tp  # what SP removes: the replicated part, 1.3x (tp=2) to 3.2x (tp=8)
+
+
+# ---- randomness -------------------------------------------------------------------------------------------------
+
+def _dropout_masks(rank, world, sequence_parallel):
+    import transformers
+
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(vocab_size=101, n_embd=64, n_head=4, n_layer=2, n_positions=64,
+                                     resid_pdrop=0.3, embd_pdrop=0.3, attn_pdrop=0.3)
+    model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager")
+    tp_plugin.parallelize(model, tp_size=2, sequence_parallel=sequence_parallel)
+    model.train()
+    masks = {}
+
+    def record(name):
+        def hook(module, args, out):
+            masks.setdefault(name, out == 0)
+        return hook
+
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.register_forward_hook(record(name))
+    ids = batch(seq=16)
+    torch.manual_seed(5)
+    model(ids, labels=ids).loss.backward()
+    return masks
+
+
+@pytest.mark.parametrize("sequence_parallel", [False, True])
+def test_dropout_masks_differ_inside_regions_and_agree_outside(sequence_parallel):
+    a, b = run_ranks(2, _dropout_masks, sequence_parallel)
+    for name in a:
+        same = torch.equal(a[name], b[name])
+        if name.endswith("attn.attn_dropout"):  # the attention probabilities of this rank's heads
+            assert not same, name
+        elif name.endswith(("resid_dropout", "mlp.dropout")):  # after a row-parallel layer: replicated, or
+            assert same != sequence_parallel, name  # under SP this rank's tokens
+        else:  # the embeddings' dropout: replicated
+            assert same, name
+        assert 0.2 < a[name].float().mean().item() < 0.4, name  # p = 0.3, not a broken mask
+
+
+def _dropout_losses(rank, world, arch, sequence_parallel, checkpointing, seed, split, steps=4):
+    model = build(arch, 2) if arch != "gpt2" else _gpt2_dropout()
+    if arch != "gpt2":
+        model.config.attention_dropout = 0.1
+        for module in model.modules():
+            if hasattr(module, "attention_dropout"):
+                module.attention_dropout = 0.1
+    if split:
+        tp_plugin.parallelize(model, tp_size=2, sequence_parallel=sequence_parallel)
+    if checkpointing:
+        model.gradient_checkpointing_enable()
+    model.train()
+    torch.manual_seed(seed)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    losses, grads = [], []
+    ids = batch(seq=13)
+    for _ in range(steps):
+        loss = model(ids, labels=ids).loss
+        loss.backward()
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]).clone())
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    return losses, grads
+
+
+def _gpt2_dropout():
+    import transformers
+
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(vocab_size=101, n_embd=72, n_head=9, n_layer=2, n_positions=64, n_inner=98,
+                                     resid_pdrop=0.1, embd_pdrop=0.1, attn_pdrop=0.1)
+    return transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager")
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_checkpointing_replays_the_same_masks(arch):
+    # same seed, dropout 0.1: gradient checkpointing recomputes each layer with the random state it first ran
+    # with (the per-rank streams are drawn from the replicated one at each entry), so losses and gradients of
+    # a checkpointed run equal the plain run's (up to the recompute's summation order), and a seeded run repeats
+    for sequence_parallel in (False, True):
+        plain = run_ranks(2, _dropout_losses, arch, sequence_parallel, False, 3, True)
+        ckpt = run_ranks(2, _dropout_losses, arch, sequence_parallel, True, 3, True)
+        for (losses, grads), (losses_c, grads_c) in zip(plain, ckpt):
+            assert losses == pytest.approx(losses_c, abs=1e-6)
+            assert max((g - gc).abs().max().item() for g, gc in zip(grads, grads_c)) <= 1e-5
+        again = run_ranks(2, _dropout_losses, arch, sequence_parallel, False, 3, True)
+        assert [r[0] for r in again] == [r[0] for r in plain]
+
+
+def test_dropout_loss_within_the_spread_of_unsplit_seeds():
+    # With dropout the split model cannot draw the unsplit model's masks (each rank draws its own inside the
+    # regions), so the check is statistical: over 8 seeds, the mean training loss of the unsplit model varies
+    # by its standard deviation; a split run (plain TP and SP) must land within 4 of them of the unsplit mean.
+    # Wrong masks fail it: identical masks on every rank's heads or tokens halve the effective randomness, and
+    # masks that differ on replicated activations make the ranks' replicas drift apart (both shift the loss by
+    # several standard deviations within 4 steps at p = 0.1... or break the parity of replicas, checked above).
+    import statistics
+
+    ref = [statistics.mean(run_ranks(1, _dropout_losses, "llama", False, False, seed, False)[0][0])
+           for seed in range(8)]
+    mean, spread = statistics.mean(ref), statistics.stdev(ref)
+    for sequence_parallel in (False, True):
+        for seed in (100, 101):
+            split = statistics.mean(run_ranks(2, _dropout_losses, "llama", sequence_parallel, False, seed, True)[0][0])
+            assert abs(split - mean) <= 4 * spread + 1e-6, (split, mean, spread)
+
+
+# ---- engines and clients ----------------------------------------------------------------------------------------
+
+def _deepspeed(rank, world):
+    from tests.ds_helpers import deepspeed_losses, ds_config, reference_losses
+
+    results = {}
+    for arch in ("llama", "gpt2"):
+        for stage in (2, 3):
+            config = ds_config(stage, clip=1.0)
+            config["tp_plugin"] = {"sequence_parallel": True}  # how a DeepSpeed config asks for it
+            results[(arch, stage)] = deepspeed_losses(arch, 6, config, sequence_parallel=True)
+        results[arch] = reference_losses(arch, 6, 1.0)[0]
+    return results
+
+
+def test_deepspeed_zero2_zero3_tp2_dp2():
+    # TP=2 x DP=2 with ZeRO-2 and ZeRO-3 and clipping at 1.0: the norms' and row biases' gradients are summed over
+    # the TP group before ZeRO reduces them over DP and before the clipping norm reads them. Tolerance: test_deepspeed's.
+    from tests import dist as dist_helpers
+    from tests.test_deepspeed import FP32_TOL
+
+    if "deepspeed" not in dist_helpers.PRELOAD:
+        dist_helpers.PRELOAD.append("deepspeed")
+    results = run_ranks(4, _deepspeed, timeout_s=280)[0]
+    for arch in ("llama", "gpt2"):
+        for stage in (2, 3):
+            err = max(abs(a - b) for a, b in zip(results[(arch, stage)], results[arch]))
+            assert err <= FP32_TOL, (arch, stage, results[(arch, stage)], results[arch])
+
+
+def _client_parity(rank, world, case):
+    model = build("llama", 2)
+    ref = copy.deepcopy(model)
+    tp_plugin.parallelize(model, tp_size=2, sequence_parallel=True)
+    kwargs = {}
+    ids = batch(seq=13)
+    if case.startswith("checkpointing"):
+        for m in (model, ref):
+            m.gradient_checkpointing_enable({"use_reentrant": case.endswith("reentrant")})
+    if case == "packed":  # two sequences packed in each row: positions restart at 0 where the second begins
+        kwargs["position_ids"] = torch.cat([torch.arange(6), torch.arange(7)]).expand(2, 13)
+    model.train(), ref.train()
+    out, ref_out = model(ids, labels=ids, **kwargs), ref(ids, labels=ids, **kwargs)
+    out.loss.backward()
+    ref_out.loss.backward()
+    return {"loss": (out.loss - ref_out.loss).abs().item(), "ref_loss": ref_out.loss.item(),
+            "logits": (out.logits - ref_out.logits).abs().max().item(),
+            "logits_scale": ref_out.logits.abs().max().item(),
+            "grads": max_errors(model, ref, model.tp_plugin_state.mesh.tp_group)}
+
+
+@pytest.mark.parametrize("case", ["checkpointing", "checkpointing-reentrant", "packed"])
+def test_clients(case):
+    _assert_close(run_ranks(2, _client_parity, case))
+
+
+def _generate(rank, world):
+    model = build("llama", 2)
+    ref = copy.deepcopy(model)
+    tp_plugin.parallelize(model, tp_size=2, sequence_parallel=True)
+    ids = batch(seq=7)
+    model.train()
+    model(ids, labels=ids).loss.backward()  # a sequence-parallel training step first
+    tokens = {}
+    for mode in ("train", "eval"):  # RL trainers generate in training mode
+        getattr(model, mode)(), getattr(ref, mode)()
+        tokens[mode] = (model.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=0),
+                        ref.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=0))
+    return {mode: torch.equal(a, b) for mode, (a, b) in tokens.items()}
+
+
+def test_generate_gives_the_unsplit_tokens():
+    for r in run_ranks(2, _generate):
+        assert r == {"train": True, "eval": True}
+
+
+def _lora(rank, world, arch):
+    from peft import get_peft_model
+
+    from tests.test_peft import _grad_error, _lora, _randomize_lora, _replicated_identical
+
+    model = build(arch, 2)
+    ref = copy.deepcopy(model)
+    tp_plugin.parallelize(model, tp_size=2, sequence_parallel=True)
+    kwargs = dict(lora_bias=True, bias="all") if arch == "gpt2" else {}  # gpt2: row-parallel biases train too
+    torch.manual_seed(123)
+    split = get_peft_model(model, _lora(**kwargs))
+    torch.manual_seed(123)
+    ref = get_peft_model(ref, _lora(**kwargs))
+    group = model.tp_plugin_state.mesh.tp_group
+    _randomize_lora(split, ref, group)
+    opts = [torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-2) for m in (split, ref)]
+    ids, losses, grad_err, replica_err = batch(seq=13), [], 0.0, 0.0
+    split.train(), ref.train()
+    for _ in range(3):
+        pair = []
+        for m, opt in zip((split, ref), opts):
+            loss = m(input_ids=ids, labels=ids).loss
+            loss.backward()
+            pair.append(loss.item())
+        grad_err = max(grad_err, _grad_error(split, ref, group))
+        replica_err = max(replica_err, _replicated_identical(split, group))
+        for opt in opts:
+            opt.step()
+            opt.zero_grad()
+        losses.append(pair)
+    return {"losses": losses, "grad_err": grad_err, "replica_err": replica_err}
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_peft_lora(arch):
+    # LoRA on every linear layer: the row-parallel layers' LoRA terms ride on the reduce-scatter; losses and
+    # the gathered LoRA gradients match the unsplit LoRA model (test_peft's tolerance), and the replicated factors
+    # stay identical across the TP group
+    for r in run_ranks(2, _lora, arch):
+        assert max(abs(a - b) for a, b in r["losses"]) <= 1e-5, r["losses"]
+        assert r["grad_err"] <= 2e-5, r["grad_err"]
+        assert r["replica_err"] == 0.0

@@ -50,6 +50,8 @@ class SequenceParallel:
         self.pad = 0  # tokens appended to the current forward's sequence
         self.depth = 0  # regions entered and not yet left (between regions: 0)
         self.between_regions: set[int] = set()  # ids of modules seen running on this rank's tokens only
+        self.partial: list[nn.Parameter] = []  # replicated parameters that see this rank's tokens only
+        self._hooked: set[int] = set()
         self._classify: list = []  # the hooks that look for them (first sequence-parallel forward only)
         self.in_span = False  # between the first layer's scatter and the base model's gather
 
@@ -70,6 +72,19 @@ class SequenceParallel:
     def sum_partial_grad(self, grad: torch.Tensor) -> torch.Tensor:
         """Gradient hook of a parameter that sees this rank's tokens only under sequence parallelism."""
         return all_reduce(grad.clone(), self.group) if self.active() else grad
+
+    def add_partial(self, param: nn.Parameter) -> None:
+        param.tp_sequence_partial_grad = True
+        self.partial.append(param)
+        self.hook_partial()
+
+    def hook_partial(self) -> None:
+        """Give every trainable partial parameter its gradient sum (a frozen one gets it once it is unfrozen:
+        PEFT's `bias="all"`, or a user unfreezing the norms after the split)."""
+        for param in self.partial:
+            if param.requires_grad and id(param) not in self._hooked:
+                param.register_hook(self.sum_partial_grad)
+                self._hooked.add(id(param))
 
 
 # ---- entering and leaving a tensor-parallel region ---------------------------------------------------------------
@@ -173,8 +188,7 @@ def _note_between_regions(sp: SequenceParallel):
             if id(module) not in sp.between_regions:
                 sp.between_regions.add(id(module))
                 for param in module.parameters(recurse=False):
-                    param.register_hook(sp.sum_partial_grad)
-                    param.tp_sequence_partial_grad = True
+                    sp.add_partial(param)
     return hook
 
 
@@ -223,6 +237,7 @@ def _scatter_hidden(sp: SequenceParallel):
         if not sp.active():
             return None
         sp.depth, sp.in_span = 0, True
+        sp.hook_partial()
         if sp.streams is not None:
             sp.streams.enter("sequence")  # dropout on this rank's tokens: masks of its own
         if args:

@@ -171,8 +171,7 @@ def _sequence_layers(model: nn.Module, plan: Plan) -> str:
 def _install_sequence_parallel(model: nn.Module, sp: SequenceParallel, layers_path: str) -> None:
     for module in model.modules():  # a row-parallel bias is added to this rank's tokens only
         if isinstance(module, RowParallelLinear) and module.bias is not None:
-            module.bias.register_hook(sp.sum_partial_grad)
-            module.bias.tp_sequence_partial_grad = True
+            sp.add_partial(module.bias)
     replicated = [m for m in sequence.base_of(model, layers_path).modules() if not isinstance(m, PARALLEL_LAYERS)
                   and any(not hasattr(p, "tp_partial_grad") for p in m.parameters(recurse=False))]
     sequence.install(model, sp, layers_path, replicated)

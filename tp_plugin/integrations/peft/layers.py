@@ -147,7 +147,8 @@ class TPLoraRowLinear(TPLoraLinear):
     The LoRA partial product `B (A_local x_local)` is added to the base's partial output *before* the one
     all-reduce the base layer needs anyway, so LoRA adds no forward collective. B sees a partial input, so its
     gradient is a partial sum: it is all-reduced in backward (B is [out, r], small). Biases (the base's and a
-    `lora_bias`) are replicated and added once, after the reduction.
+    `lora_bias`) are replicated and added once, after the reduction (under sequence parallelism, to this rank's
+    tokens: their gradients are summed over the group).
     """
 
     def _get_in_out_features(self, module: nn.Module) -> tuple[int, int]:
@@ -174,7 +175,10 @@ class TPLoraRowLinear(TPLoraLinear):
             scaling = self.scaling[name]
             partial = partial + F.linear(lora_a(xa), copy_to_tp(lora_b.weight, base.group)) * scaling
             if lora_b.bias is not None:
-                b = lora_b.bias * scaling
+                # added after the reduction; under sequence parallelism to this rank's tokens only, so its
+                # gradient is a partial sum (backward all-reduce)
+                tokens_only = base.sequence is not None and base.sequence.active()
+                b = (copy_to_tp(lora_b.bias, base.group) if tokens_only else lora_b.bias) * scaling
                 lora_bias = b if lora_bias is None else lora_bias + b
         out = base.reduce(partial)  # the LoRA terms ride on the base layer's one all-reduce
         if lora_bias is not None:
