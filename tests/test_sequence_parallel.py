@@ -384,3 +384,78 @@ def test_peft_lora(arch):
         assert max(abs(a - b) for a, b in r["losses"]) <= 1e-5, r["losses"]
         assert r["grad_err"] <= 2e-5, r["grad_err"]
         assert r["replica_err"] == 0.0
+
+
+def _trainer_run(rank, world, out):
+    from tests.test_trainer import GLOBAL, _losses, _trainer
+
+    if world == 1:
+        trainer = _trainer(build("llama", 2), out, GLOBAL, max_steps=4, save_steps=100)
+    else:
+        model = tp_plugin.parallelize(build("llama", 2), tp_size=2, sequence_parallel=True)
+        trainer = _trainer(model, out, GLOBAL // (world // 2), max_steps=4, save_steps=100)
+    trainer.train()
+    return _losses(trainer)
+
+
+def test_tp_trainer_tp2_dp2(tmp_path):
+    # tp_plugin.TPTrainer at TP=2 x DP=2 (test_trainer's data, clipping at 1.0): the losses of one process
+    ref = run_ranks(1, _trainer_run, tmp_path / "single")[0]
+    for losses in run_ranks(4, _trainer_run, tmp_path / "split"):
+        assert losses.keys() == ref.keys()
+        assert max(abs(losses[k] - ref[k]) for k in ref) <= 1e-5, (losses, ref)
+
+
+def _accelerate(rank, world, engine):
+    import os
+
+    from tests.test_accelerate import _accelerate_run, _deepspeed_run
+
+    os.environ["TP_PLUGIN_SEQUENCE_PARALLEL"] = "1"  # the launch switch (e.g. in front of `accelerate launch`)
+    split, original = [], tp_plugin.parallelize
+
+    def parallelize(model, *args, **kwargs):  # the loops call tp_plugin.parallelize(model, tp_size=2) as they are
+        split.append(original(model, *args, **kwargs))
+        return split[-1]
+
+    tp_plugin.parallelize = parallelize
+    result = (_accelerate_run if engine == "ddp" else _deepspeed_run)(rank, world, 2, 0.5)
+    result["sequence_parallel"] = tp_plugin.tp_state(split[0]).sequence is not None
+    return result
+
+
+@pytest.mark.parametrize("engine", ["ddp", "deepspeed"])
+def test_accelerate(engine):
+    # test_accelerate's loops (TP=2 x DP=2, clipping at 0.5), switched to SP by the environment alone
+    from tests.test_accelerate import ATOL
+
+    results = run_ranks(4, _accelerate, engine, timeout_s=240)
+    ref = results[0]["ref"]
+    for r in results:
+        assert r["sequence_parallel"]
+        assert max(abs(a - b) for a, b in zip(r["losses"], ref)) <= ATOL, (r["losses"], ref)
+
+
+def _save(rank, world, out):
+    from transformers import AutoModelForCausalLM
+
+    model = tp_plugin.parallelize(build("gpt2", 2), tp_size=2, sequence_parallel=True)
+    model.train()
+    ids = batch(seq=13)
+    model(ids, labels=ids).loss.backward()
+    with torch.no_grad():
+        for p in model.parameters():
+            p -= 0.1 * p.grad
+    model.save_pretrained(out)  # HF's own method, on every rank
+    model.eval()
+    with torch.no_grad():
+        mine = model(ids).logits
+    plain = AutoModelForCausalLM.from_pretrained(out, attn_implementation="eager").eval()
+    with torch.no_grad():
+        return (plain(ids).logits - mine).abs().max().item()
+
+
+def test_save_pretrained_is_the_ordinary_checkpoint(tmp_path):
+    # after a sequence-parallel step (norm and bias gradients summed over the group), the saved model reloads in
+    # plain transformers with the split model's logits (fp32 round trip, TP summation order: 1e-5)
+    assert max(run_ranks(2, _save, str(tmp_path))) <= 1e-5

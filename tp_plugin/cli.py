@@ -60,6 +60,8 @@ def _configure_verify(parser: argparse.ArgumentParser) -> None:
                         help="every causal-LM architecture of the installed transformers, from tiny configs")
     parser.add_argument("--only", help="comma-separated model types (with --all-architectures)")
     parser.add_argument("--markdown", metavar="FILE", help="also write the table as markdown (docs/architectures.md)")
+    parser.add_argument("--sequence-parallel", action="store_true",
+                        help="split with sequence_parallel=True (the models run in training mode)")
     parser.add_argument("--engine", default="tp_plugin", choices=("tp_plugin", "deepspeed", "transformers"),
                         help="split with tp_plugin (default), or run a peer for comparison: DeepSpeed AutoTP or "
                              "transformers' own tp_plan (logits only)")

@@ -110,7 +110,7 @@ def _peer_split(engine: str, model, name: str, tp: int):
     raise ValueError(f"unknown engine {engine!r} (tp_plugin, deepspeed, transformers)")
 
 
-def check_one(name: str, tp: int, load=None, engine: str = "tp_plugin") -> Result:
+def check_one(name: str, tp: int, load=None, engine: str = "tp_plugin", sequence_parallel: bool = False) -> Result:
     """On every rank of an initialised gloo world: build, split, compare. Same result on every rank."""
     import tp_plugin
     from .sharding import TPSplitError
@@ -118,6 +118,8 @@ def check_one(name: str, tp: int, load=None, engine: str = "tp_plugin") -> Resul
     torch.manual_seed(0)
     try:
         model = load(name) if load else build_tiny(name)
+        if sequence_parallel:  # a training-time layout (tiny configs have no dropout, so train() is safe)
+            model.train()
         ref = copy.deepcopy(model)
         gen = torch.Generator().manual_seed(1)
         vocab = model.get_input_embeddings().weight.shape[0]
@@ -138,7 +140,7 @@ def check_one(name: str, tp: int, load=None, engine: str = "tp_plugin") -> Resul
         return Result(name, "match" if err <= TOL else "mismatch", how=engine, errors={"logits": err},
                       detail="" if err <= TOL else f"logits {err:.2e}")
     try:
-        tp_plugin.parallelize(model, tp_size=tp)
+        tp_plugin.parallelize(model, tp_size=tp, sequence_parallel=sequence_parallel)
     except TPSplitError as exc:
         return Result(name, "refused", detail=str(exc)[:300])
     except Exception as exc:  # noqa: BLE001
@@ -175,13 +177,13 @@ def check_one(name: str, tp: int, load=None, engine: str = "tp_plugin") -> Resul
 
 # ---------------------------------------------------------------- ranks
 
-def _rank_main(rank, world, port, queue, timeout_s, names, tp, load, engine="tp_plugin"):
+def _rank_main(rank, world, port, queue, timeout_s, names, tp, load, engine="tp_plugin", sequence_parallel=False):
     current = names[0] if names else "?"
     try:
         init_rank(rank, world, port, timeout_s)
         for name in names:
             current = name
-            result = check_one(name, tp, load, engine)
+            result = check_one(name, tp, load, engine, sequence_parallel)
             if rank == 0:
                 queue.put(result)
     except BaseException:  # noqa: BLE001
@@ -192,9 +194,10 @@ def _rank_main(rank, world, port, queue, timeout_s, names, tp, load, engine="tp_
 
 
 def run_on_ranks(names: list[str], tp: int, *, load=None, timeout_s: float = 60.0,
-                 engine: str = "tp_plugin") -> list[Result]:
+                 engine: str = "tp_plugin", sequence_parallel: bool = False) -> list[Result]:
     """Check `names` one after another in one set of `tp` forked ranks; a timeout marks the rest as errors."""
-    store, queue, procs = spawn(mp.get_context("fork"), tp, _rank_main, (names, tp, load, engine), timeout_s)
+    store, queue, procs = spawn(mp.get_context("fork"), tp, _rank_main, (names, tp, load, engine, sequence_parallel),
+                                timeout_s)
     results = []
     try:
         while len(results) < len(names):
@@ -235,7 +238,7 @@ def _preimport(names: list[str]) -> None:
 
 
 def sweep(tp: int, names: list[str] | None = None, *, chunk: int = 12, progress=None,
-          engine: str = "tp_plugin") -> list[Result]:
+          engine: str = "tp_plugin", sequence_parallel: bool = False) -> list[Result]:
     """Verify many architectures at `tp`, `chunk` per set of ranks (a crash costs at most one chunk)."""
     names = names or causal_lm_types()
     _preimport(names)
@@ -243,7 +246,7 @@ def sweep(tp: int, names: list[str] | None = None, *, chunk: int = 12, progress=
     pending = list(names)
     while pending:
         batch, pending = pending[:chunk], pending[chunk:]
-        got = run_on_ranks(batch, tp, timeout_s=150.0, engine=engine)  # hybrid SSMs run reference kernels: slow on CPU
+        got = run_on_ranks(batch, tp, timeout_s=150.0, engine=engine, sequence_parallel=sequence_parallel)  # hybrid SSMs run reference kernels: slow on CPU
         # after a crash, the architectures after the culprit in its chunk are re-run on fresh ranks
         ok = [r for r in got if not r.detail.startswith("timed out or crashed")]
         retry = [r.name for r in got if r.detail.startswith("timed out or crashed")]
@@ -262,10 +265,11 @@ def sweep(tp: int, names: list[str] | None = None, *, chunk: int = 12, progress=
 
 # ---------------------------------------------------------------- reports
 
-def summary_line(results: list[Result], tp: int, engine: str = "tp_plugin") -> str:
+def summary_line(results: list[Result], tp: int, engine: str = "tp_plugin", sequence_parallel: bool = False) -> str:
     buildable = [r for r in results if r.status != "unbuildable"]
     matched = [r for r in buildable if r.status == "match"]
     label = "" if engine == "tp_plugin" else f" [{engine}, logits only]"
+    label += " sequence-parallel" if sequence_parallel else ""
     return (f"tp={tp}{label}: {len(matched)}/{len(buildable)} architectures match "
             f"({len(results) - len(buildable)} of {len(results)} could not be built from a tiny config)")
 
@@ -300,23 +304,24 @@ def table(results_by_tp: dict[int, list[Result]], *, markdown: bool = False) -> 
     return "\n".join(lines)
 
 
-def verify_model(name: str, tp: int) -> Result:
+def verify_model(name: str, tp: int, *, sequence_parallel: bool = False) -> Result:
     """One architecture (model_type) or a local model directory."""
     load = load_local if os.path.isdir(name) else None
     _preimport([] if load else [name])
-    return run_on_ranks([name], tp, load=load, timeout_s=120.0)[0]
+    return run_on_ranks([name], tp, load=load, timeout_s=120.0, sequence_parallel=sequence_parallel)[0]
 
 
 def main_verify(args) -> int:
     """The `tp-plugin verify` subcommand (argparse namespace: target, tp, all_architectures, markdown, only)."""
     tps = args.tp or [2]
+    sp = bool(getattr(args, "sequence_parallel", False))
     if not args.all_architectures:
         if not args.target:
             raise SystemExit("tp-plugin verify: give MODEL_OR_CONFIG (a model_type or a local model dir) "
                              "or --all-architectures")
         code = 0
         for tp in tps:
-            r = verify_model(args.target, tp)
+            r = verify_model(args.target, tp, sequence_parallel=sp)
             if r.plan:
                 print(r.plan)
             errs = ", ".join(f"{k} {v:.1e}" for k, v in r.errors.items() if isinstance(v, float))
@@ -328,22 +333,23 @@ def main_verify(args) -> int:
     results_by_tp = {}
     for tp in tps:
         start = time.time()
-        results_by_tp[tp] = sweep(tp, names, engine=engine, progress=lambda r, tp=tp: print(
+        results_by_tp[tp] = sweep(tp, names, engine=engine, sequence_parallel=sp, progress=lambda r, tp=tp: print(
             f"  tp={tp} {r.name:28s} {r.status:11s} {r.how:16s} {r.detail.splitlines()[-1][:100] if r.detail else ''}",
             flush=True))
-        print(f"{summary_line(results_by_tp[tp], tp, engine)} in {time.time() - start:.0f} s", flush=True)
+        print(f"{summary_line(results_by_tp[tp], tp, engine, sp)} in {time.time() - start:.0f} s", flush=True)
     print(table(results_by_tp))
     for tp in tps:
-        print(summary_line(results_by_tp[tp], tp, engine))
+        print(summary_line(results_by_tp[tp], tp, engine, sp))
     if args.markdown:
         lines = ["# Architectures", "",
                  "Generated by `tp-plugin verify --all-architectures " + " ".join(f"--tp {t}" for t in tps) +
+                 (" --sequence-parallel" if sp else "") +
                  f" --markdown {args.markdown}`: every causal-LM architecture of the installed transformers, "
                  "built from a tiny random config, split and compared with the unsplit model (logits, loss, every "
                  "gradient; tolerance 1e-4 relative). `how`: a hand-written policy, the model's own "
                  "`base_model_tp_plan` translated, or the structural fallback; `split params`: the share of "
                  "parameters that are sharded (the rest is replicated).", ""]
-        lines += [summary_line(results_by_tp[tp], tp) + "  " for tp in tps] + ["", table(results_by_tp, markdown=True)]
+        lines += [summary_line(results_by_tp[tp], tp, engine, sp) + "  " for tp in tps] + ["", table(results_by_tp, markdown=True)]
         tmp = args.markdown + ".tmp"
         with open(tmp, "w") as fh:
             fh.write("\n".join(lines) + "\n")
