@@ -26,7 +26,7 @@ FULL_GRID = [("smollm2-135m", None, 256, "fp32"), ("smollm2-135m-h12", None, 256
              ("llama-0.5b", 4, 256, "fp32"), ("smollm2-135m-h12", 4, 1024, "fp32"),
              ("smollm2-135m-h12", 2, 128, "bf16")]
 QUICK_GRID = [("toy", None, 32, "fp32"), ("toy-h4", None, 32, "fp32")]
-VARIANTS = ["unsplit", "tp_plugin", "tp_plugin+loss_parallel", "deepspeed_autotp", "transformers_tp"]
+from .step import VARIANTS
 
 
 def _log(msg: str) -> None:
@@ -38,10 +38,11 @@ def _megatron_min(job: dict) -> dict:
 
     cfg = config(job["shape"], job["layers"])
     # DeepSpeed AutoTP keeps a tied LM head vocabulary-sharded and computes its loss vocab-parallel
-    loss_parallel = job["variant"] == "tp_plugin+loss_parallel" or \
+    loss_parallel = "loss_parallel" in job["variant"] or \
         (job["variant"] == "deepspeed_autotp" and cfg.tie_word_embeddings)
     return megatron_minimum(cfg, batch=job["batch"], seq=job["seq"], dtype=getattr(torch, {"fp32": "float32",
-                            "bf16": "bfloat16"}[job["dtype"]]), tp=2, loss_parallel=loss_parallel)
+                            "bf16": "bfloat16"}[job["dtype"]]), tp=2, loss_parallel=loss_parallel,
+                            sequence_parallel=job["variant"].endswith("+sp"))
 
 
 def run_steps(grid, *, warmup: int, steps: int, batch: int, ckpt_root: str, timeout_s: float,

@@ -102,23 +102,37 @@ class CommCounter(TorchDispatchMode):
         return dict(out)
 
 
-def megatron_minimum(cfg, *, batch: int, seq: int, dtype: torch.dtype, tp: int, loss_parallel: bool) -> dict:
-    """Collectives per rank per training step of Megatron TP (no sequence parallelism) for a Llama model.
+def megatron_minimum(cfg, *, batch: int, seq: int, dtype: torch.dtype, tp: int, loss_parallel: bool,
+                     sequence_parallel: bool = False) -> dict:
+    """Collectives per rank per training step of Megatron TP for a Llama model (bytes: this rank's payload).
 
-    Forward: the vocab-parallel embedding's all-reduce, 2 all-reduces per block (attention out, MLP down);
-    backward: 2 per block (input gradients of attention and MLP) and the LM head's input gradient; then either
-    the vocab-parallel loss (2 small fp32 all-reduces: the max, then sum-exp stacked with the target logit) or
-    one all-gather of this rank's logits. Replicated params (norms) need nothing: their grads are equal.
+    Without sequence parallelism. Forward: the vocab-parallel embedding's all-reduce, 2 all-reduces per block
+    (attention out, MLP down); backward: 2 per block (input gradients of attention and MLP) and the LM head's
+    input gradient. Replicated params (norms) need nothing: their grads are equal.
+    With it (Megatron-core's SP). Forward: the embedding's reduce-scatter, per block 2 all-gathers (entries) and
+    2 reduce-scatters (exits), the final all-gather; backward: per block 2 reduce-scatters, 2 all-gathers and 2
+    more all-gathers of the regions' inputs (kept as this rank's tokens), the embedding's all-gather, the LM
+    head's reduce-scatter, and one coalesced all-reduce of the norm weights' partial gradients.
+    Then, either way, the vocab-parallel loss (2 small fp32 all-reduces: the max, then sum-exp stacked with the
+    target logit) or one all-gather of this rank's logits.
     """
-    tokens, elem = batch * seq, dtype.itemsize
-    big = 4 * cfg.num_hidden_layers + 2
-    calls, nbytes = {"all_reduce": big}, {"all_reduce": big * tokens * cfg.hidden_size * elem}
+    tokens, elem, layers = batch * seq, dtype.itemsize, cfg.num_hidden_layers
+    full = tokens * cfg.hidden_size * elem
+    if sequence_parallel:
+        calls = {"all_gather": 2 * layers + 1 + 4 * layers + 1, "reduce_scatter": 1 + 2 * layers + 2 * layers + 1,
+                 "all_reduce": 1}
+        nbytes = {"all_gather": calls["all_gather"] * full // tp, "reduce_scatter": calls["reduce_scatter"] * full,
+                  "all_reduce": (2 * layers + 1) * cfg.hidden_size * elem}
+    else:
+        big = 4 * layers + 2
+        calls, nbytes = {"all_reduce": big}, {"all_reduce": big * full}
     if loss_parallel:
-        calls["all_reduce"] += 2
-        nbytes["all_reduce"] += 3 * tokens * 4
+        calls["all_reduce"] = calls.get("all_reduce", 0) + 2
+        nbytes["all_reduce"] = nbytes.get("all_reduce", 0) + 3 * tokens * 4
     else:
         vocab_local = -(-cfg.vocab_size // tp)
-        calls["all_gather"], nbytes["all_gather"] = 1, tokens * vocab_local * elem
+        calls["all_gather"] = calls.get("all_gather", 0) + 1
+        nbytes["all_gather"] = nbytes.get("all_gather", 0) + tokens * vocab_local * elem
     out = {k: {"calls": calls[k], "bytes": nbytes[k]} for k in calls}
     out["total"] = {"calls": sum(calls.values()), "bytes": sum(nbytes.values())}
     return out

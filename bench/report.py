@@ -10,7 +10,7 @@ import torch
 
 MB = 2 ** 20
 PEERS = ("deepspeed_autotp", "transformers_tp")
-OURS = ("tp_plugin", "tp_plugin+loss_parallel")
+OURS = ("tp_plugin", "tp_plugin+loss_parallel", "tp_plugin+sp", "tp_plugin+loss_parallel+sp")
 
 
 def machine() -> dict:
@@ -139,12 +139,14 @@ def comm_table(rows: list[dict]) -> str:
 
 def memory_table_md(rows: list[dict]) -> str:
     gib = 2 ** 30
-    lines = ["| shape | tp | params (GiB) | grads (GiB) | AdamW (GiB) | activations (GiB) | total/rank (GiB) | "
-             "total / ideal | weights+grads+optimizer / ideal | activations / ideal |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| shape | tp | SP | params (GiB) | grads (GiB) | AdamW (GiB) | activations (GiB) | SP buffers (GiB) | "
+             "total/rank (GiB) | total / ideal | weights+grads+optimizer / ideal | activations / ideal |",
+             "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
-        lines.append(f"| {r['shape']} (batch {r['batch']} × seq {r['seq']}) | {r['tp']} | {r['params'] / gib:.2f} | "
+        lines.append(f"| {r['shape']} (batch {r['batch']} × seq {r['seq']}) | {r['tp']} | "
+                     f"{'yes' if r.get('sp') else 'no'} | {r['params'] / gib:.2f} | "
                      f"{r['grads'] / gib:.2f} | {r['optimizer'] / gib:.2f} | {r['activations'] / gib:.2f} | "
+                     f"{r.get('sp_buffers', 0) / gib:.2f} | "
                      f"{r['total'] / gib:.2f} | {r['ratio_to_ideal']:.2f} | {r['weights_ratio_to_ideal']:.3f} | "
                      f"{r['activations_ratio_to_ideal']:.2f} |")
     return "\n".join(lines)

@@ -22,7 +22,8 @@ import torch.distributed as dist
 from .comm_count import Collective, CommCounter
 from .shapes import config
 
-VARIANTS = ["unsplit", "tp_plugin", "tp_plugin+loss_parallel", "deepspeed_autotp", "transformers_tp"]
+VARIANTS = ["unsplit", "tp_plugin", "tp_plugin+loss_parallel", "tp_plugin+sp", "tp_plugin+loss_parallel+sp",
+            "deepspeed_autotp", "transformers_tp"]
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
@@ -64,7 +65,8 @@ def _setup(job: dict):
     if variant.startswith("tp_plugin"):
         import tp_plugin
 
-        tp_plugin.parallelize(model, tp_size=2, loss_parallel=variant.endswith("loss_parallel"))
+        tp_plugin.parallelize(model, tp_size=2, loss_parallel="loss_parallel" in variant,
+                              sequence_parallel=variant.endswith("+sp"))
     if variant == "deepspeed_autotp":
         import deepspeed
 

@@ -63,7 +63,11 @@ def test_a_failing_variant_is_a_result_with_its_cause():
 
 def test_memory_model_on_meta_with_a_fake_process_group():
     rows = memory_table(("toy-h4",), (1, 2, 4), seq=16)
-    assert [r["tp"] for r in rows] == [1, 2, 4]
+    assert [(r["tp"], r["sp"]) for r in rows] == [(1, False), (2, False), (2, True), (4, False), (4, True)]
+    sp_rows, rows = [r for r in rows if r["sp"]], [r for r in rows if not r["sp"]]
+    for plain, sp in zip(rows[1:], sp_rows):  # sequence parallelism: fewer saved activations, same weights
+        assert sp["activations"] < plain["activations"] and sp["params"] == plain["params"]
+        assert sp["sp_buffers"] == 16 * 72 * 2  # one [batch, seq, hidden] bf16 gathered input
     cfg = config("toy-h4")
     assert rows[0]["params"] == param_count(cfg) * 2  # bf16, unsplit: every parameter once
     for r in rows:

@@ -54,6 +54,9 @@ class SequenceParallel:
         self._hooked: set[int] = set()
         self._classify: list = []  # the hooks that look for them (first sequence-parallel forward only)
         self.in_span = False  # between the first layer's scatter and the base model's gather
+        # padding at the end is invisible only to causal attention (every attention module says is_causal=True)
+        flags = [m.is_causal for m in base.modules() if isinstance(getattr(m, "is_causal", None), bool)]
+        self.can_pad = bool(flags) and all(flags)
 
     def active(self) -> bool:
         """Whether the current forward runs sequence-parallel (training mode, not generating)."""
@@ -204,6 +207,10 @@ def _pad_inputs(sp: SequenceParallel):
         sp.pad = pad = (-ref.shape[1]) % sp.tp_size
         if pad == 0:
             return None
+        if not sp.can_pad:
+            raise TPSplitError(f"sequence_parallel: {ref.shape[1]} tokens do not divide by tp={sp.tp_size}, and "
+                               f"{type(module).__name__} has attention that is not causal (it would see padding "
+                               f"appended at the end); pad the batch to a multiple of {sp.tp_size} tokens")
         if args and torch.is_tensor(args[0]):
             args[0] = _pad_last(args[0], pad, 0)
         kwargs = dict(kwargs)
