@@ -19,7 +19,7 @@ from torch import nn
 from torch.distributed import ProcessGroup
 
 from .comm import copy_to_tp, gather_from_tp, reduce_from_tp, sum_grad_over_sharers
-from .sequence import SequenceParallel, gather_tokens, scatter_tokens
+from .sequence import SequenceParallel, fed_by, gather_tokens, scatter_tokens
 from .sharding import ShardSpec, shard_tensor
 
 
@@ -51,6 +51,7 @@ class ColumnParallelLinear(nn.Module):
     """
 
     sequence: SequenceParallel | None = None
+    region = None  # weakref to an inferred region's module (its input is checked against what feeds this layer)
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, spec: ShardSpec, group: ProcessGroup,
                  *, transposed: bool = False, sync_input_grad: bool = True, shared_rows: bool = False,
@@ -65,15 +66,28 @@ class ColumnParallelLinear(nn.Module):
             raise NotImplementedError("replicated rows are only supported for [out, in] weights")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.sync_input_grad and self.sequence is not None and self.sequence.active():
-            x, keep = gather_tokens(self.sequence, x)  # a region of its own: keep only this rank's tokens
-            if keep is not None:
-                with keep.hooks:
-                    return self._project(x)
+        x, keep = self.enter(x)
+        if keep is None:
             return self._project(x)
+        with keep.hooks:  # a region of its own under sequence parallelism: keep only this rank's tokens
+            return self._project(x)
+
+    def enter(self, x: torch.Tensor):
+        """The input as this layer computes with it, and the saved-tensor hooks to run that under (or None):
+        its own region's entry (input gradient all-reduced, or under sequence parallelism the tokens
+        gathered), or `x` as the enclosing region handed it over. A layer in an inferred region (`region`
+        set) that is fed by another tensor syncs its own input gradient."""
         if self.sync_input_grad:
-            x = copy_to_tp(x, self.group)
-        return self._project(x)
+            if self.sequence is not None and self.sequence.active():
+                return gather_tokens(self.sequence, x)
+            return copy_to_tp(x, self.group), None
+        region = self.region() if self.region is not None else None
+        if region is not None and not fed_by(region, x):
+            if self.sequence is not None and self.sequence.active() and not region.__dict__.get("_tp_regions"):
+                raise RuntimeError(f"sequence_parallel: {type(region).__name__} did not hand its input to this "
+                                   f"column-parallel layer; split this model with sequence_parallel=False")
+            return copy_to_tp(x, self.group), None
+        return x, None
 
     def _project(self, x: torch.Tensor) -> torch.Tensor:
         weight, bias = self.weight, self.bias

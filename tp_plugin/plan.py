@@ -16,7 +16,7 @@ from torch import nn
 from .entry import AttentionPlan, PlanEntry
 from .policy import AttentionSpec, Policy
 from .sharding import TPSplitError, head_shards
-from .styles import ColumnStyle, Style, VocabEmbedding, VocabLMHead
+from .styles import ColumnStyle, RowStyle, Style, VocabEmbedding, VocabLMHead
 from .styles.base import is_dense
 
 
@@ -31,6 +31,8 @@ class Plan:
     replicated: list[str] = field(default_factory=list)  # parameter names kept whole on every rank
     partial_grad: list[str] = field(default_factory=list)  # replicated modules whose grads are summed over TP
     kept_whole: list[str] = field(default_factory=list)  # linear layers the policy keeps replicated on purpose
+    # regions found from the entries (policies that declare none): their column layers check what feeds them
+    inferred_regions: list[str] = field(default_factory=list)
 
     num_parameters: int = 0  # of the unsplit model
     rank_parameters: list[int] = field(default_factory=list)  # held by each TP rank (padding rows included)
@@ -132,8 +134,9 @@ def resolve_plan(model: nn.Module, policy: Policy, tp_size: int) -> Plan:
         entries.extend(style.plan_entry(path, mod, tp_size, attn) for path, mod in found)
 
     regions = [path for pattern in policy.regions for path, _ in _matches(model, pattern, prefix)]
+    inferred = [] if regions else infer_regions(model, entries)
     for entry in entries:
-        if isinstance(entry.style, ColumnStyle) and any(entry.path.startswith(r + ".") for r in regions):
+        if isinstance(entry.style, ColumnStyle) and any(entry.path.startswith(r + ".") for r in regions + inferred):
             entry.sync_input_grad = False
 
     vocab = vocab_entries(model, tp_size)
@@ -145,9 +148,32 @@ def resolve_plan(model: nn.Module, policy: Policy, tp_size: int) -> Plan:
     kept_whole = _check_coverage(model, prefix, entries, policy)
     sharded = {f"{e.path}.{name}" for e in entries for name in e.full_shapes}
     replicated = [name for name, _ in model.named_parameters() if name not in sharded]
-    plan = Plan(policy.name or model_type, tp_size, entries, attn, regions, tied, replicated, partial, kept_whole)
+    plan = Plan(policy.name or model_type, tp_size, entries, attn, regions + inferred, tied, replicated, partial,
+                kept_whole, inferred)
     plan.count_parameters(model)
     return plan
+
+
+def infer_regions(model: nn.Module, entries: list[PlanEntry]) -> list[str]:
+    """Regions of a policy that declares none (a translated `base_model_tp_plan`, the structural fallback): the
+    module holding a row-parallel layer and column-parallel layers before it (an attention, an MLP), unless
+    it is a whole decoder layer (an element of a ModuleList: its input is the residual stream, not what its
+    projections read). Whether each column layer inside really reads the region's input is checked when it
+    runs (`ColumnParallelLinear.enter`), so a projection fed by something else (MLA's q_b_proj) still syncs
+    its own input gradient: inferring a region changes the collectives, never the numbers."""
+    columns = [e.path for e in entries if isinstance(e.style, ColumnStyle)]
+    layer_lists = {name for name, m in model.named_modules() if isinstance(m, nn.ModuleList)}
+    found = []
+    for entry in entries:
+        if not isinstance(entry.style, RowStyle) or "." not in entry.path:
+            continue
+        parent, _, _ = entry.path.rpartition(".")
+        grand, _, index = parent.rpartition(".")
+        if (grand in layer_lists and index.isdigit()) or parent in found:
+            continue
+        if any(c.startswith(parent + ".") for c in columns):
+            found.append(parent)
+    return found
 
 
 def _check_coverage(model, prefix, entries, policy) -> list[str]:

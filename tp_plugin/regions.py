@@ -66,7 +66,7 @@ def _enter(group, sp, streams, inputs: RegionInputs):
     def hook(module, args, kwargs):
         args, kwargs = list(args), dict(kwargs)
         sequence = sp is not None and sp.active()
-        keep = None
+        keep = entered = None
         for index, name in inputs.activations:
             x = _get(args, kwargs, index, name)
             if not torch.is_tensor(x) or not x.is_floating_point():
@@ -76,6 +76,7 @@ def _enter(group, sp, streams, inputs: RegionInputs):
                 keep = keep or hooks  # the first activation (the hidden states) is the one worth not keeping
             else:
                 x = copy_to_tp(x, group)
+            entered = x if entered is None else entered
             _put(args, kwargs, index, name, x)
         if sequence:
             for index, name in inputs.ids:
@@ -87,7 +88,7 @@ def _enter(group, sp, streams, inputs: RegionInputs):
                 keep.hooks.__enter__()
         elif streams is not None and module.training:
             streams.enter("region")
-        module.__dict__.setdefault("_tp_regions", []).append((sequence, keep))
+        module.__dict__.setdefault("_tp_regions", []).append((sequence, keep, entered))
         return tuple(args), kwargs
     return hook
 
@@ -97,7 +98,7 @@ def _leave(group, sp, streams, inputs: RegionInputs):
         stack = module.__dict__.get("_tp_regions")
         if not stack:
             return None
-        sequence, keep = stack.pop()
+        sequence, keep, _ = stack.pop()
         if keep is not None:
             keep.hooks.__exit__(None, None, None)
         if sequence:

@@ -25,6 +25,7 @@ plain TP path (all-reduces), which computes the same numbers and needs no paddin
 
 from __future__ import annotations
 
+import re
 import weakref
 from contextlib import contextmanager
 
@@ -127,6 +128,13 @@ class _RegatherInBackward:
         return full.as_strided(shape, stride, offset)
 
 
+def fed_by(region: nn.Module, x: torch.Tensor) -> bool:
+    """Whether `x` is (a view of) the tensor `region` entered with, in the forward now running."""
+    stack = region.__dict__.get("_tp_regions")
+    entered = stack[-1][2] if stack else None
+    return entered is not None and (x is entered or x._base is entered)
+
+
 def gather_tokens(sp: SequenceParallel, x: torch.Tensor) -> tuple[torch.Tensor, _RegatherInBackward | None]:
     """This rank's tokens -> all tokens (backward: reduce-scatter), and the saved-tensor hooks that keep only
     the chunk for backward (None under torch.compile, whose partitioner decides what to keep)."""
@@ -143,10 +151,11 @@ def scatter_tokens(sp: SequenceParallel, partial: torch.Tensor) -> torch.Tensor:
 
 # ---- installing it on a model ----------------------------------------------------------------------------------------
 
-def decoder_layers(model: nn.Module, split_paths: list[str]) -> str:
+def decoder_layers(model: nn.Module, split_paths: list[str], regions: list[str]) -> str:
     """The path of the ModuleList of decoder layers that holds the split modules (`split_paths`), after checking
     that every layer holds some: a layer without (a state-space or convolution mixer of a hybrid model) would
-    run on this rank's tokens only, and those mixers read the whole sequence."""
+    run on this rank's tokens only, and those mixers read the whole sequence. Likewise a token-mixing module
+    kept whole (an attention the policy leaves replicated) outside every region."""
     lists: dict[str, set[int]] = {}
     for path in split_paths:
         parts = path.split(".")
@@ -164,7 +173,31 @@ def decoder_layers(model: nn.Module, split_paths: list[str]) -> str:
         raise TPSplitError(f"sequence_parallel=True: decoder layers {bare} of {path} hold no tensor-parallel module "
                            f"(e.g. a state-space or convolution mixer), and those read the whole sequence; use "
                            f"sequence_parallel=False for this model")
+    mixers = [name for name, m in model.get_submodule(path).named_modules()
+              if _mixes_tokens(m) and not _inside(f"{path}.{name}", regions + split_paths)]
+    if mixers:
+        kinds = sorted({type(model.get_submodule(f"{path}.{n}")).__name__ for n in mixers})
+        raise TPSplitError(f"sequence_parallel=True: {len(mixers)} module(s) of {path} mix tokens but are kept whole "
+                           f"(replicated), e.g. {path}.{mixers[0]} ({', '.join(kinds)}): between regions each rank "
+                           f"holds only its tokens, so they would see part of the sequence; use "
+                           f"sequence_parallel=False for this model")
     return path
+
+
+# Modules that read other tokens than their own: attention, convolutions over the sequence, recurrences.
+_MIXES_TOKENS = re.compile(r"Attention|Attn|Mamba|Mixer|Conv|SSM|DeltaNet|Recurren|RWKV|LSTM|Retention|Hyena",
+                           re.IGNORECASE)
+
+
+def _mixes_tokens(module: nn.Module) -> bool:
+    if isinstance(module, (nn.Conv1d, nn.Conv2d)):
+        return True
+    name = type(module).__name__
+    return name != "Conv1D" and bool(_MIXES_TOKENS.search(name))  # Conv1D: GPT-2's transposed linear layer
+
+
+def _inside(path: str, roots: list[str]) -> bool:
+    return any(path == r or path.startswith(r + ".") or r.startswith(path + ".") for r in roots)
 
 
 def base_of(model: nn.Module, layers_path: str) -> nn.Module:

@@ -7,6 +7,7 @@ ranks before the first collective.
 
 from __future__ import annotations
 
+import weakref
 
 import torch.distributed as dist
 from torch import nn
@@ -141,6 +142,11 @@ def apply_plan(model: nn.Module, plan: Plan, rank: int, group, *, loss_parallel:
             patch_heads(model.get_submodule(path), plan.attention, shard, local_dims=plan.attention.local_dims)
     for path in plan.regions:
         install_region(model.get_submodule(path), group, sp, streams)
+    for path in plan.inferred_regions:  # their column layers check that the region's input is what feeds them
+        region = model.get_submodule(path)
+        for module in region.modules():
+            if isinstance(module, ColumnParallelLinear) and not module.sync_input_grad:
+                module.region = weakref.ref(region)
     for entry in plan.entries:
         if entry.style.region is not None:
             install_region(model.get_submodule(entry.path), group, sp, streams, entry.style.region)
@@ -165,7 +171,7 @@ def apply_plan(model: nn.Module, plan: Plan, rank: int, group, *, loss_parallel:
 def _sequence_layers(model: nn.Module, plan: Plan) -> str:
     """The decoder layers sequence parallelism splits by tokens (checked before anything is communicated)."""
     return sequence.decoder_layers(model, [e.path for e in plan.entries
-                                           if not isinstance(e.style, (VocabEmbedding, VocabLMHead))])
+                                           if not isinstance(e.style, (VocabEmbedding, VocabLMHead))], plan.regions)
 
 
 def _install_sequence_parallel(model: nn.Module, sp: SequenceParallel, layers_path: str) -> None:

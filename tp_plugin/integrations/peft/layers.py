@@ -104,11 +104,10 @@ class TPLoraLinear(lora.Linear):
 class TPLoraColumnLinear(TPLoraLinear):
     """LoRA on a `ColumnParallelLinear`: A replicated, B split by output rows like the base weight.
 
-    The gradient reaching A is `B_local^T g_local`, a partial sum over the TP ranks, so it is all-reduced:
-    when the base all-reduces its own input gradient (`sync_input_grad`), we all-reduce the gradient of A's
-    small [tokens, r] output, which also makes A's contribution to the input gradient complete; when an
-    enclosing region already all-reduces the input gradient (q/k/v share one), the LoRA input-gradient
-    contribution must stay partial, so we all-reduce A's weight gradient [r, in] instead.
+    A reads the input as the base layer enters it (`ColumnParallelLinear.enter`: its own input-gradient
+    all-reduce, the tokens gathered under sequence parallelism, or the enclosing region's input), so the one
+    input-gradient reduction there covers the base's and A's contributions together. The gradient reaching A's
+    weight, `(B_local^T g_local)^T x`, is a partial sum over the TP ranks: it is all-reduced ([r, in], small).
     """
 
     def _get_in_out_features(self, module: nn.Module) -> tuple[int, int]:
@@ -122,15 +121,19 @@ class TPLoraColumnLinear(TPLoraLinear):
 
     def _forward_with_adapters(self, x: torch.Tensor, adapters: list[str]) -> torch.Tensor:
         base: ColumnParallelLinear = self.get_base_layer()
-        result = base(x)
+        x, keep = base.enter(x)
+        if keep is None:
+            return self._adapted(base, x, adapters)
+        with keep.hooks:  # sequence parallelism: what backward needs of the gathered input is fetched again
+            return self._adapted(base, x, adapters)
+
+    def _adapted(self, base, x: torch.Tensor, adapters: list[str]) -> torch.Tensor:
+        result = base._project(x)
         result_dtype = result.dtype
         for name in adapters:
             lora_a, lora_b = self.lora_A[name], self.lora_B[name]
             xa = self.lora_dropout[name](self._cast_input_dtype(x, lora_a.weight.dtype))
-            if base.sync_input_grad:
-                h = copy_to_tp(lora_a(xa), base.group)                     # [..., r]; backward: all-reduce
-            else:
-                h = F.linear(xa, copy_to_tp(lora_a.weight, base.group))    # weight grad all-reduced
+            h = F.linear(xa, copy_to_tp(lora_a.weight, base.group))        # weight grad all-reduced
             weight, bias = lora_b.weight, lora_b.bias
             if base.shared_rows:  # replicated KV heads: rows held by several ranks sum their gradients
                 spec = base.spec
