@@ -204,3 +204,24 @@ def test_topology_warning_when_the_tp_group_spans_hosts():
     for split, same in run_ranks(2, _topology):
         assert split is not None and "spans 2 hosts" in split and "Keep TP inside a node" in split, split
         assert same is None
+
+
+def test_sequence_parallel_layouts_are_measured_and_recommended_when_they_fit(tmp_path):
+    # Llama-3-8B at seq 16384 on 8 x 80 GiB, no checkpointing: the replicated activations of plain TP do not fit
+    # at tp=2; with sequence parallelism (measured on the split model, not estimated) they do
+    config = planner.load_config(str(_config_dir(tmp_path, "llama3-8b")))
+    work = planner.Workload(gpus=8, gpu_memory_gib=80, seq=16384, sequence_parallel=True, gradient_checkpointing=False)
+    doc = planner.plan_document(config, work)
+    by = {(c["tp"], c["zero_stage"], c["sequence_parallel"]): c for c in doc["candidates"]}
+    # per layer, plain TP keeps 1.31x / 1.92x / 3.15x the unsplit activations / tp at tp = 2 / 4 / 8 and SP 1.0x
+    # (tests/test_sequence_parallel.py), so SP's activations are about 1 / those ratios of plain TP's; + 15% for
+    # what SP does not split: the part outside the layers (the embedding's output, the loss's logits shard) and
+    # the one gathered region input (3-10% of the total here)
+    for tp, most in ((2, 1.15 / 1.31), (4, 1.15 / 1.92), (8, 1.15 / 3.15)):
+        plain, sp = by[(tp, 1 if tp < 8 else 0, False)], by[(tp, 1 if tp < 8 else 0, True)]
+        ratio = sp["memory_gib"]["activations"] / plain["memory_gib"]["activations"]
+        assert ratio < most, (tp, ratio)
+    assert doc["recommended"]["sequence_parallel"] and doc["recommended"]["fits"], doc["recommended"]
+    planner.write_configs(doc["recommended"], work, tmp_path / "out")
+    ds = json.loads(next((tmp_path / "out").glob("*.json")).read_text())
+    assert ds["tp_plugin"] == {"sequence_parallel": True}

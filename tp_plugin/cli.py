@@ -92,7 +92,7 @@ def _configure_plan(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--gradient-checkpointing", action="store_true",
                         help="only layouts with gradient checkpointing (default: with and without)")
     parser.add_argument("--sequence-parallel", action="store_true",
-                        help="also estimate sequence-parallel layouts (not in tp_plugin yet)")
+                        help="also plan sequence-parallel layouts (parallelize(..., sequence_parallel=True))")
     parser.add_argument("--json", action="store_true", help="print the machine-readable document")
     parser.add_argument("--write-configs", metavar="DIR", help="write an Accelerate yaml + DeepSpeed json for the "
                                                               "recommended layout")

@@ -7,8 +7,8 @@ Nothing is loaded and nothing is allocated: the model is built on the meta devic
 * activations are measured, not modelled: the bytes autograd saves for backward in one training forward of a
   1- and a 2-layer copy of the model on the meta device, split at the same degree over a fake process group,
   extrapolated to all layers (per layer = 2 layers - 1 layer); attention runs the flash kernel's saving pattern.
-  Gradient checkpointing keeps each layer's input plus one layer recomputed at a time. Sequence parallelism
-  (not in tp_plugin yet) is estimated by dividing the saved tensors of hidden width (norm inputs, residuals) by tp;
+  Gradient checkpointing keeps each layer's input plus one layer recomputed at a time. Sequence parallelism is
+  measured the same way on the model split with `sequence_parallel=True`, plus one region's gathered input;
 * model states: weights and gradients in the training dtype, the optimizer's fp32 master copy (when the training
   dtype is lower) and states (AdamW 2, SGD none), divided over the data-parallel ranks by the ZeRO stage
   (1: optimizer, 2: + gradients, 3 / FSDP: + weights), e.g. 16 bytes per parameter for bf16 AdamW;
@@ -19,7 +19,7 @@ Nothing is loaded and nothing is allocated: the model is built on the meta devic
 * a fixed margin for the CUDA context, NCCL buffers and allocator fragmentation (`MARGIN_GIB`).
 
 The recommendation follows the usual rule: the smallest TP degree that fits inside one node (at most 8), then no
-gradient checkpointing if that fits, then the lowest ZeRO stage that fits. Pipeline stages are not offered (not in
+gradient checkpointing if that fits, then no sequence parallelism if that fits, then the lowest ZeRO stage. Pipeline stages are not offered (not in
 tp_plugin yet), so pp is always 1.
 """
 
@@ -59,7 +59,7 @@ class Workload:
     lora: bool = False
     lora_rank: int = 16
     gradient_checkpointing: bool | None = None  # None: try both
-    sequence_parallel: bool = False  # also estimate SP layouts
+    sequence_parallel: bool = False  # also plan sequence-parallel layouts (measured like the others)
     device: str = "cuda"  # "cpu": torch's per-parameter optimizer step instead of the multi-tensor one
 
     @property
@@ -218,6 +218,7 @@ def candidates(config, work: Workload) -> list[Candidate]:
             continue
         dp = work.gpus // tp
         acts = activation_bytes(config, tp, work.micro_batch, work.seq, dtype)
+        sp_acts = _sp_activation_bytes(config, tp, work, dtype) if work.sequence_parallel and tp > 1 else None
         params = max(plan.rank_parameters)
         trainable = max(lora_parameters(plan, r, work.lora_rank) for r in range(tp)) if work.lora else params
         largest = max((math.prod(e.local_shape(0, n)) for e in plan.entries for n in e.full_shapes), default=0)
@@ -227,10 +228,19 @@ def candidates(config, work: Workload) -> list[Candidate]:
         states = OPTIMIZER_STATES[work.optimizer] * 4
         for zero in (0, 1, 2, 3) if dp > 1 else (0,):
             for ckpt in ([False, True] if work.gradient_checkpointing is None else [work.gradient_checkpointing]):
-                for sp in ([False, True] if work.sequence_parallel and tp > 1 else [False]):
+                for sp in ([False, True] if sp_acts is not None else [False]):
                     out.append(_candidate(work, tp, dp, zero, ckpt, sp, params, trainable, width, master, states,
-                                          acts, layers, text.hidden_size, largest, vocab_shard))
+                                          sp_acts if sp else acts, layers, text.hidden_size, largest, vocab_shard))
     return out
+
+
+def _sp_activation_bytes(config, tp: int, work: Workload, dtype) -> dict[str, int] | None:
+    """Saved activations with sequence parallelism, measured like the plain ones; None for a model that
+    sequence parallelism cannot split (`parallelize` refuses it)."""
+    try:
+        return activation_bytes(config, tp, work.micro_batch, work.seq, dtype, sequence_parallel=True)
+    except TPSplitError:
+        return None
 
 
 def step_peak(work: Workload, memory: dict[str, float], trainable: int, largest: int, vocab_shard: int,
@@ -259,12 +269,14 @@ def step_peak(work: Workload, memory: dict[str, float], trainable: int, largest:
 def _candidate(work, tp, dp, zero, ckpt, sp, params, trainable, width, master, states, acts, layers, hidden,
                largest, vocab_shard) -> Candidate:
     notes = []
-    per_layer = acts["per_layer"] - (acts["per_layer_hidden"] * (tp - 1) / tp if sp else 0)
+    per_layer = acts["per_layer"]  # measured with sequence parallelism on for an `sp` candidate
     if ckpt:  # each layer keeps its input; one layer's activations are rebuilt at a time in backward
         layer_input = work.micro_batch * work.seq * hidden * width / (tp if sp else 1)
         activations = acts["outside"] + layers * layer_input + per_layer
     else:
         activations = acts["outside"] + layers * per_layer
+    if sp:  # one region's gathered input at a time (and its copy gathered again in backward)
+        activations += work.micro_batch * work.seq * hidden * width
     memory = {"params": params * width / (dp if zero >= 3 else 1),
               "grads": trainable * width / (dp if zero >= 2 else 1),
               "optimizer": trainable * (master + states) / (dp if zero >= 1 else 1),
@@ -278,15 +290,15 @@ def _candidate(work, tp, dp, zero, ckpt, sp, params, trainable, width, master, s
     memory["total"] = memory["params"] + memory["optimizer"] + memory["step_peak"] + memory["margin"]
     fits = memory["total"] <= work.gpu_memory_gib
     tokens = work.micro_batch * work.seq * hidden * width
-    tp_bytes = layers * (6 if ckpt else 4) * _ring(tokens, tp)  # 2 all-reduces per block each way (+ recompute)
+    # per block: 2 all-reduces each way (+ 2 in the recompute); with SP the same bytes as all-gathers and
+    # reduce-scatters, plus the backward's re-gather of the 2 regions' inputs (half an all-reduce each)
+    tp_bytes = layers * ((6 if ckpt else 4) + (1 if sp else 0)) * _ring(tokens, tp)
     dp_bytes = _ring(trainable * width, dp) + (2 * (dp - 1) / dp * params * width if zero >= 3 else 0)
     if tp > work.gpus_per_node:
         notes.append(f"the TP group of {tp} spans nodes of {work.gpus_per_node} GPUs: TP traffic would cross the "
                      f"network; keep TP inside a node")
     if tp > 8:
         notes.append("TP beyond 8 ranks: prefer data parallelism or pipeline stages")
-    if sp:
-        notes.append("sequence parallelism is not in tp_plugin yet: an estimate")
     if not fits:
         biggest = max(("params", "grads", "optimizer", "activations"), key=lambda k: memory[k])
         notes.append(f"needs {memory['total']:.1f} GiB of {work.gpu_memory_gib:g} (largest part: {biggest} "
@@ -299,8 +311,9 @@ def _candidate(work, tp, dp, zero, ckpt, sp, params, trainable, width, master, s
 
 def recommend(cands: list[Candidate], work: Workload) -> Candidate | None:
     """The smallest TP degree that fits inside a node (<= 8), then no checkpointing, then the lowest ZeRO stage."""
-    usable = [c for c in cands if c.fits and not c.sequence_parallel and c.tp <= min(8, work.gpus_per_node)]
-    return min(usable, key=lambda c: (c.tp, c.gradient_checkpointing, c.zero_stage), default=None)
+    usable = [c for c in cands if c.fits and c.tp <= min(8, work.gpus_per_node)]
+    return min(usable, key=lambda c: (c.tp, c.gradient_checkpointing, c.sequence_parallel, c.zero_stage),
+               default=None)
 
 
 def reason(best: Candidate | None, cands: list[Candidate], work: Workload) -> str:
@@ -341,6 +354,8 @@ def write_configs(best: dict, work: Workload, directory: str | Path) -> list[Pat
           "gradient_clipping": 1.0, "zero_optimization": {"stage": zero}}
     if tp > 1:  # the key tp_plugin reads as its TP degree (see README, DeepSpeed)
         ds["tensor_parallel"] = {"autotp_size": tp}
+    if best.get("sequence_parallel"):  # read by parallelize (DeepSpeed ignores the section)
+        ds["tp_plugin"] = {"sequence_parallel": True}
     if work.dtype == "bf16":
         ds["bf16"] = {"enabled": True}
     name = f"tp{tp}_dp{dp}_zero{zero}"
