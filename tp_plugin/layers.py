@@ -19,7 +19,8 @@ from torch import nn
 from torch.distributed import ProcessGroup
 
 from .comm import copy_to_tp, gather_from_tp, reduce_from_tp, sum_grad_over_sharers
-from .sequence import SequenceParallel, fed_by, gather_tokens, scatter_tokens
+from .regions import columns_input
+from .sequence import SequenceParallel, gather_tokens, scatter_tokens
 from .sharding import ShardSpec, shard_tensor
 
 
@@ -51,7 +52,7 @@ class ColumnParallelLinear(nn.Module):
     """
 
     sequence: SequenceParallel | None = None
-    region = None  # weakref to an inferred region's module (its input is checked against what feeds this layer)
+    region = None  # weakref to the enclosing region's module (set by the split when `sync_input_grad` is False)
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, spec: ShardSpec, group: ProcessGroup,
                  *, transposed: bool = False, sync_input_grad: bool = True, shared_rows: bool = False,
@@ -73,22 +74,21 @@ class ColumnParallelLinear(nn.Module):
             return self._project(x)
 
     def enter(self, x: torch.Tensor):
-        """The input as this layer computes with it, and the saved-tensor hooks to run that under (or None):
-        its own region's entry (input gradient all-reduced, or under sequence parallelism the tokens
-        gathered), or `x` as the enclosing region handed it over. A layer in an inferred region (`region`
-        set) that is fed by another tensor syncs its own input gradient."""
+        """The input as this layer computes with it, and the saved-tensor hooks to run that under (or None).
+        A layer of its own region (`sync_input_grad`): its input gradient all-reduced (under sequence
+        parallelism: the tokens gathered). Inside a region (`region` set): the region's input as its column
+        layers share it (one reduction for q, k and v), or, fed by another tensor computed inside the region
+        (MLA's q_b_proj reads q_a_proj's output), its own input-gradient all-reduce."""
         if self.sync_input_grad:
             if self.sequence is not None and self.sequence.active():
-                return gather_tokens(self.sequence, x)
+                face, _, keep = gather_tokens(self.sequence, x)
+                return face, keep
             return copy_to_tp(x, self.group), None
         region = self.region() if self.region is not None else None
-        if region is not None and not fed_by(region, x):
-            if self.sequence is not None and self.sequence.active() and not region.__dict__.get("_tp_regions"):
-                raise RuntimeError(f"sequence_parallel: {type(region).__name__} did not hand its input to this "
-                                   f"column-parallel layer; split this model with sequence_parallel=False")
-            return copy_to_tp(x, self.group), None
-        return x, None
-
+        shared = columns_input(region, x) if region is not None else None
+        if shared is not None:
+            return shared, None
+        return copy_to_tp(x, self.group), None
     def _project(self, x: torch.Tensor) -> torch.Tensor:
         weight, bias = self.weight, self.bias
         if self.shared_rows:

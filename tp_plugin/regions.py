@@ -28,14 +28,42 @@ from .sequence import SequenceParallel, gather_tokens, scatter_tokens
 @dataclass(frozen=True)
 class RegionInputs:
     """Which inputs of a region's forward are activations (position, keyword); `ids` are integer inputs laid out
-    like them (an MoE's chosen experts), gathered along with them under sequence parallelism."""
+    like them (an MoE's chosen experts), gathered along with them under sequence parallelism.
+
+    `columns_only`: only column-parallel computation reads the activations (MoE experts), so they are synced on
+    entry. Otherwise (attention, MLP) the module gets them as they are (under sequence parallelism: gathered, with
+    a backward for replicated consumers), and each column-parallel layer that reads them gets their synced face,
+    made once per call and shared (`columns_input`): replicated computation on the region's input (a gate, a
+    token shift) keeps its full gradient, and the column layers' partial gradients are reduced once."""
 
     activations: tuple[tuple[int, str], ...] = ((0, "hidden_states"),)
     ids: tuple[tuple[int, str], ...] = ()
     reduce_output: bool = False  # the region's own output is the partial sum (experts), not a row layer's
+    columns_only: bool = False
 
 
 HIDDEN_STATES = RegionInputs()
+
+
+class _Call:
+    """One call of a region: the tensor handed to the module, and what its column layers read instead."""
+
+    __slots__ = ("sequence", "keep", "handed", "make_columns", "columns")
+
+    def __init__(self, sequence: bool, keep, handed, make_columns):
+        self.sequence, self.keep, self.handed, self.make_columns = sequence, keep, handed, make_columns
+        self.columns = None
+
+
+def columns_input(region: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
+    """The synced face of `region`'s input if `x` is the tensor the running call handed over, else None."""
+    stack = region.__dict__.get("_tp_regions")
+    call = stack[-1] if stack else None
+    if call is None or call.handed is None or x is not call.handed:
+        return None
+    if call.columns is None:
+        call.columns = call.make_columns()
+    return call.columns
 
 
 def install_region(module: nn.Module, group, sp: SequenceParallel | None, streams: RankStreams | None,
@@ -66,29 +94,31 @@ def _enter(group, sp, streams, inputs: RegionInputs):
     def hook(module, args, kwargs):
         args, kwargs = list(args), dict(kwargs)
         sequence = sp is not None and sp.active()
-        keep = entered = None
+        call = _Call(sequence, None, None, None)
         for index, name in inputs.activations:
             x = _get(args, kwargs, index, name)
             if not torch.is_tensor(x) or not x.is_floating_point():
                 continue
             if sequence:
-                x, hooks = gather_tokens(sp, x)
-                keep = keep or hooks  # the first activation (the hidden states) is the one worth not keeping
+                handed, columns, keep = gather_tokens(sp, x, partial=inputs.columns_only)
+                call.keep = call.keep or keep  # the first activation (the hidden states) is the one worth it
             else:
-                x = copy_to_tp(x, group)
-            entered = x if entered is None else entered
-            _put(args, kwargs, index, name, x)
+                handed = copy_to_tp(x, group) if inputs.columns_only else x
+                columns = (lambda x=x: copy_to_tp(x, group))
+            if call.handed is None and not inputs.columns_only:
+                call.handed, call.make_columns = handed, columns
+            _put(args, kwargs, index, name, handed)
         if sequence:
             for index, name in inputs.ids:
                 ids = _get(args, kwargs, index, name)
                 if torch.is_tensor(ids):
                     _put(args, kwargs, index, name, all_gather_along(ids, -2, group))
             sp.depth += 1
-            if keep is not None:
-                keep.hooks.__enter__()
+            if call.keep is not None:
+                call.keep.hooks.__enter__()
         elif streams is not None and module.training:
             streams.enter("region")
-        module.__dict__.setdefault("_tp_regions", []).append((sequence, keep, entered))
+        module.__dict__.setdefault("_tp_regions", []).append(call)
         return tuple(args), kwargs
     return hook
 
@@ -98,9 +128,10 @@ def _leave(group, sp, streams, inputs: RegionInputs):
         stack = module.__dict__.get("_tp_regions")
         if not stack:
             return None
-        sequence, keep, _ = stack.pop()
-        if keep is not None:
-            keep.hooks.__exit__(None, None, None)
+        call = stack.pop()
+        sequence = call.sequence
+        if call.keep is not None:
+            call.keep.hooks.__exit__(None, None, None)
         if sequence:
             sp.depth -= 1
         if streams is not None:

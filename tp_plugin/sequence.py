@@ -128,20 +128,35 @@ class _RegatherInBackward:
         return full.as_strided(shape, stride, offset)
 
 
-def fed_by(region: nn.Module, x: torch.Tensor) -> bool:
-    """Whether `x` is (a view of) the tensor `region` entered with, in the forward now running."""
-    stack = region.__dict__.get("_tp_regions")
-    entered = stack[-1][2] if stack else None
-    return entered is not None and (x is entered or x._base is entered)
+class _Face(torch.autograd.Function):
+    """One face of this rank's tokens all-gathered once (`gathered`, no autograd): the forward is a view of the
+    gathered tensor; backward gives this rank's chunk of the gradient, reduce-scattered when the consumers'
+    gradients are partial sums (column-parallel layers), or just sliced when they are full and equal on every
+    rank (replicated computation inside the region)."""
+
+    @staticmethod
+    def forward(ctx, local, gathered, group, partial):
+        ctx.group, ctx.partial, ctx.size = group, partial, local.shape[SEQ_DIM]
+        return gathered.view_as(gathered)
+
+    @staticmethod
+    def backward(ctx, grad):
+        if ctx.partial:
+            return reduce_scatter_along(grad, SEQ_DIM, ctx.group), None, None, None
+        rank = dist.get_rank(ctx.group)
+        return grad.narrow(SEQ_DIM, rank * ctx.size, ctx.size).contiguous(), None, None, None
 
 
-def gather_tokens(sp: SequenceParallel, x: torch.Tensor) -> tuple[torch.Tensor, _RegatherInBackward | None]:
-    """This rank's tokens -> all tokens (backward: reduce-scatter), and the saved-tensor hooks that keep only
-    the chunk for backward (None under torch.compile, whose partitioner decides what to keep)."""
-    full = gather_along(x, SEQ_DIM, sp.group)
+def gather_tokens(sp: SequenceParallel, x: torch.Tensor, *, partial: bool = True):
+    """This rank's tokens -> all tokens, and a function making the other face (see `_Face`) of the same gathered
+    tensor without another collective, and the saved-tensor hooks that keep only this rank's chunk for backward
+    (None under torch.compile, whose partitioner decides what to keep, or without autograd)."""
+    gathered = all_gather_along(x, SEQ_DIM, sp.group)
+    face = _Face.apply(x, gathered, sp.group, partial)
+    other = lambda: _Face.apply(x, gathered, sp.group, not partial)  # noqa: E731
     if torch.compiler.is_compiling() or not torch.is_grad_enabled():
-        return full, None
-    return full, _RegatherInBackward(x, full, sp.group)
+        return face, other, None
+    return face, other, _RegatherInBackward(x, gathered, sp.group)
 
 
 def scatter_tokens(sp: SequenceParallel, partial: torch.Tensor) -> torch.Tensor:

@@ -142,7 +142,7 @@ def apply_plan(model: nn.Module, plan: Plan, rank: int, group, *, loss_parallel:
             patch_heads(model.get_submodule(path), plan.attention, shard, local_dims=plan.attention.local_dims)
     for path in plan.regions:
         install_region(model.get_submodule(path), group, sp, streams)
-    for path in plan.inferred_regions:  # their column layers check that the region's input is what feeds them
+    for path in plan.regions:  # each column layer inside reads the region's input through its call record
         region = model.get_submodule(path)
         for module in region.modules():
             if isinstance(module, ColumnParallelLinear) and not module.sync_input_grad:

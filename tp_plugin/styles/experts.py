@@ -26,7 +26,7 @@ class Experts(Style):
     """
 
     region = RegionInputs(activations=((0, "hidden_states"), (2, "top_k_weights")), ids=((1, "top_k_index"),),
-                          reduce_output=True)
+                          reduce_output=True, columns_only=True)
 
     def plan_entry(self, path, module, tp, attn):
         if getattr(module, "has_bias", False) or getattr(module, "down_proj_bias", None) is not None:
