@@ -22,12 +22,12 @@ from tests.models import ARCHS, batch, build, max_errors
 ATOL = RTOL = 1e-5
 
 
-def _parity(rank, world, arch, tp, head, tied, loss_parallel):
-    model = build(arch, tp, head=head, tied=tied)
+def _parity(rank, world, arch, tp, head, tied, loss_parallel, sequence_parallel=False, seq=12):
+    model = build(arch, tp, head=head, tied=tied)  # in training mode (dropout 0), as from_config leaves it
     ref = copy.deepcopy(model)
-    ids = batch()
+    ids = batch(seq=seq)
     labels = torch.tensor([0, 2]) if head == "seq_cls" else ids
-    tp_plugin.parallelize(model, tp_size=tp, loss_parallel=loss_parallel)
+    tp_plugin.parallelize(model, tp_size=tp, loss_parallel=loss_parallel, sequence_parallel=sequence_parallel)
     group = model.tp_plugin_state.mesh.tp_group
     out, ref_out = model(ids, labels=labels), ref(ids, labels=labels)
     out.loss.backward()

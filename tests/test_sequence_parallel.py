@@ -16,25 +16,12 @@ import tp_plugin
 from tests.dist import run_ranks
 from tests.models import batch, build, max_errors
 from tests.test_parity import _assert_close
+from tests.test_parity import _parity as parity
 
 
 def _parity(rank, world, arch, tp, seq, loss_parallel):
-    model = build(arch, tp)
-    ref = copy.deepcopy(model)
-    ids = batch(seq=seq)
-    tp_plugin.parallelize(model, tp_size=tp, sequence_parallel=True, loss_parallel=loss_parallel)
-    group = model.tp_plugin_state.mesh.tp_group
-    model.train(), ref.train()
-    out, ref_out = model(ids, labels=ids), ref(ids, labels=ids)
-    out.loss.backward()
-    ref_out.loss.backward()
-    result = {"loss": (out.loss - ref_out.loss).abs().item(), "grads": max_errors(model, ref, group),
-              "ref_loss": ref_out.loss.item()}
-    if not loss_parallel:
-        assert out.logits.shape == ref_out.logits.shape, (out.logits.shape, ref_out.logits.shape)
-        result["logits"] = (out.logits - ref_out.logits).abs().max().item()
-        result["logits_scale"] = ref_out.logits.abs().max().item()
-    return result
+    assert build(arch, tp).training  # sequence parallelism is a training-mode layout
+    return parity(rank, world, arch, tp, "causal_lm", True, loss_parallel, True, seq)
 
 
 @pytest.mark.parametrize("tp", [2, 4])

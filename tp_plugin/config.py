@@ -32,16 +32,13 @@ def autotp_size(ds_config: dict | str | os.PathLike | None) -> int | None:
     return int(size) if size else None
 
 
-def _from_accelerate_deepspeed_json() -> tuple[str, int] | None:
+def _accelerate_deepspeed_json() -> str | None:
     """`accelerate launch` with a DeepSpeed plugin exports the json path it was given."""
     path = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE")
-    if path and path.endswith(".json") and Path(path).is_file():
-        size = autotp_size(path)
-        return (path, size) if size else None
-    return None
+    return path if path and path.endswith(".json") and Path(path).is_file() else None
 
 
-def _from_deepspeed_cli_arg() -> tuple[str, int] | None:
+def _deepspeed_cli_json() -> str | None:
     """`--deepspeed_config PATH` on the command line (DeepSpeed's `add_config_arguments`), read before
     `deepspeed.initialize` parses it, so a plain DeepSpeed script needs no tp_size."""
     argv = sys.argv[1:]
@@ -49,9 +46,20 @@ def _from_deepspeed_cli_arg() -> tuple[str, int] | None:
         path = arg.split("=", 1)[1] if arg.startswith("--deepspeed_config=") else \
             (argv[i + 1] if arg == "--deepspeed_config" and i + 1 < len(argv) else None)
         if path and path.endswith(".json") and Path(path).is_file():
-            size = autotp_size(path)
-            return (path, size) if size else None
+            return path
     return None
+
+
+def _from_accelerate_deepspeed_json() -> tuple[str, int] | None:
+    path = _accelerate_deepspeed_json()
+    size = autotp_size(path) if path else None
+    return (path, size) if size else None
+
+
+def _from_deepspeed_cli_arg() -> tuple[str, int] | None:
+    path = _deepspeed_cli_json()
+    size = autotp_size(path) if path else None
+    return (path, size) if size else None
 
 
 def _from_hf_deepspeed_config() -> tuple[str, int] | None:
@@ -105,23 +113,12 @@ ENV_SEQUENCE_PARALLEL = "TP_PLUGIN_SEQUENCE_PARALLEL"
 
 def _ds_config_sources() -> list[dict]:
     """The DeepSpeed configs this launch names (accelerate's json, TrainingArguments', --deepspeed_config)."""
-    found = []
-    path = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE")
-    if path and path.endswith(".json") and Path(path).is_file():
-        found.append(json.loads(Path(path).read_text()))
+    found = [json.loads(Path(p).read_text()) for p in (_accelerate_deepspeed_json(), _deepspeed_cli_json()) if p]
     try:
         from transformers.integrations.deepspeed import deepspeed_config
-        if isinstance(deepspeed_config(), dict):
-            found.append(deepspeed_config())
     except ImportError:
-        pass
-    argv = sys.argv[1:]
-    for i, arg in enumerate(argv):
-        path = arg.split("=", 1)[1] if arg.startswith("--deepspeed_config=") else \
-            (argv[i + 1] if arg == "--deepspeed_config" and i + 1 < len(argv) else None)
-        if path and path.endswith(".json") and Path(path).is_file():
-            found.append(json.loads(Path(path).read_text()))
-    return found
+        return found
+    return found + ([deepspeed_config()] if isinstance(deepspeed_config(), dict) else [])
 
 
 def configured_sequence_parallel() -> bool:

@@ -218,6 +218,10 @@ def format_plan(plan: Plan) -> str:
         table.append([name, style, str(full)] + [str(s) for s in shapes])
     widths = [max(len(row[i]) for row in table) for i in range(len(header))]
     lines += ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in table]
+    if plan.regions:
+        inferred = len(plan.inferred_regions)
+        lines.append(f"regions (one input reduction for the column layers inside): {len(plan.regions)}"
+                     + (f", {inferred} inferred from the entries" if inferred else ""))
     lines.append(f"replicated parameters: {len(plan.replicated)} (norms, position embeddings, small heads)")
     if plan.kept_whole:
         kinds = sorted({re.sub(r"\.\d+\.", ".*.", path) for path in plan.kept_whole})
