@@ -85,7 +85,9 @@ class ColumnParallelLinear(nn.Module):
                 return face, keep
             return copy_to_tp(x, self.group), None
         region = self.region() if self.region is not None else None
-        shared = columns_input(region, x) if region is not None else None
+        if region is None:  # built by hand with sync_input_grad=False: the caller syncs the input gradient
+            return x, None
+        shared = columns_input(region, x)
         if shared is not None:
             return shared, None
         return copy_to_tp(x, self.group), None
