@@ -77,9 +77,11 @@ def test_parity_moe_experts_and_router_logits():
     _assert_close(run_ranks(2, _parity_moe, 13))
 
 
-def _count(rank, world, arch, sequence_parallel):
+def _count(rank, world, arch, sequence_parallel, gloo_shortcut=False):
     from tests.collective_counter import CollectiveCounter
+    from tp_plugin import comm
 
+    comm.GLOO_REDUCE_SCATTER_BY_ALL_REDUCE = gloo_shortcut  # count the collectives NCCL would run
     model = build(arch, 2)
     tp_plugin.parallelize(model, tp_size=2, sequence_parallel=sequence_parallel)
     model.train()
@@ -117,6 +119,10 @@ def test_collectives(arch):
     sp_total = sum(sp["fwd_bytes"].values()) + sum(sp["bwd_bytes"].values())
     norms = sp["bwd_bytes"]["all_reduce"] - hidden_bytes  # all but the LM head's input gradient (2 (p-1)/p N)
     assert abs(sp_total - regather - once - norms - plain_total) <= 1e-6 * plain_total, (sp_total, plain_total)
+    # on gloo (these CPU ranks) each reduce-scatter runs as an all-reduce, which gloo does faster
+    gloo = run_ranks(2, _count, arch, True, True)[0]
+    assert gloo["fwd"] == {"all_reduce": 1 + 2 * n, "all_gather": 2 * n + 2}
+    assert gloo["bwd"] == {"all_reduce": 1 + partial + 2 * n, "all_gather": 4 * n + 1}
 
 
 def model_hidden(arch: str) -> int:

@@ -4,8 +4,8 @@ A region is a module whose input feeds several column-parallel layers and whose 
 reduction. Its entry is where the layout of the activations changes, so the one place that decides how:
 
                       plain TP                                   sequence parallel (training)
-    entry (pre-hook)  identity; backward all-reduce (once for   all-gather of the tokens; backward
-                      q, k and v together)                       reduce-scatter (sequence.gather_tokens)
+    entry (pre-hook)  column layers read a shared copy whose     all-gather of the tokens; the column
+                      backward all-reduces (once for q, k, v)    layers' face reduce-scatters in backward
     exit              all-reduce (the row-parallel layer, or     reduce-scatter (same places)
                       the experts' output hook)
 

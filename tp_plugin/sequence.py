@@ -10,9 +10,13 @@ for two of half its size, so the bytes are the all-reduces' bytes:
 It is put on the model with hooks, without touching the model's forward code:
 
 * the base model's pre-hook pads the sequence to a multiple of tp, at the end (in a causal model no earlier
-  token attends to a later one, so the padding changes nothing), and its post-hook gathers the outputs back to
-  the full sequence and strips the padding: positions, masks and `.last_hidden_state` are what they always were;
-* the first decoder layer's pre-hook keeps this rank's chunk of the (replicated) hidden states;
+  token attends to a later one, so the padding changes nothing), and its post-hook strips the padding from its
+  outputs: positions, masks and `.last_hidden_state` are what they always were;
+* the first decoder layer's pre-hook keeps this rank's chunk of the (replicated) hidden states, and the last
+  one's post-hook gathers them again. Megatron reduce-scatters straight out of the vocab-parallel embedding
+  instead; here the model's own code between the embedding and the first layer (position embeddings added,
+  masks and positions built from the embedding's shape) needs the whole sequence, so the embedding keeps its
+  all-reduce: one all-gather's worth of bytes more per step, not per layer;
 * a region's gathered input is not kept for backward: saved-tensor hooks keep this rank's chunk and gather it
   again when backward needs it (Megatron does the same; keeping it would throw most of the saving away);
 * replicated parameters that see only this rank's tokens (the norms between regions, row-parallel biases) get

@@ -141,10 +141,9 @@ def apply_plan(model: nn.Module, plan: Plan, rank: int, group, *, loss_parallel:
         for path in plan.attention.paths:
             patch_heads(model.get_submodule(path), plan.attention, shard, local_dims=plan.attention.local_dims)
     for path in plan.regions:
-        install_region(model.get_submodule(path), group, sp, streams)
-    for path in plan.regions:  # each column layer inside reads the region's input through its call record
         region = model.get_submodule(path)
-        for module in region.modules():
+        install_region(region, group, sp, streams)
+        for module in region.modules():  # each column layer inside reads the region's input through its call
             if isinstance(module, ColumnParallelLinear) and not module.sync_input_grad:
                 module.region = weakref.ref(region)
     for entry in plan.entries:
