@@ -7,7 +7,8 @@ with toy shapes (a smoke test of the code, not a GPU result: the device field sa
 says "skipped: no CUDA device" and a toy planner run stands in for it:
 
 1. correctness of the CUDA path: 2 ranks on the one GPU with the gloo backend (NCCL refuses two ranks on one
-   device), a tiny Llama split at tp=2 against the unsplit model (logits, loss, every gradient), the CUDA RNG
+   device), a tiny Llama split at tp=2 against the unsplit model (logits, loss, every gradient; plain TP and
+   sequence-parallel at a length tp does not divide), the CUDA RNG
    states equal across the TP group after the split, and sampling after per-rank seeds equal on both ranks;
 2. per-rank compute at tp = 1, 2, 4, 8 for Llama-3-8B-shaped blocks in bf16 with a fake process group (this
    process is rank 0 of tp; no communication): step time against the unsplit time / tp, and peak memory against
@@ -63,22 +64,33 @@ def _correctness_rank(rank, world, port, queue, timeout_s, device):
         if device == "cuda":
             torch.cuda.set_device(0)
         ref = _tiny().to(device)
+        sp_model = parallelize(copy.deepcopy(ref), tp_size=2, sequence_parallel=True)
         model = parallelize(copy.deepcopy(ref), tp_size=2)
         group = tp_state(model).mesh.tp_group
         ids = torch.randint(3, 101, (2, 12), generator=torch.Generator().manual_seed(1)).to(device)
+
+        def grad_error(split, unsplit):
+            err, ref_params = 0.0, dict(unsplit.named_parameters())
+            for name, p in split.named_parameters():
+                grad = p.grad
+                if getattr(p, "tp_shard", None) is not None:
+                    shards, specs = [None] * 2, [None] * 2
+                    dist.all_gather_object(shards, p.grad.cpu(), group=group)
+                    dist.all_gather_object(specs, p.tp_shard, group=group)
+                    grad = unshard_tensor(shards, specs).to(device)
+                err = max(err, (grad - ref_params[name].grad).abs().max().item())
+            return err
+
+        # sequence parallelism first, at 13 tokens (padded to 14 inside the model), against its own reference
+        sp_ref, sp_ids = copy.deepcopy(ref), torch.cat([ids, ids[:, :1]], dim=1)
+        sp_out, sp_ref_out = sp_model(sp_ids, labels=sp_ids), sp_ref(sp_ids, labels=sp_ids)
+        sp_out.loss.backward()
+        sp_ref_out.loss.backward()
+        sp_err = max((sp_out.logits - sp_ref_out.logits).abs().max().item(), grad_error(sp_model, sp_ref))
         out, ref_out = model(ids, labels=ids), ref(ids, labels=ids)
         out.loss.backward()
         ref_out.loss.backward()
-        grad_err = 0.0
-        ref_params = dict(ref.named_parameters())
-        for name, p in model.named_parameters():
-            grad = p.grad
-            if getattr(p, "tp_shard", None) is not None:
-                shards, specs = [None] * 2, [None] * 2
-                dist.all_gather_object(shards, p.grad.cpu(), group=group)
-                dist.all_gather_object(specs, p.tp_shard, group=group)
-                grad = unshard_tensor(shards, specs).to(device)
-            grad_err = max(grad_err, (grad - ref_params[name].grad).abs().max().item())
+        grad_err = grad_error(model, ref)
         states = [None] * 2
         rng_state = torch.cuda.get_rng_state() if device == "cuda" else torch.get_rng_state()
         dist.all_gather_object(states, rng_state, group=group)
@@ -87,6 +99,7 @@ def _correctness_rank(rank, world, port, queue, timeout_s, device):
         sampled = model.generate(ids[:1, :5], do_sample=True, max_new_tokens=8, top_k=0, pad_token_id=0).cpu()
         queue.put((rank, {"logits_err": (out.logits - ref_out.logits).abs().max().item(),
                           "loss_err": abs(out.loss.item() - ref_out.loss.item()), "grad_err": grad_err,
+                          "sequence_parallel_err": sp_err,
                           "cuda_rng_equal": torch.equal(states[0], states[1]), "sampled": sampled.tolist()}))
     except BaseException as exc:  # noqa: BLE001  (reported in the results)
         queue.put((rank, {"error": repr(exc)}))
@@ -110,10 +123,12 @@ def correctness(device: str) -> dict:
     r0, r1 = _two_ranks(_correctness_rank, device)
     if "error" in r0 or "error" in r1:
         return {"error": r0.get("error") or r1.get("error")}
+    sp_err = max(r0["sequence_parallel_err"], r1["sequence_parallel_err"])
     return {"logits_err": r0["logits_err"], "loss_err": r0["loss_err"], "grad_err": max(r0["grad_err"], r1["grad_err"]),
+            "sequence_parallel_err": sp_err,
             f"{device}_rng_equal_after_split": r0["cuda_rng_equal"], "sampling_equal_after_per_rank_seeds":
             r0["sampled"] == r1["sampled"], "ok": r0["logits_err"] < 1e-4 and r0["grad_err"] < 1e-4
-            and r0["cuda_rng_equal"] and r0["sampled"] == r1["sampled"]}
+            and sp_err < 1e-4 and r0["cuda_rng_equal"] and r0["sampled"] == r1["sampled"]}
 
 
 def _predicted_gib(shape: str, layers: int, tp: int, batch: int, seq: int) -> float:

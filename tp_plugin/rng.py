@@ -75,6 +75,10 @@ class RankStreams:
         self._saved, self._tag = get_states(), tag
         torch.manual_seed(_mix(seed, self.tp_rank))
 
+    def reset(self) -> None:
+        """Forget a span a checkpoint replay entered (its generators were restored by the checkpoint itself)."""
+        self._saved = self._tag = None
+
     @torch.compiler.disable
     def leave(self, tag: str) -> None:
         if self._tag != tag:

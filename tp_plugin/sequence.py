@@ -298,6 +298,9 @@ def _scatter_hidden(sp: SequenceParallel):
         sp.depth, sp.in_span = 0, True
         sp.hook_partial()
         if sp.streams is not None:
+            # transformers 4.x checkpoints a layer's __call__, hooks included: replaying layer 0 in backward
+            # enters the span again (same seed, same masks) and leaves it to the checkpoint's RNG restore
+            sp.streams.reset()
             sp.streams.enter("sequence")  # dropout on this rank's tokens: masks of its own
         if args:
             return (_split(sp, module, args[0]), *args[1:]), kwargs
@@ -317,10 +320,9 @@ def _gather_hidden(sp: SequenceParallel):
     replicated final norm and the LM head make the same on every rank), so the base model's own code after its
     layers (a final norm, GPT-2's reshape to the input's shape) sees the sequence it expects."""
     def hook(module, args, output):
-        if not sp.in_span:
-            return None
-        _end_span(sp)
-        if output is None:  # the forward raised
+        if sp.in_span:
+            _end_span(sp)
+        if output is None or not sp.active():  # the forward raised, or plain TP
             return None
         if isinstance(output, tuple):
             return (_gather(sp, output[0]), *output[1:])
@@ -375,13 +377,23 @@ def _restore(sp: SequenceParallel, output, batch: int, full: int):
         value = output[key]
         if key == "past_key_values":
             if sp.pad and value is not None:
-                if not hasattr(value, "crop"):
-                    raise TPSplitError(f"sequence_parallel: {type(value).__name__} holds {sp.pad} padding tokens "
-                                       f"and cannot be cropped; pass use_cache=False in training, or pad the "
-                                       f"batch to a multiple of tp={sp.tp_size} tokens")
-                value.crop(-sp.pad)  # a negative length drops that many tokens at the end
+                output[key] = _crop_cache(sp, value)
         elif key == "router_logits" and isinstance(value, tuple):  # MoE: [batch * tokens, experts] per layer
             output[key] = tuple(restore(r.view(batch, -1, r.shape[-1])).reshape(-1, r.shape[-1]) for r in value)
         else:
             output[key] = tuple(restore(x) for x in value) if isinstance(value, tuple) else restore(value)
     return output
+
+
+def _crop_cache(sp: SequenceParallel, cache):
+    """Drop the padding's entries from a KV cache: a `Cache` crops itself; a legacy tuple of per-layer (key, value)
+    tensors [batch, heads, seq, head_dim] (transformers 4.x GPT-2) is cut along the sequence."""
+    if hasattr(cache, "crop"):
+        cache.crop(-sp.pad)  # a negative length drops that many tokens at the end
+        return cache
+    if isinstance(cache, (tuple, list)) and all(isinstance(layer, (tuple, list)) for layer in cache):
+        return type(cache)(tuple(t[..., : t.shape[-2] - sp.pad, :] if torch.is_tensor(t) and t.dim() == 4 else t
+                                 for t in layer) for layer in cache)
+    raise TPSplitError(f"sequence_parallel: {type(cache).__name__} holds {sp.pad} padding tokens and cannot be "
+                       f"cropped; pass use_cache=False in training, or pad the batch to a multiple of "
+                       f"tp={sp.tp_size} tokens")
