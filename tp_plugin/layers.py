@@ -45,7 +45,7 @@ def tag_param(param: torch.Tensor, spec: ShardSpec | None, *, replicas: int = 1)
 class ColumnParallelLinear(nn.Module):
     """`y = x A^T + b` with A split by output rows: no communication forward, input gradient all-reduced.
 
-    `sync_input_grad=False` when an enclosing region already applied `copy_to_tp` to the shared input
+    `sync_input_grad=False` inside a region, which hands its column layers one shared synced copy of its input
     (so q, k and v of one attention cost one all-reduce in backward, not three). `shared_rows` is set for
     replicated KV heads: the weight gradient is then summed over the ranks that hold the same rows. Under
     sequence parallelism (`sequence` set and active) a layer that syncs its own input gathers the tokens instead.
@@ -91,6 +91,7 @@ class ColumnParallelLinear(nn.Module):
         if shared is not None:
             return shared, None
         return copy_to_tp(x, self.group), None
+
     def _project(self, x: torch.Tensor) -> torch.Tensor:
         weight, bias = self.weight, self.bias
         if self.shared_rows:

@@ -31,7 +31,7 @@ class Plan:
     replicated: list[str] = field(default_factory=list)  # parameter names kept whole on every rank
     partial_grad: list[str] = field(default_factory=list)  # replicated modules whose grads are summed over TP
     kept_whole: list[str] = field(default_factory=list)  # linear layers the policy keeps replicated on purpose
-    # regions found from the entries (policies that declare none): their column layers check what feeds them
+    # regions found from the entries (policies that declare none; also in `regions`)
     inferred_regions: list[str] = field(default_factory=list)
 
     num_parameters: int = 0  # of the unsplit model

@@ -19,8 +19,8 @@ Nothing is loaded and nothing is allocated: the model is built on the meta devic
 * a fixed margin for the CUDA context, NCCL buffers and allocator fragmentation (`MARGIN_GIB`).
 
 The recommendation follows the usual rule: the smallest TP degree that fits inside one node (at most 8), then no
-gradient checkpointing if that fits, then no sequence parallelism if that fits, then the lowest ZeRO stage. Pipeline stages are not offered (not in
-tp_plugin yet), so pp is always 1.
+gradient checkpointing if that fits, then no sequence parallelism if that fits, then the lowest ZeRO stage.
+Pipeline stages are not offered (not in tp_plugin yet), so pp is always 1.
 """
 
 from __future__ import annotations

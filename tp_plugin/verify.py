@@ -353,7 +353,8 @@ def main_verify(args) -> int:
                  (" With sequence parallelism, a model is refused when a module that mixes tokens (an attention "
                   "the policy keeps whole, a state-space or convolution mixer, cross-attention) would run on one "
                   "rank's tokens only, or when its layers are not one list of decoder layers." if sp else ""), ""]
-        lines += [summary_line(results_by_tp[tp], tp, engine, sp) + "  " for tp in tps] + ["", table(results_by_tp, markdown=True)]
+        lines += [summary_line(results_by_tp[tp], tp, engine, sp) + "  " for tp in tps]
+        lines += ["", table(results_by_tp, markdown=True)]
         tmp = args.markdown + ".tmp"
         with open(tmp, "w") as fh:
             fh.write("\n".join(lines) + "\n")
