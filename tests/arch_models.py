@@ -59,6 +59,10 @@ def _config(arch: str, tp: int):
         return transformers.OPTConfig(vocab_size=101, hidden_size=72, num_attention_heads=heads, ffn_dim=98,
                                       num_hidden_layers=2, word_embed_proj_dim=72, max_position_embeddings=64,
                                       dropout=0.0, attention_dropout=0.0, pad_token_id=0)
+    if arch in ("gpt_bigcode", "gpt_bigcode_mha"):  # StarCoder 1: multi-query (one KV head) or multi-head
+        return transformers.GPTBigCodeConfig(vocab_size=101, n_embd=72, n_head=heads, n_layer=2, n_positions=64,
+                                             n_inner=98, multi_query=arch == "gpt_bigcode", resid_pdrop=0.0,
+                                             embd_pdrop=0.0, attn_pdrop=0.0)
     if arch == "bloom":
         return transformers.BloomConfig(vocab_size=101, hidden_size=72, n_head=heads, n_layer=2, **NO_DROPOUT)
     if arch in ("bert", "roberta"):
@@ -71,7 +75,8 @@ def _config(arch: str, tp: int):
 
 ENCODERS = ("bert", "roberta")
 ARCHS = ["mixtral", "qwen2_moe", "qwen3_moe", "gemma2", "gemma3_text", "phi", "phi3", "gptj", "gpt_neox",
-         "falcon", "falcon_gqa", "opt", "bloom", "starcoder2", "olmo2", "cohere", "granite", "bert", "roberta"]
+         "falcon", "falcon_gqa", "opt", "bloom", "starcoder2", "olmo2", "cohere", "granite", "bert", "roberta",
+         "gpt_bigcode", "gpt_bigcode_mha"]
 
 
 def build_arch(arch: str, tp: int, seed: int = 0) -> nn.Module:
