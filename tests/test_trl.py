@@ -80,9 +80,11 @@ def _sft(rank, world, out, variant, split):
     class TPSFTTrainer(TPTrainerMixin, SFTTrainer):
         pass
 
+    sequence_parallel = variant.startswith("sp-")  # the same runs with sequence parallelism on the split side
+    variant = variant.removeprefix("sp-")
     model = build("llama", 2)
     if split:
-        model = tp_plugin.parallelize(model, tp_size=2)
+        model = tp_plugin.parallelize(model, tp_size=2, sequence_parallel=sequence_parallel)
     extra = {}
     if variant == "lora":
         import peft
@@ -126,14 +128,14 @@ def _check_histories(split, ref, keys):
             assert key in r and key in s and _close(s[key], r[key]), (step, key, s, r)
 
 
-@pytest.mark.parametrize("variant", ["full", "lora", "packing"])
+@pytest.mark.parametrize("variant", ["full", "lora", "packing", "sp-full", "sp-packing"])
 def test_sft_trainer_matches_the_unsplit_run(tmp_path, variant):
     ref = run_ranks(1, _sft, str(tmp_path / "ref"), variant, False)[0]
     results = run_ranks(2, _sft, str(tmp_path / "split"), variant, True)
     for r in results:
         _check_histories(r["history"], ref["history"], SFT_KEYS)
         assert r["spread"] == 0.0, r["spread"]  # replicated parameters stay bit-identical across TP ranks
-        if variant == "full":
+        if variant.removeprefix("sp-") == "full":
             assert (r["logits"] - ref["logits"]).abs().max().item() <= REL * ref["logits"].abs().max().item()
 
 
