@@ -32,8 +32,9 @@ def _parity(rank, world, arch, tp, head, tied, loss_parallel, sequence_parallel=
     out, ref_out = model(ids, labels=labels), ref(ids, labels=labels)
     out.loss.backward()
     ref_out.loss.backward()
+    sequence = model.tp_plugin_state.sequence
     result = {"loss": (out.loss - ref_out.loss).abs().item(), "grads": max_errors(model, ref, group),
-              "ref_loss": ref_out.loss.item()}
+              "ref_loss": ref_out.loss.item(), "sequence_parallel": sequence is not None and sequence.active()}
     if not loss_parallel:
         assert out.logits.shape == ref_out.logits.shape, (out.logits.shape, ref_out.logits.shape)
         result["logits"] = (out.logits - ref_out.logits).abs().max().item()

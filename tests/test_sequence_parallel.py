@@ -27,8 +27,9 @@ def _require(arch: str) -> None:
 
 
 def _parity(rank, world, arch, tp, seq, loss_parallel):
-    assert build(arch, tp).training  # sequence parallelism is a training-mode layout
-    return parity(rank, world, arch, tp, "causal_lm", True, loss_parallel, True, seq)
+    result = parity(rank, world, arch, tp, "causal_lm", True, loss_parallel, True, seq)
+    assert result["sequence_parallel"]  # the model ran the sequence-parallel layout (training mode), not plain TP
+    return result
 
 
 @pytest.mark.parametrize("tp", [2, 4])
@@ -57,6 +58,7 @@ def _parity_moe(rank, world, seq):
     ref = copy.deepcopy(model)
     tp_plugin.parallelize(model, tp_size=2, sequence_parallel=True)
     model.train(), ref.train()
+    assert model.tp_plugin_state.sequence.active()
     ids = batch(seq=seq)
     mask = torch.ones_like(ids)
     # left padding: the router's auxiliary loss reads the mask over [batch, seq] tokens. The outputs at padded
@@ -310,6 +312,7 @@ def _client_parity(rank, world, case):
     if case == "packed":  # two sequences packed in each row: positions restart at 0 where the second begins
         kwargs["position_ids"] = torch.cat([torch.arange(6), torch.arange(7)]).expand(2, 13)
     model.train(), ref.train()
+    assert model.tp_plugin_state.sequence.active()
     out, ref_out = model(ids, labels=ids, **kwargs), ref(ids, labels=ids, **kwargs)
     out.loss.backward()
     ref_out.loss.backward()
