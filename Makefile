@@ -46,7 +46,8 @@ test-versions: venv
 	  echo "== transformers $$v"; \
 	  PYTHONPATH=$(CURDIR)/.cache/transformers-$$v $(RUN_ENV) $(PY) -m pytest -q -p no:cacheprovider \
 	    tests/test_parity.py tests/test_collectives.py \
-	    tests/test_sequence_parallel.py -k "parity or collectives or clients or generate or checkpointing"; \
+	    tests/test_sequence_parallel.py tests/test_sequence_parallel_rng.py \
+	      -k "parity or collectives or clients or generate or checkpointing"; \
 	done
 
 # The gguf is converted once (about 45 s) before torchrun, so the two ranks do not race to do it.
