@@ -105,8 +105,8 @@ class _RegatherInBackward:
 
     def __init__(self, local: torch.Tensor, full: torch.Tensor, group):
         self.full_ref, self.group = weakref.ref(full), group
-        self.outer = torch._C._autograd._top_saved_tensors_default_hooks(False)
-        self.local = self.outer[0](local) if self.outer else local
+        self.outer = torch._C._autograd._top_saved_tensors_default_hooks(False)  # before ours are pushed
+        self.local: torch.Tensor | None = local
         self.packed = self.unpacked = 0
         self.cache: torch.Tensor | None = None
         self.hooks = torch.autograd.graph.saved_tensors_hooks(self.pack, self.unpack)
@@ -114,6 +114,8 @@ class _RegatherInBackward:
     def pack(self, t: torch.Tensor):
         full = self.full_ref()
         if full is not None and (t is full or t._base is full):
+            if self.packed == 0 and self.outer:  # the chunk is saved once, through the hooks already in place
+                self.local = self.outer[0](self.local)
             self.packed += 1
             return (self, t.shape, t.stride(), t.storage_offset())
         return (None, self.outer[0](t)) if self.outer else (None, t)
