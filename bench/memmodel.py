@@ -48,7 +48,7 @@ def rank0_memory(shape: str, tp: int, *, batch: int, seq: int, layers: int | Non
         out = {"shape": shape, "tp": tp, "sp": sp, "batch": batch, "seq": seq,
                "layers": model.config.num_hidden_layers,
                "params": numel * dtype.itemsize, "grads": numel * dtype.itemsize, "optimizer": numel * 2 * 4,
-               "activations": saved_bytes(model, batch, seq)[0],
+               "activations": saved_bytes(model, batch, seq),
                "sp_buffers": batch * seq * model.config.hidden_size * dtype.itemsize if sp else 0}
     finally:
         dist.destroy_process_group()

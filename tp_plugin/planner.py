@@ -153,33 +153,30 @@ def flash_attention():
         F.scaled_dot_product_attention = original
 
 
-def saved_bytes(model: nn.Module, batch: int, seq: int, hidden: int | None = None) -> tuple[int, int]:
-    """Bytes autograd saves for backward in one training forward (each storage once, parameters left out), and
-    the part of them in tensors whose last dim is `hidden` (what sequence parallelism would split)."""
+def saved_bytes(model: nn.Module, batch: int, seq: int) -> int:
+    """Bytes autograd saves for backward in one training forward (each storage once, parameters left out)."""
     params = {p.untyped_storage()._cdata for p in model.parameters()}
-    seen: dict[int, tuple[int, bool]] = {}
+    seen: dict[int, int] = {}
 
     def pack(t):
         storage = t.untyped_storage()
         if storage._cdata not in params:
-            seen[storage._cdata] = (storage.nbytes(), hidden is not None and t.dim() > 1 and t.shape[-1] == hidden)
+            seen[storage._cdata] = storage.nbytes()
         return t
 
     ids = torch.zeros(batch, seq, dtype=torch.long, device="meta")
     with flash_attention(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         loss = model(input_ids=ids, labels=ids).loss
     del loss
-    return sum(n for n, _ in seen.values()), sum(n for n, wide in seen.values() if wide)
+    return sum(seen.values())
 
 
 def activation_bytes(config, tp: int, batch: int, seq: int, dtype: torch.dtype, *,
                      sequence_parallel: bool = False) -> dict[str, int]:
-    """Saved activations on TP rank 0 at degree `tp`: the part outside the layers, per layer, and per layer in
-    tensors of hidden width (fake process group of `tp` ranks, meta device, 1- and 2-layer copies)."""
+    """Saved activations on TP rank 0 at degree `tp`: the part outside the layers and per layer (fake process
+    group of `tp` ranks, meta device, 1- and 2-layer copies)."""
     from torch.testing._internal.distributed.fake_pg import FakeStore
 
-
-    hidden = getattr(config.get_text_config(), "hidden_size", None)
     measured = []
     for layers in (1, 2):
         model = meta_model(config, dtype, layers)
@@ -189,12 +186,12 @@ def activation_bytes(config, tp: int, batch: int, seq: int, dtype: torch.dtype, 
         try:
             if tp > 1:
                 split_model(model, tp, loss_parallel=True, sequence_parallel=sequence_parallel)
-            measured.append(saved_bytes(model, batch, seq, hidden))
+            measured.append(saved_bytes(model, batch, seq))
         finally:
             if tp > 1:
                 dist.destroy_process_group()
-    (one, one_wide), (two, two_wide) = measured
-    return {"outside": 2 * one - two, "per_layer": two - one, "per_layer_hidden": two_wide - one_wide}
+    one, two = measured
+    return {"outside": 2 * one - two, "per_layer": two - one}
 
 
 # ---- candidates ---------------------------------------------------------------------------------------------------

@@ -54,8 +54,7 @@ class SequenceParallel:
         self.suspended = 0  # > 0 inside generate(): plain TP
         self.pad = 0  # tokens appended to the current forward's sequence
         self.depth = 0  # regions entered and not yet left (between regions: 0)
-        self.between_regions: set[int] = set()  # ids of modules seen running on this rank's tokens only
-        self.partial: list[nn.Parameter] = []  # replicated parameters that see this rank's tokens only
+        self.partial: dict[int, nn.Parameter] = {}  # replicated parameters that see this rank's tokens only
         self._hooked: set[int] = set()
         self._classify: list = []  # the hooks that look for them (first sequence-parallel forward only)
         self.in_span = False  # between the first layer's scatter and the base model's gather
@@ -83,13 +82,13 @@ class SequenceParallel:
 
     def add_partial(self, param: nn.Parameter) -> None:
         param.tp_sequence_partial_grad = True
-        self.partial.append(param)
+        self.partial[id(param)] = param
         self.hook_partial()
 
     def hook_partial(self) -> None:
         """Give every trainable partial parameter its gradient sum (a frozen one gets it once it is unfrozen:
         PEFT's `bias="all"`, or a user unfreezing the norms after the split)."""
-        for param in self.partial:
+        for param in self.partial.values():
             if param.requires_grad and id(param) not in self._hooked:
                 param.register_hook(self.sum_partial_grad)
                 self._hooked.add(id(param))
@@ -242,10 +241,8 @@ def install(model: nn.Module, sp: SequenceParallel, layers_path: str, replicated
 def _note_between_regions(sp: SequenceParallel):
     def hook(module, args):
         if sp.active() and sp.depth == 0 and sp.in_span:
-            if id(module) not in sp.between_regions:
-                sp.between_regions.add(id(module))
-                for param in module.parameters(recurse=False):
-                    sp.add_partial(param)
+            for param in module.parameters(recurse=False):
+                sp.add_partial(param)
     return hook
 
 
