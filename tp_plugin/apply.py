@@ -8,7 +8,7 @@ import math
 from torch import nn
 
 from .entry import PlanEntry
-from .loss import VocabParallelCausalLMLoss
+from .loss import GatheredLogitsCausalLMLoss, VocabParallelCausalLMLoss
 from .plan import vocab_entries
 from .state import TPState
 from .styles import VocabEmbedding, VocabLMHead
@@ -44,8 +44,23 @@ def install_layers(model: nn.Module, entries: list[PlanEntry], rank: int, group,
         is_head = isinstance(entry.style, VocabLMHead)
         if is_head and getattr(module, "bias", None) is not None:
             _retie(model, module.bias, layer.bias)  # BERT-style heads share their bias with `predictions.bias`
-        if is_head and loss_parallel:
-            model.loss_function = VocabParallelCausalLMLoss(layer.vocab_start, layer.vocab_stop, group)
+        if is_head:
+            _install_loss(model, layer, group, loss_parallel=loss_parallel)
+
+
+def _install_loss(model: nn.Module, head, group, *, loss_parallel: bool) -> None:
+    """The loss that reads the split head's logits (`loss.py`): vocab-parallel with `loss_parallel`, else, for
+    transformers' causal-LM loss, the one whose backward stays on the shard. Other losses are left as they are."""
+    if not hasattr(model, "loss_function"):
+        return
+    if loss_parallel:
+        model.loss_function = VocabParallelCausalLMLoss(head.vocab_start, head.vocab_stop, group)
+        return
+    own = getattr(model.loss_function, "fallback", None) or model.loss_function  # again after a resize
+    from transformers.loss.loss_utils import ForCausalLMLoss
+
+    if own is ForCausalLMLoss:
+        model.loss_function = GatheredLogitsCausalLMLoss(head.vocab_start, head.vocab_stop, own)
 
 
 def split_vocab(model: nn.Module, state: TPState, *, embed_scale=None) -> None:

@@ -185,7 +185,9 @@ class VocabParallelEmbedding(nn.Module):
 
 class VocabParallelLMHead(nn.Module):
     """LM head split by vocabulary rows. Returns full logits (all-gathered, padding stripped) unless
-    `gather_output` is False (loss_parallel), when `.logits` is this rank's vocabulary shard."""
+    `gather_output` is False (loss_parallel), when `.logits` is this rank's vocabulary shard. Full logits
+    computed for training carry their shard (`tp_vocab_shard`): the loss sends its gradient there directly
+    (`loss.GatheredLogitsCausalLMLoss`) instead of through a full-vocabulary gradient."""
 
     def __init__(self, head: nn.Module, spec: ShardSpec, group: ProcessGroup, *, tied_weight: nn.Parameter | None,
                  gather_output: bool):
@@ -202,7 +204,10 @@ class VocabParallelLMHead(nn.Module):
         logits = F.linear(copy_to_tp(x, self.group), self.weight, self.bias)
         if not self.gather_output:
             return logits
-        return gather_from_tp(logits, self.group)[..., : self.spec.full_size]
+        full = gather_from_tp(logits, self.group)[..., : self.spec.full_size]
+        if full.requires_grad:
+            full.tp_vocab_shard = logits
+        return full
 
     def extra_repr(self) -> str:
         return f"vocab=[{self.vocab_start}, {self.vocab_stop}) of {self.spec.full_size}, gather={self.gather_output}"
