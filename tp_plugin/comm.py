@@ -157,23 +157,50 @@ class _ReduceScatterAlong(torch.autograd.Function):
         return all_gather_along(grad, ctx.dim, ctx.group), None, None
 
 
-GLOO_REDUCE_SCATTER_BY_ALL_REDUCE = True  # see _reduce_scatter (tests switch it off to count the real collective)
+GLOO_REDUCE_SCATTER_BY_ALL_REDUCE = True  # see start_reduce_scatter (tests switch it off to count the real collective)
 
 
-def _reduce_scatter(x: torch.Tensor, dim: int, group: ProcessGroup) -> torch.Tensor:
+class Pending:
+    """A started (asynchronous) collective; `wait()` returns its result. Lets the caller compute meanwhile."""
+
+    __slots__ = ("work", "finish")
+
+    def __init__(self, work, finish):
+        self.work, self.finish = work, finish
+
+    def wait(self) -> torch.Tensor:
+        if self.work is not None:
+            self.work.wait()
+        return self.finish()
+
+
+def start_all_reduce(x: torch.Tensor, group: ProcessGroup) -> Pending:
+    """An all-reduce (in place on `x`, which must be contiguous and the caller's own) started asynchronously."""
+    return Pending(dist.all_reduce(x, group=group, async_op=True), lambda: x)
+
+
+def start_reduce_scatter(x: torch.Tensor, dim: int, group: ProcessGroup, *, own: bool = True) -> Pending:
+    """A reduce-scatter along `dim` (sum, keep this rank's chunk) started asynchronously. `own`: `x` is the
+    caller's to overwrite (else it is left as it is)."""
     world = dist.get_world_size(group)
     if x.shape[dim] % world:
         raise ValueError(f"reduce-scatter along dim {dim}: size {x.shape[dim]} does not divide by {world} ranks")
+    size = x.shape[dim] // world
     if GLOO_REDUCE_SCATTER_BY_ALL_REDUCE and str(dist.get_backend(group)) == "gloo":
         # gloo's reduce-scatter takes 1.5-3x as long as an all-reduce of the same tensor (measured on 2 CPU
         # ranks, 0.6-9 MiB: README, sequence parallelism); the all-reduce gives every rank the sum, of which
         # each keeps its chunk. NCCL's ring all-reduce *is* a reduce-scatter plus an all-gather: it keeps the real one.
-        size = x.shape[dim] // world
-        return all_reduce(x.clone(), group).narrow(dim, dist.get_rank(group) * size, size).contiguous()
+        x = x.contiguous() if own else x.clone(memory_format=torch.contiguous_format)
+        rank = dist.get_rank(group)
+        return Pending(dist.all_reduce(x, group=group, async_op=True),
+                       lambda: x.narrow(dim, rank * size, size).contiguous())
     chunks = [c.contiguous() for c in x.chunk(world, dim=dim)]
     out = torch.empty_like(chunks[0])
-    dist.reduce_scatter(out, chunks, group=group)
-    return out
+    return Pending(dist.reduce_scatter(out, chunks, group=group, async_op=True), lambda: out)
+
+
+def _reduce_scatter(x: torch.Tensor, dim: int, group: ProcessGroup) -> torch.Tensor:
+    return start_reduce_scatter(x, dim, group, own=False).wait()
 
 
 def copy_to_tp(x: torch.Tensor, group: ProcessGroup) -> torch.Tensor:

@@ -19,6 +19,7 @@ from torch import nn
 from torch.distributed import ProcessGroup
 
 from .comm import copy_to_tp, gather_from_tp, reduce_from_tp, sum_grad_over_sharers
+from .overlap import InputGrad, column_linear
 from .regions import columns_input
 from .sequence import SequenceParallel, gather_tokens, scatter_tokens
 from .sharding import ShardSpec, shard_tensor
@@ -67,11 +68,11 @@ class ColumnParallelLinear(nn.Module):
             raise NotImplementedError("replicated rows are only supported for [out, in] weights")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x, keep = self.enter(x)
+        x, keep, input_grad = self._enter(x, overlapped=True)
         if keep is None:
-            return self._project(x)
+            return self._project(x, input_grad)
         with keep.hooks:  # a region of its own under sequence parallelism: keep only this rank's tokens
-            return self._project(x)
+            return self._project(x, input_grad)
 
     def enter(self, x: torch.Tensor):
         """The input as this layer computes with it, and the saved-tensor hooks to run that under (or None).
@@ -79,25 +80,32 @@ class ColumnParallelLinear(nn.Module):
         parallelism: the tokens gathered). Inside a region (`region` set): the region's input as its column
         layers share it (one reduction for q, k and v), or, fed by another tensor computed inside the region
         (MLA's q_b_proj reads q_a_proj's output), its own input-gradient all-reduce."""
+        x, keep, _ = self._enter(x, overlapped=False)
+        return x, keep
+
+    def _enter(self, x: torch.Tensor, *, overlapped: bool):
+        """`enter`, plus the region call's `overlap.InputGrad` for a layer computing through `_project`."""
         if self.sync_input_grad:
             if self.sequence is not None and self.sequence.active():
                 face, _, keep = gather_tokens(self.sequence, x)
-                return face, keep
-            return copy_to_tp(x, self.group), None
+                return face, keep, None
+            return copy_to_tp(x, self.group), None, None
         region = self.region() if self.region is not None else None
         if region is None:  # built by hand with sync_input_grad=False: the caller syncs the input gradient
-            return x, None
-        shared = columns_input(region, x)
+            return x, None, None
+        shared, input_grad = columns_input(region, x, overlapped=overlapped)
         if shared is not None:
-            return shared, None
-        return copy_to_tp(x, self.group), None
+            return shared, None, input_grad
+        return copy_to_tp(x, self.group), None, None
 
-    def _project(self, x: torch.Tensor) -> torch.Tensor:
+    def _project(self, x: torch.Tensor, input_grad: InputGrad | None = None) -> torch.Tensor:
         weight, bias = self.weight, self.bias
         if self.shared_rows:
             weight = sum_grad_over_sharers(weight, self.group, self.spec.ranges, self.spec.full_size)
             if bias is not None:
                 bias = sum_grad_over_sharers(bias, self.group, self.spec.ranges, self.spec.full_size)
+        if input_grad is not None:  # the region's input gradient reduced while the weight gradient is computed
+            return column_linear(x, weight, bias, input_grad, transposed=self.transposed)
         if self.transposed:  # GPT-2 Conv1D: weight is [in, out_local]
             out = torch.addmm(bias, x.reshape(-1, x.shape[-1]), weight) if bias is not None \
                 else x.reshape(-1, x.shape[-1]) @ weight

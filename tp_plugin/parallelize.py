@@ -22,7 +22,7 @@ from .state import tp_state
 
 def parallelize(model: nn.Module, tp_size: int | None = None, *, mesh: DeviceMesh | None = None,
                 policy: Policy | None = None, loss_parallel: bool = False,
-                sequence_parallel: bool | None = None) -> nn.Module:
+                sequence_parallel: bool | None = None, overlap_comm: bool = True) -> nn.Module:
     """Split `model` in place across the tensor-parallel group and return it.
 
     Without `mesh`: with world size W and `tp_size` T (default: the launch configuration's degree, else W),
@@ -34,12 +34,15 @@ def parallelize(model: nn.Module, tp_size: int | None = None, *, mesh: DeviceMes
     `sequence_parallel=True` (default: the launch configuration's `TP_PLUGIN_SEQUENCE_PARALLEL`, or a DeepSpeed
     config's `"tp_plugin": {"sequence_parallel": true}`) splits the activations between tensor-parallel regions
     along the sequence in training mode (Megatron's sequence parallelism; see `tp_plugin.sequence`).
+
+    `overlap_comm=True` runs each region's input-gradient reduction while its last column layer computes its
+    weight gradient (`tp_plugin.overlap`); False runs them one after the other (same numbers, same collectives).
     """
     prepare_launch()  # `accelerate launch`: the yaml's TP degree is ours; gloo on a machine without GPU
     if sequence_parallel is None:
         sequence_parallel = configured_sequence_parallel()
     split_model(model, tp_size, mesh=mesh, policy=policy, loss_parallel=loss_parallel,
-                sequence_parallel=sequence_parallel)
+                sequence_parallel=sequence_parallel, overlap_comm=overlap_comm)
     state = tp_state(model)
     if state.mesh is not None and state.mesh.tp_size > 1:
         prepare_for_deepspeed(model)  # deepspeed.initialize then trains it on these groups, no AutoTP

@@ -11,6 +11,9 @@ reduction. Its entry is where the layout of the activations changes, so the one 
 
 and the random stream: dropout between entry and exit acts on this rank's heads or features, so it draws from
 the per-rank stream (`rng.RankStreams`), which the row-parallel exit (or the region's end) leaves again.
+
+With `overlap` (the default) the column layers' shared face reduces its gradient through an `overlap.InputGrad`:
+the reduction runs while the last column layer computes its weight gradient.
 """
 
 from __future__ import annotations
@@ -20,9 +23,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .comm import all_gather_along, copy_to_tp, reduce_from_tp
+from .comm import all_gather_along, copy_to_tp, reduce_from_tp, start_all_reduce, start_reduce_scatter
+from .overlap import InputGrad, shared_face
 from .rng import RankStreams
-from .sequence import SequenceParallel, gather_tokens, scatter_tokens
+from .sequence import SEQ_DIM, SequenceParallel, gather_tokens, scatter_tokens
 
 
 @dataclass(frozen=True)
@@ -48,27 +52,32 @@ HIDDEN_STATES = RegionInputs()
 class _Call:
     """One call of a region: the tensor handed to the module, and what its column layers read instead."""
 
-    __slots__ = ("sequence", "keep", "handed", "make_columns", "columns")
+    __slots__ = ("sequence", "keep", "handed", "make_columns", "columns", "input_grad")
 
     def __init__(self, sequence: bool, keep, handed, make_columns):
         self.sequence, self.keep, self.handed, self.make_columns = sequence, keep, handed, make_columns
         self.columns = None
+        self.input_grad: InputGrad | None = None
 
 
-def columns_input(region: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
-    """The synced face of `region`'s input if `x` is the tensor the running call handed over, else None."""
+def columns_input(region: nn.Module, x: torch.Tensor, *, overlapped: bool = False):
+    """The synced face of `region`'s input if `x` is the tensor the running call handed over (else None), and
+    the call's `InputGrad` when the face reduces through one. A reader that does not compute through
+    `overlap.column_linear` (`overlapped=False`: a LoRA adapter) makes the call reduce synchronously."""
     stack = region.__dict__.get("_tp_regions")
     call = stack[-1] if stack else None
     if call is None or call.handed is None or x is not call.handed:
-        return None
+        return None, None
     if call.columns is None:
         call.columns = call.make_columns()
-    return call.columns
+    if call.input_grad is not None and not overlapped:
+        call.input_grad.mixed = True
+    return call.columns, call.input_grad
 
 
 def install_region(module: nn.Module, group, sp: SequenceParallel | None, streams: RankStreams | None,
-                   inputs: RegionInputs = HIDDEN_STATES) -> None:
-    module.register_forward_pre_hook(_enter(group, sp, streams, inputs), with_kwargs=True)
+                   inputs: RegionInputs = HIDDEN_STATES, *, overlap: bool = True) -> None:
+    module.register_forward_pre_hook(_enter(group, sp, streams, inputs, overlap), with_kwargs=True)
     module.register_forward_hook(_leave(group, sp, streams, inputs), always_call=True)
 
 
@@ -90,23 +99,35 @@ def _put(args: list, kwargs: dict, index, name, value) -> None:
         kwargs[name] = value
 
 
-def _enter(group, sp, streams, inputs: RegionInputs):
+def _make_input_grad(group, sequence: bool) -> InputGrad:
+    if sequence:
+        return InputGrad(lambda grad: start_reduce_scatter(grad, SEQ_DIM, group))
+    return InputGrad(lambda grad: start_all_reduce(grad, group))
+
+
+def _enter(group, sp, streams, inputs: RegionInputs, overlap: bool):
     def hook(module, args, kwargs):
         args, kwargs = list(args), dict(kwargs)
         sequence = sp is not None and sp.active()
         call = _Call(sequence, None, None, None)
+        overlapped = overlap and not inputs.columns_only and torch.is_grad_enabled() \
+            and not torch.compiler.is_compiling()
         for index, name in inputs.activations:
             x = _get(args, kwargs, index, name)
             if not torch.is_tensor(x) or not x.is_floating_point():
                 continue
+            first = call.handed is None and not inputs.columns_only
+            input_grad = _make_input_grad(group, sequence) if first and overlapped else None
             if sequence:
-                handed, columns, keep = gather_tokens(sp, x, partial=inputs.columns_only)
+                handed, other, keep = gather_tokens(sp, x, partial=inputs.columns_only)
+                columns = (lambda other=other, input_grad=input_grad: other(input_grad))
                 call.keep = call.keep or keep  # the first activation (the hidden states) is the one worth it
             else:
                 handed = copy_to_tp(x, group) if inputs.columns_only else x
-                columns = (lambda x=x: copy_to_tp(x, group))
-            if call.handed is None and not inputs.columns_only:
-                call.handed, call.make_columns = handed, columns
+                columns = (lambda x=x, input_grad=input_grad: shared_face(x, x, input_grad) if input_grad
+                           else copy_to_tp(x, group))
+            if first:
+                call.handed, call.make_columns, call.input_grad = handed, columns, input_grad
             _put(args, kwargs, index, name, handed)
         if sequence:
             for index, name in inputs.ids:

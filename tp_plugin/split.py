@@ -35,7 +35,7 @@ from .styles import VocabEmbedding, VocabLMHead, patch_heads
 
 def split_model(model: nn.Module, tp_size: int | None = None, *, mesh: DeviceMesh | None = None,
                 policy: Policy | None = None, loss_parallel: bool = False,
-                sequence_parallel: bool = False) -> nn.Module:
+                sequence_parallel: bool = False, overlap_comm: bool = True) -> nn.Module:
     """Split `model` in place across the tensor-parallel group and return it (see `tp_plugin.parallelize`)."""
     tp_size = tp_size_of(mesh, tp_size) if mesh is not None else _resolve_tp_size(tp_size)
     check_not_split(model)
@@ -58,10 +58,10 @@ def split_model(model: nn.Module, tp_size: int | None = None, *, mesh: DeviceMes
             warn_on_topology(tp_mesh)  # a TP group across hosts or unlinked GPUs: one clear warning
             sync_from_tp_rank0(model, tp_mesh.tp_group)
         sp = apply_plan(model, plan, tp_mesh.tp_rank, tp_mesh.tp_group, loss_parallel=loss_parallel,
-                        sequence_parallel=sequence_parallel)
+                        sequence_parallel=sequence_parallel, overlap_comm=overlap_comm)
     else:
         sp = None
-    model.tp_plugin_state = TPState(plan, tp_mesh, loss_parallel, sp)
+    model.tp_plugin_state = TPState(plan, tp_mesh, loss_parallel, sp, overlap_comm)
     if tp_mesh is not None and tp_size > 1:
         hf_methods.bind(model)  # save_pretrained / generate / resize_token_embeddings that know the split
         install_first_forward_check(model, tp_mesh.tp_group)  # same batch and RNG state on every TP rank, once
@@ -129,7 +129,7 @@ def sync_from_tp_rank0(model: nn.Module, group: dist.ProcessGroup) -> None:
 
 
 def apply_plan(model: nn.Module, plan: Plan, rank: int, group, *, loss_parallel: bool,
-               sequence_parallel: bool = False) -> SequenceParallel | None:
+               sequence_parallel: bool = False, overlap_comm: bool = True) -> SequenceParallel | None:
     """Swap every planned module for its parallel layer holding this rank's shard; patch head counts; install
     the regions (and sequence parallelism). Returns the sequence-parallel state, if asked for."""
     streams = RankStreams(rank) if rng.has_dropout(model) else None
@@ -142,13 +142,14 @@ def apply_plan(model: nn.Module, plan: Plan, rank: int, group, *, loss_parallel:
             patch_heads(model.get_submodule(path), plan.attention, shard, local_dims=plan.attention.local_dims)
     for path in plan.regions:
         region = model.get_submodule(path)
-        install_region(region, group, sp, streams)
+        install_region(region, group, sp, streams, overlap=overlap_comm)
         for module in region.modules():  # each column layer inside reads the region's input through its call
             if isinstance(module, ColumnParallelLinear) and not module.sync_input_grad:
                 module.region = weakref.ref(region)
     for entry in plan.entries:
         if entry.style.region is not None:
-            install_region(model.get_submodule(entry.path), group, sp, streams, entry.style.region)
+            install_region(model.get_submodule(entry.path), group, sp, streams, entry.style.region,
+                           overlap=overlap_comm)
     for module in model.modules():
         if isinstance(module, (ColumnParallelLinear, RowParallelLinear)):
             module.sequence = sp

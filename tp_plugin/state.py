@@ -19,6 +19,7 @@ class TPState:
     mesh: TPMesh | None
     loss_parallel: bool
     sequence: SequenceParallel | None = None  # set when split with sequence_parallel=True (over > 1 rank)
+    overlap_comm: bool = True  # input-gradient reductions overlapped with weight gradients (`overlap.py`)
 
 
 def tp_state(model: nn.Module) -> TPState | None:
