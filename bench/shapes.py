@@ -15,6 +15,16 @@ SMOLLM2_135M_H12 = {**SMOLLM2_135M, "num_attention_heads": 12, "num_key_value_he
 LLAMA_05B = dict(vocab_size=32000, hidden_size=1024, intermediate_size=4096, num_hidden_layers=26,
                  num_attention_heads=16, num_key_value_heads=8, head_dim=64, tie_word_embeddings=False,
                  rope_theta=10000.0, rms_norm_eps=1e-5, max_position_embeddings=4096)
+# The same with multi-head attention (16 KV heads: a GQA ratio of 1).
+LLAMA_05B_MHA = {**LLAMA_05B, "num_key_value_heads": 16}
+# Qwen2.5-0.5B's shape (as a Llama: no q/k/v bias): a 152k vocabulary, tied, 14 heads / 2 KV heads, hidden 896.
+QWEN25_05B = dict(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
+                  num_attention_heads=14, num_key_value_heads=2, head_dim=64, tie_word_embeddings=True,
+                  rope_theta=1000000.0, rms_norm_eps=1e-6, max_position_embeddings=32768)
+# Llama-3.2-1B's shape: hidden 2048, 32 heads / 8 KV heads (GQA 4), a 128k vocabulary, tied.
+LLAMA32_1B = dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+                  num_attention_heads=32, num_key_value_heads=8, head_dim=64, tie_word_embeddings=True,
+                  rope_theta=500000.0, rms_norm_eps=1e-5, max_position_embeddings=8192)
 LLAMA3_8B = dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
                  num_attention_heads=32, num_key_value_heads=8, head_dim=128, tie_word_embeddings=False,
                  rope_theta=500000.0, rms_norm_eps=1e-5, max_position_embeddings=8192)
@@ -27,6 +37,7 @@ TOY = dict(vocab_size=1000, hidden_size=72, intermediate_size=96, num_hidden_lay
 TOY_H4 = {**TOY, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 18}
 
 SHAPES = {"smollm2-135m": SMOLLM2_135M, "smollm2-135m-h12": SMOLLM2_135M_H12, "llama-0.5b": LLAMA_05B,
+          "llama-0.5b-mha": LLAMA_05B_MHA, "qwen2.5-0.5b": QWEN25_05B, "llama3.2-1b": LLAMA32_1B,
           "llama3-8b": LLAMA3_8B, "llama3-70b": LLAMA3_70B, "toy": TOY, "toy-h4": TOY_H4}
 
 

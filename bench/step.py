@@ -22,8 +22,9 @@ import torch.distributed as dist
 from .comm_count import Collective, CommCounter
 from .shapes import config
 
-VARIANTS = ["unsplit", "tp_plugin", "tp_plugin+loss_parallel", "tp_plugin+sp", "tp_plugin+loss_parallel+sp",
-            "deepspeed_autotp", "transformers_tp"]
+# tp_plugin+no_overlap: the default path with overlap_comm=False, to measure what the overlap brings
+VARIANTS = ["unsplit", "tp_plugin", "tp_plugin+no_overlap", "tp_plugin+loss_parallel", "tp_plugin+sp",
+            "tp_plugin+loss_parallel+sp", "deepspeed_autotp", "transformers_tp"]
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
@@ -66,7 +67,7 @@ def _setup(job: dict):
         import tp_plugin
 
         tp_plugin.parallelize(model, tp_size=2, loss_parallel="loss_parallel" in variant,
-                              sequence_parallel=variant.endswith("+sp"))
+                              sequence_parallel=variant.endswith("+sp"), overlap_comm="no_overlap" not in variant)
     if variant == "deepspeed_autotp":
         import deepspeed
 
@@ -160,18 +161,6 @@ def rank_step(rank: int, world: int, job: dict) -> dict:
             "setup_peak_kb": setup_peak_kb, "start_rss_kb": start_rss_kb, "train_peak_kb": train_peak_kb, "comm": counter.summary(),
             "comm_calls": [(c.kind, c.numel, str(c.dtype).removeprefix("torch.")) for c in counter.calls],
             "comm_replay_s": comm_s}
-
-
-def profile_rank(rank: int, world: int, job: dict, top: int = 12) -> str:
-    """torch.profiler table of one step of a variant (rank 0's view): which ops dominate."""
-    torch.set_num_threads(job.get("threads", 1))
-    model, step = _setup(job)
-    ids = torch.randint(3, model.config.vocab_size, (job["batch"], job["seq"]),
-                        generator=torch.Generator().manual_seed(1))
-    step(ids)
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
-        step(ids)
-    return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=top) if rank == 0 else ""
 
 
 def save_checkpoint(job: dict, root: str) -> str:

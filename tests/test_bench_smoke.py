@@ -85,3 +85,27 @@ def test_gpu_check_correctness_section_runs_on_the_cpu():
     result = correctness("cpu")
     assert result["ok"] and result["cpu_rng_equal_after_split"] and result["sampling_equal_after_per_rank_seeds"], \
         result
+
+
+def test_breakdown_puts_the_step_into_buckets():
+    from bench.breakdown import breakdown_rank
+
+    job = {**TOY_JOB, "variant": "tp_plugin"}
+    result = run_ranks(2, breakdown_rank, job)[0]
+    seconds = result["seconds"]
+    assert seconds["split linears"] > 0 and seconds["collectives"] > 0 and seconds["norms"] > 0, seconds
+    assert seconds["optimizer"] > 0 and seconds["loss"] > 0, seconds
+    # every op's self time is in one bucket, and "not in any op" is the rest of the wall time: no double counting
+    assert sum(seconds.values()) <= 1.05 * result["wall_s"], (sum(seconds.values()), result["wall_s"])
+
+
+def test_generate_bench_gives_the_unsplit_tokens(tmp_path):
+    from bench.generate import run_generate
+
+    rows = run_generate("toy-h4", None, batches=(2,), prompt=8, new_tokens=4, repeats=1, ckpt_root=str(tmp_path),
+                        timeout_s=120, log=lambda msg: None)
+    by_variant = {r["variant"]: r for r in rows}
+    for variant in ("unsplit", "tp_plugin", "deepspeed_inference", "transformers_tp"):
+        assert "error" not in by_variant[variant], by_variant[variant]
+        assert by_variant[variant]["same_tokens"] and by_variant[variant]["per_token_s"] > 0
+    assert "tp_plugin" in report.generate_table(rows)
