@@ -1,7 +1,7 @@
 # make venv   build .venv with the pinned dev stack (no-op when already up to date)
 # make test   run the test suite
 # make demo   fine-tune SmolLM2-135M split over 2 CPU ranks (extra flags: make demo ARGS=--loss-parallel)
-# make bench  benchmarks: tp_plugin vs DeepSpeed AutoTP and transformers TP (bench/results/)
+# make bench  benchmarks: tp_plugin vs DeepSpeed AutoTP and transformers TP, training and generate() (bench/results/)
 # make test-versions  the core parity tests against the lowest declared and the newest transformers
 # make gpu-check  the checks that need a GPU (bench/gpu_check.py; on a CPU-only machine: a smoke run)
 SHELL := /bin/bash
@@ -60,7 +60,7 @@ demo: venv
 	$(ACCEL) examples/finetune.py $(ARGS)
 	$(ACCEL) examples/lora_finetune.py --max-steps 20 --check
 
-# tp_plugin vs DeepSpeed AutoTP vs transformers' TP vs unsplit, one run (~10 min on 2 quiet cores);
+# tp_plugin vs DeepSpeed AutoTP vs transformers' TP vs unsplit, one run (~35 min on 2 cores);
 # tables printed, bench/results/latest.{json,md} written. ARGS="--quick" for toy sizes.
 bench: venv
 	mkdir -p .tmp

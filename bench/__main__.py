@@ -1,6 +1,6 @@
 """`python -m bench` (or `make bench`): every section in one run; markdown printed, JSON + markdown written.
 
-    python -m bench                   # the full grid (about 40 minutes on 2 quiet cores)
+    python -m bench                   # the full grid (about 35 minutes on 2 cores)
     python -m bench --quick           # toy sizes, seconds
     python -m bench --sections step   # only some of: step, profile, memory, gpu, generate
 """
@@ -19,7 +19,7 @@ from .comm_count import megatron_minimum
 from .shapes import config
 
 # (shape, layers or None for all, seq, dtype, batch): a grid on which no single shape decides, in about 30 minutes on
-# 2 quiet cores. It spans 2 to 30 layers, hidden 576 to 2048, GQA ratios 1, 3, 4 and 7, vocabularies 32k to 152k,
+# 2 cores. It spans 2 to 30 layers, hidden 576 to 2048, GQA ratios 1, 3, 4 and 7, vocabularies 32k to 152k,
 # tied and untied embeddings, seq 128 to 1024, batch 1 and 4, fp32 and bf16. The SmolLM2 shape (9/3 heads:
 # transformers' TP cannot split it) has a dividing-heads twin (12/4) so that transformers' TP runs; bigger shapes
 # keep fewer layers so one step stays within seconds on one core; bf16 runs at seq 128 (bf16 matmuls are
