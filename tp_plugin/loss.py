@@ -121,7 +121,8 @@ class VocabParallelCausalLMLoss:
         return _causal_lm_loss(
             lambda target: vocab_parallel_cross_entropy(flat, target, vocab_start=self.vocab_start,
                                                         vocab_stop=self.vocab_stop, group=self.group),
-            labels, flat.device, num_items_in_batch=num_items_in_batch, ignore_index=ignore_index, shift_labels=shift_labels)
+            labels, flat.device, num_items_in_batch=num_items_in_batch, ignore_index=ignore_index,
+            shift_labels=shift_labels)
 
 
 class GatheredLogitsCausalLMLoss:
@@ -140,4 +141,5 @@ class GatheredLogitsCausalLMLoss:
         full, shard = logits.reshape(-1, logits.shape[-1]), shard.reshape(-1, shard.shape[-1])
         return _causal_lm_loss(
             lambda target: _GatheredLogitsCE.apply(shard, full.detach(), target, self.vocab_start, self.vocab_stop),
-            labels, full.device, num_items_in_batch=num_items_in_batch, ignore_index=ignore_index, shift_labels=shift_labels)
+            labels, full.device, num_items_in_batch=num_items_in_batch, ignore_index=ignore_index,
+            shift_labels=shift_labels)

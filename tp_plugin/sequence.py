@@ -154,17 +154,13 @@ class _Face(torch.autograd.Function):
 
 
 def gather_tokens(sp: SequenceParallel, x: torch.Tensor, *, partial: bool = True):
-    """This rank's tokens -> all tokens, and a function making the other face (see `_Face`, or with an
-    `overlap.InputGrad` the column layers' `overlap.shared_face`) of the same gathered tensor without another
-    collective, and the saved-tensor hooks that keep only this rank's chunk for backward
-    (None under torch.compile, whose partitioner decides what to keep, or without autograd)."""
+    """This rank's tokens -> all tokens; a function making the other face (`_Face`, or given an `overlap.InputGrad`
+    the column layers' `overlap.shared_face`) of the same gathered tensor without another collective; the saved-tensor
+    hooks keeping only this rank's chunk for backward (None under torch.compile, or without autograd)."""
     gathered = all_gather_along(x, SEQ_DIM, sp.group)
     face = _Face.apply(x, gathered, sp.group, partial)
-
-    def other(input_grad=None):  # with an `overlap.InputGrad`: the column layers' face, reduced through it
-        if input_grad is not None:
-            return shared_face(x, gathered, input_grad)
-        return _Face.apply(x, gathered, sp.group, not partial)
+    other = lambda input_grad=None: shared_face(x, gathered, input_grad) if input_grad is not None \
+        else _Face.apply(x, gathered, sp.group, not partial)  # noqa: E731
     if torch.compiler.is_compiling() or not torch.is_grad_enabled():
         return face, other, None
     return face, other, _RegatherInBackward(x, gathered, sp.group)
