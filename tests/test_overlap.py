@@ -14,7 +14,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import tp_plugin
 from tests.collective_counter import CollectiveCounter
 from tests.dist import run_ranks
-from tests.models import batch, build, max_errors
+from tests.models import batch, build, full_grad, full_param, max_errors
 
 
 class _Timeline(TorchDispatchMode):
@@ -85,16 +85,12 @@ def _full_state(model, ref):
     group = model.base_model.model.tp_plugin_state.mesh.tp_group
     for name, param in model.named_parameters():
         if "lora_" in name:
-            from tests.models import full_param
-
             state[name] = full_param(param, group)
     return state
 
 
 def _lora_errors(model, ref):
     group = model.base_model.model.tp_plugin_state.mesh.tp_group
-    from tests.models import full_grad
-
     ref_params = dict(ref.named_parameters())
     return {name: (full_grad(model, name, p, group) - ref_params[name].grad).abs().max().item()
             for name, p in model.named_parameters() if p.requires_grad}

@@ -63,15 +63,17 @@ class _VocabParallelCE(torch.autograd.Function):
 
 
 class _GatheredLogitsCE(torch.autograd.Function):
-    """Per-token loss whose value comes from the gathered `[N, V]` logits and whose gradient goes to this rank's
-    `[N, V_local]` shard of them (the gathered tensor gets none: every rank's shard gets its own part)."""
+    """Per-token loss whose value comes from the gathered `[..., V]` logits and whose gradient goes to this rank's
+    `[N, V_local]` shard of them (the gathered tensor gets none: every rank's shard gets its own part). `full` is
+    read as it is: with a padded vocabulary it is a strided view, which flattening would copy whole."""
 
     @staticmethod
     def forward(ctx, shard, full, target, vocab_start, vocab_stop):
-        # log-sum-exp over the vocabulary in row chunks: its exp temporary stays the size of one shard
-        rows = max(1, full.shape[0] * shard.shape[-1] // max(1, full.shape[-1]))
-        lse = torch.cat([torch.logsumexp(part.float(), dim=-1) for part in full.split(rows)])
-        target_logit = full.gather(-1, target.unsqueeze(-1)).squeeze(-1).float()
+        # log-sum-exp in chunks of positions: its exp temporary stays the size of one shard
+        rows = max(1, full.shape[-2] * shard.shape[-1] // max(1, full.shape[-1]))
+        lse = torch.cat([torch.logsumexp(part.float(), dim=-1) for part in full.split(rows, dim=-2)], dim=-1)
+        lse = lse.reshape(-1)
+        target_logit = full.gather(-1, target.view(full.shape[:-1]).unsqueeze(-1)).reshape(-1).float()
         local_target, in_range = _local_target(target, vocab_start, vocab_stop)
         ctx.width = vocab_stop - vocab_start
         ctx.save_for_backward(shard, lse, local_target, in_range)
@@ -138,8 +140,8 @@ class GatheredLogitsCausalLMLoss:
         if shard is None:
             return self.fallback(logits, labels, vocab_size=vocab_size, num_items_in_batch=num_items_in_batch,
                                  ignore_index=ignore_index, shift_labels=shift_labels, **kwargs)
-        full, shard = logits.reshape(-1, logits.shape[-1]), shard.reshape(-1, shard.shape[-1])
+        full, shard = logits.detach(), shard.reshape(-1, shard.shape[-1])
         return _causal_lm_loss(
-            lambda target: _GatheredLogitsCE.apply(shard, full.detach(), target, self.vocab_start, self.vocab_stop),
+            lambda target: _GatheredLogitsCE.apply(shard, full, target, self.vocab_start, self.vocab_stop),
             labels, full.device, num_items_in_batch=num_items_in_batch, ignore_index=ignore_index,
             shift_labels=shift_labels)
