@@ -52,12 +52,13 @@ HIDDEN_STATES = RegionInputs()
 class _Call:
     """One call of a region: the tensor handed to the module, and what its column layers read instead."""
 
-    __slots__ = ("sequence", "keep", "handed", "make_columns", "columns", "input_grad")
+    __slots__ = ("sequence", "keep", "handed", "make_columns", "columns", "input_grad", "given")
 
-    def __init__(self, sequence: bool, keep, handed, make_columns):
+    def __init__(self, sequence: bool, keep, handed, make_columns, given):
         self.sequence, self.keep, self.handed, self.make_columns = sequence, keep, handed, make_columns
         self.columns = None
         self.input_grad: InputGrad | None = None
+        self.given = given  # the inputs as the caller passed them (args, kwargs)
 
 
 def columns_input(region: nn.Module, x: torch.Tensor, *, overlapped: bool = False):
@@ -107,9 +108,10 @@ def _make_input_grad(group, sequence: bool) -> InputGrad:
 
 def _enter(group, sp, streams, inputs: RegionInputs, overlap: bool):
     def hook(module, args, kwargs):
+        given = (args, kwargs)
         args, kwargs = list(args), dict(kwargs)
         sequence = sp is not None and sp.active()
-        call = _Call(sequence, None, None, None)
+        call = _Call(sequence, None, None, None, given)
         overlapped = overlap and not inputs.columns_only and torch.is_grad_enabled() \
             and not torch.compiler.is_compiling()
         for index, name in inputs.activations:
@@ -159,5 +161,7 @@ def _leave(group, sp, streams, inputs: RegionInputs):
             streams.leave("region")
         if output is None or not inputs.reduce_output:
             return None
-        return scatter_tokens(sp, output) if sequence else reduce_from_tp(output, group)
+        reduced = scatter_tokens(sp, output) if sequence else reduce_from_tp(output, group)
+        after = getattr(module, "tp_after_reduce", None)  # a bias to add once (`styles.experts`)
+        return reduced if after is None else after(*call.given, reduced, sp if sequence else None)
     return hook

@@ -85,11 +85,12 @@ def tiny_config(model_type: str, *, keep_layer_kinds: bool = True):
 
 
 def _perturb(model) -> None:
-    """Random norms and biases: HF initialises them to 1 / 0, which would hide a mis-sliced bias or norm."""
+    """Random norms and biases (per-expert biases too): HF initialises them to 1 / 0, which would hide a
+    mis-sliced or twice-added bias or norm."""
     gen = torch.Generator().manual_seed(1234)
     with torch.no_grad():
-        for _, param in model.named_parameters():
-            if param.dim() == 1 and param.is_floating_point():
+        for name, param in model.named_parameters():
+            if (param.dim() == 1 or name.endswith("bias")) and param.is_floating_point():
                 param.add_(torch.randn(param.shape, generator=gen).to(param.dtype) * 0.1)
 
 

@@ -11,7 +11,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from ..policy import Colwise, Policy, Rowwise
-from ..styles import Experts, HeadColwise, HeadRowwise, ShardedNorm
+from ..styles import Experts, HeadColwise, HeadParams, HeadRowwise, ShardedNorm
 
 HEAD_ATTRS = ("num_attention_heads", "n_head", "num_heads", "n_heads", "decoder_attention_heads",
               "num_attention_heads_per_layer")
@@ -152,7 +152,9 @@ def attention_extras(attn_path: str, module: nn.Module, num_heads: int, num_kv: 
             continue
         path = f"{attn_path}.{name}" if name else attn_path
         sizes = {p.shape[-1] for _, p in own}
-        if sizes == {head_dim} and all(p.dim() == 1 for _, p in own) and "norm" in type(sub).__name__.lower():
+        if not name and all(p.dim() == 1 and p.shape[0] == num_heads for _, p in own):
+            styles[path] = HeadParams(*(n for n, _ in own))  # per-head logits of the module itself (sinks)
+        elif sizes == {head_dim} and all(p.dim() == 1 for _, p in own) and "norm" in type(sub).__name__.lower():
             partial.append(path)  # per-head norm (Qwen3's q_norm): acts on this rank's heads only
         elif len(own) == 1 and own[0][0] == "weight" and own[0][1].dim() == 1 and name and \
                 "norm" in type(sub).__name__.lower() and "rms" in type(sub).__name__.lower():

@@ -84,8 +84,9 @@ def structural_policy(model: nn.Module) -> Policy:
         pattern = max(counts, key=counts.get)
         for path, (styles, part) in split_attn.items():
             if generic(path) == pattern:
+                own = styles.pop(path, None)  # the module's own per-head parameters (HeadParams)
                 layers.update(styles)
-                layers[path] = HeadAttrs()
+                layers[path] = HeadAttrs(*(own.names if own else ()))
                 partial += part
         attention = AttentionSpec(None, num_heads=num_heads, num_kv_heads=num_kv, head_dim=hd)
     if not layers:

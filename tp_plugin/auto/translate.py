@@ -130,9 +130,10 @@ def _extras(model, prefix, parent, num_heads, num_kv, hd, split):
         extras = attention_extras(path, module, num_heads, num_kv, hd)
         if extras is None:
             return None
+        own = extras[0].pop(path, None)  # the module's own per-head parameters (HeadParams)
         styles.update(extras[0])
         partial += extras[1]
-        styles[path] = HeadAttrs()
+        styles[path] = HeadAttrs(*(own.names if own else ()))
     return styles, partial
 
 

@@ -2,18 +2,19 @@
 
     Colwise / Rowwise                 linear.py   plain Megatron split of a linear, by heads or evenly, fused parts
     VocabEmbedding / VocabLMHead      vocab.py    embedding and LM head by vocabulary (found by the plan itself)
-    HeadColwise / HeadRowwise /       heads.py    head-boundary splits whatever the layout; head-count patching
-      GroupedQKV / HeadAttrs
+    HeadColwise / HeadRowwise /       heads.py    head-boundary splits whatever the layout; head-count patching;
+      GroupedQKV / HeadAttrs /                    per-head parameters of the attention module (sinks)
+      HeadParams
     Experts                           experts.py  fused 3-D MoE experts along the intermediate dim
     ShardedNorm / AlibiHeads          norms.py    an RMSNorm over sharded heads; ALiBi slopes of local heads
 """
 
 from .base import ColumnStyle, RowStyle, Style
 from .experts import Experts
-from .heads import GroupedQKV, HeadAttrs, HeadColwise, HeadRowwise, patch_heads
+from .heads import GroupedQKV, HeadAttrs, HeadColwise, HeadParams, HeadRowwise, patch_heads
 from .linear import Colwise, Rowwise
 from .norms import AlibiHeads, ShardedNorm
 from .vocab import VocabEmbedding, VocabLMHead
 
 __all__ = ["Style", "ColumnStyle", "RowStyle", "Colwise", "Rowwise", "VocabEmbedding", "VocabLMHead", "HeadColwise",
-           "HeadRowwise", "GroupedQKV", "HeadAttrs", "patch_heads", "Experts", "ShardedNorm", "AlibiHeads"]
+           "HeadRowwise", "GroupedQKV", "HeadAttrs", "HeadParams", "patch_heads", "Experts", "ShardedNorm", "AlibiHeads"]

@@ -1,10 +1,16 @@
 """Fused 3-D MoE experts (gate_up_proj [E, 2I, H], down_proj [E, H, I]) split along the intermediate dim I: every
 expert's MLP is split like a dense MLP, so all experts live on every rank (no expert routing or load imbalance
-between ranks); the router stays replicated."""
+between ranks); the router stays replicated.
+
+Experts with biases (gpt-oss): the up-projection's bias is split with its rows; the down-projection's bias
+(`down_proj_bias[e]`, added to each chosen expert's output times its routing weight) would be added once per rank
+to partial sums, so it is taken out of the experts' forward and added once after the region's reduction,
+`sum_k w_k * down_proj_bias[e_k]`: no extra collective, and the same gradient on every rank."""
 
 from __future__ import annotations
 
 import copy
+import types
 
 import torch
 
@@ -29,10 +35,6 @@ class Experts(Style):
                           reduce_output=True, columns_only=True)
 
     def plan_entry(self, path, module, tp, attn):
-        if getattr(module, "has_bias", False) or getattr(module, "down_proj_bias", None) is not None:
-            raise TPSplitError(f"{path}: MoE experts with biases ({type(module).__name__}) are not supported: the "
-                               f"down_proj bias would be added once per rank. Register a policy that keeps "
-                               f"{path} replicated (Policy(replicate=...)).")
         down = getattr(module, "down_proj", None)
         up_name = "gate_up_proj" if isinstance(getattr(module, "gate_up_proj", None), torch.Tensor) else "up_proj"
         up = getattr(module, up_name, None)
@@ -46,6 +48,7 @@ class Experts(Style):
         if up.shape[up_dim] != (2 if gated else 1) * inter:
             raise TPSplitError(f"{path}: {up_name} {tuple(up.shape)} does not match down_proj {tuple(down.shape)}")
         concatenated = getattr(module, "is_concatenated", True)
+        biased = _check_biases(path, module, up_name, up.shape[up_dim], down.shape[0], down.shape[3 - down_dim])
         per_rank = []
         # split in units of 4 rows when I allows it: every shard keeps 16-byte aligned strides (grouped_mm)
         unit = 4 if inter % 4 == 0 and inter // 4 >= tp else 1
@@ -59,8 +62,12 @@ class Experts(Style):
                 up_ranges = ((2 * a, 2 * b),)
             per_rank.append({up_name: ShardSpec(up_dim, up.shape[up_dim], up_ranges),
                              "down_proj": ShardSpec(down_dim, inter, ((a, b),))})
+            if biased:
+                per_rank[-1][f"{up_name}_bias"] = ShardSpec(1, up.shape[up_dim], up_ranges)
         full = {up_name: tuple(up.shape), "down_proj": tuple(down.shape)}
-        return PlanEntry(path, self, full, per_rank)
+        if biased:  # down_proj_bias stays whole (replicated): added once, after the reduction
+            full[f"{up_name}_bias"] = tuple(getattr(module, f"{up_name}_bias").shape)
+        return PlanEntry(path, self, full, per_rank, resolved={"down_bias": biased})
 
     def build(self, entry, module, rank, group, *, tied_weight=None, loss_parallel=False):
         for name, spec in entry.specs[rank].items():
@@ -76,4 +83,51 @@ class Experts(Style):
             config = copy.copy(config)
             config._experts_implementation = "eager"
             module.config = config
+        if entry.resolved.get("down_bias"):
+            module.forward = types.MethodType(_forward_without_down_bias, module)
+            module.tp_after_reduce = types.MethodType(_add_down_bias, module)
         return module  # the split applies `region`: inputs synced or gathered, output reduced
+
+
+def _check_biases(path: str, module, up_name: str, up_width: int, experts: int, hidden: int) -> bool:
+    """Whether the experts carry biases, checked against the layout `_add_down_bias` relies on."""
+    up_bias, down_bias = getattr(module, f"{up_name}_bias", None), getattr(module, "down_proj_bias", None)
+    if up_bias is None and down_bias is None and not getattr(module, "has_bias", False):
+        return False
+    if not isinstance(up_bias, torch.Tensor) or tuple(up_bias.shape) != (experts, up_width) or \
+            not isinstance(down_bias, torch.Tensor) or tuple(down_bias.shape) != (experts, hidden):
+        raise TPSplitError(
+            f"{path}: experts with biases need {up_name}_bias [{experts}, {up_width}] and down_proj_bias "
+            f"[{experts}, {hidden}] on {type(module).__name__} (found "
+            f"{None if up_bias is None else tuple(up_bias.shape)} and "
+            f"{None if down_bias is None else tuple(down_bias.shape)}); keep {path} replicated "
+            f"(Policy(replicate=...))")
+    return True
+
+
+def _forward_without_down_bias(self, *args, **kwargs):
+    """The model's own experts forward with `down_proj_bias` read as zeros (the bias is added after the
+    reduction). The parameter stays registered under its name: checkpoints and optimizers see it unchanged."""
+    params = self._parameters
+    bias = params["down_proj_bias"]
+    params["down_proj_bias"] = torch.zeros_like(bias, requires_grad=False)
+    try:
+        return type(self).forward(self, *args, **kwargs)
+    finally:
+        params["down_proj_bias"] = bias
+
+
+def _add_down_bias(self, args, kwargs, reduced, sp):
+    """`reduced` (the whole experts' output, or this rank's tokens of it under sequence parallelism) plus each
+    token's `sum_k w_k * down_proj_bias[e_k]`. `args` are the region's inputs as the caller passed them (this
+    rank's tokens under sequence parallelism, not the synced copies: their gradients need no reduction)."""
+    ids = args[1] if len(args) > 1 else kwargs.get("top_k_index", kwargs.get("router_indices"))
+    weights = args[2] if len(args) > 2 else kwargs.get("top_k_weights", kwargs.get("routing_weights"))
+    if ids is None or weights is None or ids.shape != weights.shape:
+        raise TPSplitError(f"{type(self).__name__}: the split experts add down_proj_bias after the reduction and "
+                           f"need the chosen experts and their routing weights ([tokens, top_k] each) as the 2nd "
+                           f"and 3rd inputs")
+    if sp is not None and not getattr(self.down_proj_bias, "tp_sequence_partial_grad", False):
+        sp.add_partial(self.down_proj_bias)  # each rank adds it to its own tokens: gradients summed over TP
+    term = (weights.unsqueeze(-1) * self.down_proj_bias[ids]).sum(-2)
+    return reduced + term.to(reduced.dtype)

@@ -5,8 +5,10 @@
     HeadRowwise()      the matching out-projection (its input is this rank's heads, any per-head width)
     GroupedQKV()       fused qkv packed per KV group, [kv, q_per_group + 2, head_dim] (Falcon's new
                        architecture); with kv = heads it is the per-head interleaved q|k|v of GPT-NeoX / BLOOM
-    HeadAttrs()        patches the head counts and widths of every module under a split attention (derived
-                       policies, which do not know the attribute names)
+    HeadAttrs(names)   patches the head counts and widths of every module under a split attention (derived
+                       policies, which do not know the attribute names), and slices its per-head `names`
+    HeadParams(names)  per-head parameters held by the attention module itself (gpt-oss's attention sinks,
+                       [heads]): each rank keeps its query heads' entries
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import copy
 from torch import nn
 
 from ..entry import AttentionPlan, PlanEntry
+from ..layers import _shard_param
 from ..sharding import HeadShard, ShardSpec, TPSplitError
 from .base import ColumnStyle, RowStyle, Style, dims, linear_entry, need_heads, per_head
 
@@ -121,14 +124,51 @@ class GroupedQKV(ColumnStyle):
         return linear_entry(path, module, self, specs, shared=shared)
 
 
-class HeadAttrs(Style):
-    """Patch the head counts and widths of every module under a split attention module (`patch_heads`, deep)."""
+class HeadParams(Style):
+    """Parameters of the attention module itself laid out by query head along dim 0 (gpt-oss's `sinks`, one
+    logit per head that joins the softmax): each rank keeps its heads' rows, sliced like the q projection."""
+
+    def __init__(self, *names: str):
+        self.names = names
+
+    def __repr__(self) -> str:
+        return f"HeadParams({', '.join(map(repr, self.names))})"
 
     def plan_entry(self, path, module, tp, attn):
         need_heads(path, self, attn)
-        return PlanEntry(path, self, {}, [{} for _ in range(tp)], resolved={"attn": attn})
+        full, specs = {}, [{} for _ in range(tp)]
+        for name in self.names:
+            param = getattr(module, name, None)
+            if param is None or param.dim() == 0:
+                raise TPSplitError(f"{path}: HeadParams({name!r}) found no per-head tensor {name!r} on "
+                                   f"{type(module).__name__}")
+            size = param.shape[0]
+            per = per_head(f"{path}.{name}", size, attn.num_heads)
+            full[name] = tuple(param.shape)
+            for rank, h in enumerate(attn.heads):
+                specs[rank][name] = ShardSpec(0, size, ((h.q_heads[0] * per, h.q_heads[1] * per),))
+        return PlanEntry(path, self, full, specs)
 
     def build(self, entry, module, rank, group, *, tied_weight=None, loss_parallel=False):
+        for name, spec in entry.specs[rank].items():
+            setattr(module, name, _shard_param(getattr(module, name), spec))
+        return module
+
+
+class HeadAttrs(HeadParams):
+    """Patch the head counts and widths of every module under a split attention module (`patch_heads`, deep), and
+    slice its own per-head parameters named in `names` (as HeadParams)."""
+
+    def __repr__(self) -> str:
+        return f"HeadAttrs({', '.join(map(repr, self.names))})"
+
+    def plan_entry(self, path, module, tp, attn):
+        entry = super().plan_entry(path, module, tp, attn)
+        entry.resolved["attn"] = attn
+        return entry
+
+    def build(self, entry, module, rank, group, *, tied_weight=None, loss_parallel=False):
+        module = super().build(entry, module, rank, group)
         attn = entry.resolved["attn"]
         patch_heads(module, attn, attn.heads[rank], deep=True)
         return module
