@@ -51,7 +51,12 @@ def grad_norm(model_or_params: nn.Module | Iterable[torch.Tensor], norm_type: fl
         if norm_type == math.inf:
             total = torch.maximum(total, g.abs().max())
         else:
-            total = total + g.abs().pow(norm_type).sum() / getattr(p, "tp_replicas", 1)
+            replicas = getattr(p, "tp_replicas", 1)
+            if isinstance(replicas, torch.Tensor):  # per row (a Mamba-2 in_proj: only its B / C rows are shared)
+                per_row = g.abs().pow(norm_type).reshape(g.shape[0], -1).sum(1)
+                total = total + (per_row / replicas.to(per_row)).sum()
+            else:
+                total = total + g.abs().pow(norm_type).sum() / replicas
     if group is not None and tp_size > 1:
         dist.all_reduce(total, op=dist.ReduceOp.MAX if norm_type == math.inf else dist.ReduceOp.SUM, group=group)
     return total if norm_type == math.inf else total.pow(1.0 / norm_type)

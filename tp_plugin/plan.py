@@ -48,7 +48,8 @@ class Plan:
         for entry in self.entries:
             module = model.get_submodule(entry.path)
             for name, full in entry.full_shapes.items():
-                tensor = getattr(module, name, None)
+                owner, _, leaf = name.rpartition(".")  # "in_proj.weight": a style that splits a whole module
+                tensor = getattr(module.get_submodule(owner) if owner else module, leaf, None)
                 if entry.specs[0].get(name) is None or id(tensor) in seen:
                     continue  # replicated, or a tied weight counted under its first entry
                 seen.add(id(tensor))
@@ -179,6 +180,7 @@ def infer_regions(model: nn.Module, entries: list[PlanEntry]) -> list[str]:
 def _check_coverage(model, prefix, entries, policy) -> list[str]:
     """Every dense layer inside the base model is either split or deliberately replicated; returns the latter."""
     planned = {e.path for e in entries}
+    planned |= {f"{e.path}.{name.rpartition('.')[0]}" for e in entries for name in e.full_shapes if "." in name}
     keep = [_pattern(p, prefix) for p in policy.replicate]
     in_base = {id(m) for m in getattr(model, "base_model", model).modules()}
     unsplit = [name for name, mod in model.named_modules()

@@ -113,7 +113,7 @@ def split_degrees(model: nn.Module, limit: int) -> dict[int, object]:
     plans = {}
     for tp in range(1, limit + 1):
         try:
-            plans[tp] = resolve_plan(model, _policy_for(model), tp)
+            plans[tp] = resolve_plan(model, _policy_for(model, tp), tp)
         except TPSplitError:
             continue
     return plans

@@ -60,7 +60,8 @@ _REGISTRY: dict[str, Policy] = {}
 
 def register_policy(model_type: str, policy: "Policy | Callable[[nn.Module], Policy]") -> None:
     """Register (or replace) the policy used for `config.model_type == model_type`: a Policy, or a function
-    of the model returning one (for families whose layout depends on the config, e.g. Falcon)."""
+    of the model returning one (for families whose layout depends on the config, e.g. Falcon), or of the model
+    and the TP degree (`fn(model, tp_size)`: CodeGen, whose heads split only in multiples of 4 x tp)."""
     _REGISTRY[model_type] = policy
 
 

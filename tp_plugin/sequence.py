@@ -59,8 +59,9 @@ class SequenceParallel:
         self._hooked: set[int] = set()
         self._classify: list = []  # the hooks that look for them (first sequence-parallel forward only)
         self.in_span = False  # between the first layer's scatter and the base model's gather
-        # padding at the end is invisible only to causal attention (every attention module says is_causal=True)
-        flags = [m.is_causal for m in base.modules() if isinstance(getattr(m, "is_causal", None), bool)]
+        # padding at the end is invisible only to causal mixers (every attention says is_causal=True; scans are)
+        flags = [getattr(m, "is_causal", True) for m in base.modules()
+                 if isinstance(getattr(m, "is_causal", None), bool) or hasattr(m, "ssm_state_size")]
         self.can_pad = bool(flags) and all(flags)
 
     def active(self) -> bool:
@@ -214,8 +215,8 @@ _MIXES_TOKENS = re.compile(r"Attention|Attn|Mamba|Mixer|Conv|SSM|DeltaNet|Recurr
 def _mixes_tokens(module: nn.Module) -> bool:
     if isinstance(module, (nn.Conv1d, nn.Conv2d)):
         return True
-    name = type(module).__name__
-    return name != "Conv1D" and bool(_MIXES_TOKENS.search(name))  # Conv1D: GPT-2's transposed linear layer
+    name = type(module).__name__  # not GPT-2's Conv1D (a transposed linear), not a norm (Mamba2RMSNorm)
+    return name != "Conv1D" and "Norm" not in name and bool(_MIXES_TOKENS.search(name))
 
 
 def _inside(path: str, roots: list[str]) -> bool:
@@ -390,8 +391,7 @@ def _crop_cache(sp: SequenceParallel, cache):
     """Drop the padding's entries from a KV cache: a `Cache` crops itself; a legacy tuple of per-layer (key, value)
     tensors [batch, heads, seq, head_dim] (transformers 4.x GPT-2) is cut along the sequence."""
     if hasattr(cache, "crop"):
-        cache.crop(-sp.pad)  # a negative length drops that many tokens at the end
-        return cache
+        return cache.crop(-sp.pad) or cache  # a negative length drops that many tokens at the end (returns None)
     if isinstance(cache, (tuple, list)) and all(isinstance(layer, (tuple, list)) for layer in cache):
         return type(cache)(tuple(t[..., : t.shape[-2] - sp.pad, :] if torch.is_tensor(t) and t.dim() == 4 else t
                                  for t in layer) for layer in cache)

@@ -7,6 +7,8 @@ ranks before the first collective.
 
 from __future__ import annotations
 
+import inspect
+
 import weakref
 
 import torch.distributed as dist
@@ -41,7 +43,7 @@ def split_model(model: nn.Module, tp_size: int | None = None, *, mesh: DeviceMes
     check_not_split(model)
     if mesh is None:
         check_layout(tp_size)
-    policy = policy or _policy_for(model)
+    policy = policy or _policy_for(model, tp_size)
     plan = resolve_plan(model, policy, tp_size)
     if sequence_parallel:
         _sequence_layers(model, plan)  # a model sequence parallelism cannot split fails here, on every rank
@@ -77,11 +79,12 @@ def _resolve_tp_size(tp_size: int | None) -> int:
     return tp_size or configured or world_size()
 
 
-def _policy_for(model: nn.Module) -> Policy:
+def _policy_for(model: nn.Module, tp_size: int) -> Policy:
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     policy = get_policy(model_type) if model_type else None
     if policy is not None and not isinstance(policy, Policy):  # a function of the model (config variants)
-        policy = policy(model)
+        takes_tp = len(inspect.signature(policy).parameters) > 1  # and of the TP degree (CodeGen's head blocks)
+        policy = policy(model, tp_size) if takes_tp else policy(model)
     if policy is None and model_type:
         policy = auto_policy(model)
     if policy is None:

@@ -30,6 +30,9 @@ _SIZES = {  # config attribute -> tiny value (names vary between architectures)
     "rotary_dim": 8, "q_lora_rank": 32, "kv_lora_rank": 16, "qk_rope_head_dim": 8, "qk_nope_head_dim": 8, "v_head_dim": 16,
     "max_position_embeddings": 128, "n_positions": 128, "n_ctx": 128, "max_seq_len": 128,
     "vocab_size": VOCAB,
+    # Mamba-2 mixers (and the hybrids'): 8 heads of 16 over hidden 64 x expand 2, state 16
+    "mamba_n_heads": 8, "n_mamba_heads": 8, "mamba_num_heads": 8, "mamba_d_head": 16, "mamba_headdim": 16,
+    "mamba_head_dim": 16, "mamba_d_state": 16, "ssm_state_size": 16, "state_size": 16, "mamba_d_ssm": 128,
     "axial_pos_embds_dim": [16, 48], "axial_pos_shape": [2, 5],  # Reformer: sum = hidden, product = seq
 }
 _FORCE = ("num_experts_per_tok", "n_routed_experts", "moe_intermediate_size", "head_dim")  # set even where the default is None (DeepSeek-V2: None means "all")
@@ -47,6 +50,8 @@ def _shrink(defaults: dict, keep_layer_kinds: bool = True) -> dict:
             kwargs[key] = {**value, **_shrink(value, keep_layer_kinds)}
     if "qk_rope_head_dim" in defaults and "head_dim" in kwargs:  # MLA: head_dim is the rotary part
         kwargs["head_dim"] = _SIZES["qk_rope_head_dim"]
+    if isinstance(defaults.get("expand"), int) and "num_heads" in kwargs and "head_dim" in kwargs:  # Mamba-2
+        kwargs["num_heads"] = kwargs.get("hidden_size", 64) * defaults["expand"] // kwargs["head_dim"]
     heads, kv = defaults.get("num_attention_heads"), defaults.get("num_key_value_heads")
     if "is_decoder" in defaults:  # encoder families used as causal LMs (BERT, Reformer, ...)
         kwargs["is_decoder"] = True

@@ -11,7 +11,8 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from ..policy import Colwise, Policy, Rowwise
-from ..styles import Experts, HeadColwise, HeadParams, HeadRowwise, ShardedNorm
+from ..styles import Experts, HeadColwise, HeadParams, HeadRowwise, Mamba2Heads, ShardedNorm
+from ..styles.mamba import is_mamba2_mixer
 
 HEAD_ATTRS = ("num_attention_heads", "n_head", "num_heads", "n_heads", "decoder_attention_heads",
               "num_attention_heads_per_layer")
@@ -118,15 +119,21 @@ def mlp_scalars(model: nn.Module, layers: dict, prefix: str) -> list[str]:
 
 
 def with_replicated_rest(model: nn.Module, policy: Policy) -> Policy:
-    """`policy` plus every dense layer of the base model it does not split, listed as deliberately replicated."""
+    """`policy` plus the Mamba-2 mixers it leaves alone (split by heads), plus every dense layer of the base model
+    it does not split, listed as deliberately replicated."""
     prefix = base_prefix(model)
     planned = set()
     for pattern in policy.layers:
         planned |= {path for path, _ in modules(model, pattern, prefix)}
     base = getattr(model, "base_model", model)
-    owners = set()  # modules whose own style covers their children (fused experts)
+    mixers = {name: Mamba2Heads() for name, mod in base.named_modules()
+              if is_mamba2_mixer(mod) and not any(p == name or p.startswith(name + ".") for p in planned)}
+    if mixers:
+        policy = replace(policy, layers={**policy.layers, **mixers})
+        planned |= set(mixers)
+    owners = set()  # modules whose own style covers their children (fused experts, Mamba-2 mixers)
     for pattern, style in policy.layers.items():
-        if isinstance(style, Experts):
+        if isinstance(style, (Experts, Mamba2Heads)):
             owners |= {path for path, _ in modules(model, pattern, prefix)}
     rest = sorted({generic(name) for name, mod in base.named_modules() if is_dense(mod) and name not in planned
                    and not any(name.startswith(p + ".") for p in owners)})

@@ -109,7 +109,7 @@ def _check_degree(model: nn.Module, policy, tp: int, source) -> None:
     """The layout and the plan at `tp` (pure): a per-rank checkpoint names the degree it was saved at."""
     check_layout(tp)
     try:
-        resolve_plan(model, policy or _policy_for(model), tp)
+        resolve_plan(model, policy or _policy_for(model, tp), tp)
     except TPSplitError as exc:
         if source.kind != "sharded":
             raise

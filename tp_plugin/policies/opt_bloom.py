@@ -1,4 +1,5 @@
-"""OPT (q/k/v/out_proj, fc1/fc2 MLP) and BLOOM (per-head packed query_key_value, ALiBi positions)."""
+"""OPT (q/k/v/out_proj, fc1/fc2 MLP), BLOOM (per-head packed query_key_value, ALiBi positions) and MPT
+([q | k | v] Wqkv, ALiBi positions passed to every attention as `position_bias`)."""
 
 from ..policy import AttentionSpec, Colwise, Policy, Rowwise, register_policy
 from ..styles import AlibiHeads, HeadColwise, HeadRowwise
@@ -32,5 +33,19 @@ BLOOM = Policy(
     regions=("h.*.self_attention", "h.*.mlp"),
 )
 
+MPT = Policy(
+    name="mpt",
+    layers={
+        "blocks.*.attn.Wqkv": Colwise("q", "q", "q"),  # multi-head: [q | k | v], each on head boundaries
+        "blocks.*.attn.out_proj": Rowwise("q"),
+        "blocks.*.attn": AlibiHeads("position_bias"),
+        "blocks.*.ffn.up_proj": Colwise(),
+        "blocks.*.ffn.down_proj": Rowwise(),
+    },
+    attention=AttentionSpec("blocks.*.attn", num_heads="n_heads", num_kv_heads=None, head_dim=None),
+    regions=("blocks.*.attn", "blocks.*.ffn"),
+)
+
 register_policy("opt", OPT)
 register_policy("bloom", BLOOM)
+register_policy("mpt", MPT)

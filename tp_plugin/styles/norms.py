@@ -2,7 +2,8 @@
 
     ShardedNorm()      RMSNorm over the full q (or k) width of sharded heads (OLMo2): the sum of squares is
                        all-reduced, each rank keeps its slice of the weight
-    AlibiHeads()       BLOOM / MPT-style ALiBi bias built for all heads: each rank keeps its heads' slopes
+    AlibiHeads(kwarg)  BLOOM / MPT-style ALiBi bias built for all heads and passed to the attention as `kwarg`:
+                       each rank keeps its heads' rows
 """
 
 from __future__ import annotations
@@ -66,7 +67,14 @@ class ShardedNorm(Style):
 
 
 class AlibiHeads(Style):
-    """On an attention module that receives `alibi` for all heads ([batch * heads, 1, kv]), keep this rank's."""
+    """On an attention module that receives an ALiBi bias for all heads as `kwarg`, keep this rank's heads' rows:
+    BLOOM's `alibi` [batch * heads, 1, kv] and MPT's `position_bias` [heads, q, kv] alike (heads-major)."""
+
+    def __init__(self, kwarg: str = "alibi"):
+        self.kwarg = kwarg
+
+    def __repr__(self) -> str:
+        return f"AlibiHeads({self.kwarg!r})"
 
     def plan_entry(self, path, module, tp, attn):
         need_heads(path, self, attn)
@@ -75,14 +83,14 @@ class AlibiHeads(Style):
 
     def build(self, entry, module, rank, group, *, tied_weight=None, loss_parallel=False):
         a, b = entry.resolved["heads"][rank]
-        num_heads = entry.resolved["num_heads"]
+        num_heads, kwarg = entry.resolved["num_heads"], self.kwarg
 
         def hook(mod, args, kwargs):
-            alibi = kwargs.get("alibi")
-            if alibi is None:
+            bias = kwargs.get(kwarg)
+            if bias is None:
                 return args, kwargs
-            full = alibi.reshape(-1, num_heads, *alibi.shape[1:])  # [batch, heads, 1, kv]
-            kwargs["alibi"] = full[:, a:b].reshape(-1, *alibi.shape[1:])
+            full = bias.reshape(-1, num_heads, *bias.shape[1:])  # [batch or 1, heads, ...]
+            kwargs[kwarg] = full[:, a:b].reshape(-1, *bias.shape[1:])
             return args, kwargs
 
         module.register_forward_pre_hook(hook, with_kwargs=True)
