@@ -27,6 +27,15 @@ def _retie(model: nn.Module, old: nn.Parameter, new: nn.Parameter) -> None:
                 owner._parameters[pname] = new
 
 
+def _share_embedding(model: nn.Module, old: nn.Module, new: nn.Module) -> None:
+    """Another embedding module holding the same weight (ProphetNet's wrapper keeps its own `word_embeddings`) is
+    replaced by the vocab-parallel one, so no module is left computing with the whole, now stale, weight."""
+    for path, module in list(model.named_modules()):
+        if module is not old and isinstance(module, nn.Embedding) and module.weight is old.weight:
+            parent, name = _parent(model, path)
+            setattr(parent, name, new)
+
+
 def install_layers(model: nn.Module, entries: list[PlanEntry], rank: int, group, *, loss_parallel: bool) -> None:
     """Swap each entry's module for its parallel layer (the LM head after the embedding it may be tied to)."""
     embed_weight = model.get_input_embeddings().weight
@@ -40,6 +49,7 @@ def install_layers(model: nn.Module, entries: list[PlanEntry], rank: int, group,
                                   tied_weight=new_embed.weight if tied and new_embed else None)
         if isinstance(entry.style, VocabEmbedding):
             new_embed = layer
+            _share_embedding(model, module, layer)
         setattr(parent, name, layer)
         is_head = isinstance(entry.style, VocabLMHead)
         if is_head and getattr(module, "bias", None) is not None:

@@ -39,25 +39,42 @@ _FORCE = ("num_experts_per_tok", "n_routed_experts", "moe_intermediate_size", "h
 _LISTS = ("layer_types", "layers_block_type", "mlp_layer_types", "block_types", "attn_type_list")
 
 
-def _shrink(defaults: dict, keep_layer_kinds: bool = True) -> dict:
+_HEADS = ("num_attention_heads", "n_head", "num_heads", "n_heads", "decoder_attention_heads",
+          "encoder_attention_heads", "swa_num_attention_heads")
+_HIDDEN = ("hidden_size", "n_embd", "d_model", "dim", "embed_dim", "model_dim", "n_embed")
+_MAMBA_HEADS = ("mamba_n_heads", "n_mamba_heads", "mamba_num_heads")
+
+
+def _sizes(tp: int) -> dict:
+    """The tiny sizes for a TP degree: 4 heads up to tp=4, else one query head per rank (hidden = 16 per head)."""
+    heads = max(4, tp)
+    if heads == 4:
+        return _SIZES
+    hidden = 16 * heads
+    return {**_SIZES, **dict.fromkeys(_HEADS, heads), **dict.fromkeys(_HIDDEN, hidden),
+            **dict.fromkeys(_MAMBA_HEADS, 2 * hidden // 16), "mamba_d_ssm": 2 * hidden,
+            "axial_pos_embds_dim": [16, hidden - 16]}
+
+
+def _shrink(defaults: dict, keep_layer_kinds: bool = True, sizes: dict = _SIZES) -> dict:
     kwargs = {}
     for key, value in defaults.items():
-        if key in _SIZES and (isinstance(value, (int, list)) and not isinstance(value, bool) or key in _FORCE):
-            kwargs[key] = _SIZES[key]
+        if key in sizes and (isinstance(value, (int, list)) and not isinstance(value, bool) or key in _FORCE):
+            kwargs[key] = sizes[key]
         elif ("dropout" in key or "pdrop" in key) and isinstance(value, float):
             kwargs[key] = 0.0
         elif isinstance(value, dict) and key.endswith("_config") and value:  # nested sub-config
-            kwargs[key] = {**value, **_shrink(value, keep_layer_kinds)}
+            kwargs[key] = {**value, **_shrink(value, keep_layer_kinds, sizes)}
     if "qk_rope_head_dim" in defaults and "head_dim" in kwargs:  # MLA: head_dim is the rotary part
         kwargs["head_dim"] = _SIZES["qk_rope_head_dim"]
     if isinstance(defaults.get("expand"), int) and "num_heads" in kwargs and "head_dim" in kwargs:  # Mamba-2
-        kwargs["num_heads"] = kwargs.get("hidden_size", 64) * defaults["expand"] // kwargs["head_dim"]
+        kwargs["num_heads"] = kwargs.get("hidden_size", sizes["hidden_size"]) * defaults["expand"] // kwargs["head_dim"]
     heads, kv = defaults.get("num_attention_heads"), defaults.get("num_key_value_heads")
     if "is_decoder" in defaults:  # encoder families used as causal LMs (BERT, Reformer, ...)
         kwargs["is_decoder"] = True
     if "num_key_value_heads" in defaults:
         if kv is None or kv == heads:  # multi-head (and MLA) attention stays multi-head
-            kwargs["num_key_value_heads"] = _SIZES["num_attention_heads"]
+            kwargs["num_key_value_heads"] = sizes["num_attention_heads"]
         elif kv == 1:  # multi-query stays multi-query
             kwargs["num_key_value_heads"] = 1
     layers = kwargs.get("num_hidden_layers", 2)
@@ -72,14 +89,15 @@ def _shrink(defaults: dict, keep_layer_kinds: bool = True) -> dict:
     return kwargs
 
 
-def tiny_config(model_type: str, *, keep_layer_kinds: bool = True):
-    """The default config of `model_type`, shrunk: 2 layers, hidden 64, 4 heads / 2 KV heads, vocab 128.
+def tiny_config(model_type: str, *, keep_layer_kinds: bool = True, tp: int = 2):
+    """The default config of `model_type`, shrunk: 2 layers, hidden 64, 4 heads / 2 KV heads, vocab 128 (for
+    tp=8: 8 heads, hidden 128, still 2 KV heads, so each rank keeps one query head and a replicated KV head).
 
     With `keep_layer_kinds`, per-layer type lists (hybrid models) keep one layer of each kind."""
     from transformers import AutoConfig
 
     defaults = AutoConfig.for_model(model_type).to_dict()
-    kwargs = _shrink(defaults, keep_layer_kinds)
+    kwargs = _shrink(defaults, keep_layer_kinds, _sizes(tp))
     for key, value in defaults.items():  # special token ids must fit the tiny vocabulary
         if key.endswith("token_id") and isinstance(value, int) and value >= VOCAB:
             kwargs[key] = VOCAB - 1 - (sum(map(ord, key)) % 8)
@@ -99,14 +117,14 @@ def _perturb(model) -> None:
                 param.add_(torch.randn(param.shape, generator=gen).to(param.dtype) * 0.1)
 
 
-def build_tiny(model_type: str, seed: int = 0):
-    """A seeded tiny model; the first shrunk config whose unsplit model runs forward is used."""
+def build_tiny(model_type: str, seed: int = 0, *, tp: int = 2):
+    """A seeded tiny model (sized for `tp`); the first shrunk config whose unsplit model runs forward is used."""
     from transformers import AutoModelForCausalLM
 
     error = None
     for keep in (True, False):
         try:
-            config = tiny_config(model_type, keep_layer_kinds=keep)
+            config = tiny_config(model_type, keep_layer_kinds=keep, tp=tp)
             torch.manual_seed(seed)
             model = AutoModelForCausalLM.from_config(config, attn_implementation="eager")
             _perturb(model)

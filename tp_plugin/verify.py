@@ -117,7 +117,7 @@ def check_one(name: str, tp: int, load=None, engine: str = "tp_plugin", sequence
 
     torch.manual_seed(0)
     try:
-        model = load(name) if load else build_tiny(name)
+        model = load(name) if load else build_tiny(name, tp=tp)
         if sequence_parallel:  # a training-time layout (tiny configs have no dropout, so train() is safe)
             model.train()
         ref = copy.deepcopy(model)

@@ -59,6 +59,18 @@ def packed_qkv(attention: nn.Module) -> bool:
     return not per_head and bool(re.search(r"\.split\(|\.chunk\(3|torch\.split\(", src))
 
 
+def reshapes_to_input_width(attention: nn.Module) -> bool:
+    """Whether the forward reads its output width off its input (`bsz, tgt_len, embed_dim = hidden_states.size()`,
+    then `.reshape(..., embed_dim)`: TrOCR, ProphetNet): split by heads, its output is narrower than its input, so
+    it can only stay whole (no attribute holds that width)."""
+    try:
+        src = inspect.getsource(type(attention).forward)
+    except (OSError, TypeError):
+        return False
+    found = re.search(r"\w+\s*,\s*\w+\s*,\s*(\w+)\s*=\s*hidden_states\.(?:size\(\)|shape)", src)
+    return bool(found) and bool(re.search(rf"\.(?:reshape|view)\([^)]*\b{found.group(1)}\s*\)", src))
+
+
 def head_split(path: str, module: nn.Module, num_heads: int, num_kv: int, head_dim: int, *, colwise: bool,
                packed: bool = False, fused: bool = True):
     """The head-aware style of one attention projection, or None when its width fits no head rule."""

@@ -27,8 +27,8 @@ from ..sharding import TPSplitError
 from ..styles import Experts, HeadAttrs, Mamba2Heads
 from ..styles.mamba import is_mamba2_mixer
 from .common import (attention_extras, base_prefix, dims, generic, head_config, head_dim_of, head_split,
-                     hidden_size_of, is_attention, is_dense, mlp_scalars, packed_qkv, text_config,
-                     with_replicated_rest)
+                     hidden_size_of, is_attention, is_dense, mlp_scalars, packed_qkv, reshapes_to_input_width,
+                     text_config, with_replicated_rest)
 
 OUT_NAMES = {"o_proj", "out_proj", "dense", "c_proj", "o", "wo", "out", "proj", "out_lin", "fc_out", "attn_out",
              "o_linear", "linear_out", "output", "out_dense", "attention_output"}
@@ -118,7 +118,7 @@ def _outermost(block: nn.Module, pred) -> list[tuple[str, nn.Module]]:
 
 
 def _split_attention(path, attn, hidden, num_heads, num_kv, hd):
-    if not num_heads:
+    if not num_heads or reshapes_to_input_width(attn):
         return None
     linears = [(n, m) for n, m in attn.named_modules() if is_dense(m)]
     outs = [(n, m) for n, m in linears if dims(m)[0] == hidden and
