@@ -33,6 +33,7 @@ import torch
 import torch.distributed as dist
 
 from .testing import init_rank, reap, spawn
+from .testing.count import count_collectives
 from .state import tp_state
 from .tiny_models import BATCH, SEQ, VOCAB, build_tiny, load_local  # noqa: F401  (re-exported)
 
@@ -51,6 +52,7 @@ class Result:
     sharded: float = 0.0  # fraction of parameters (by count of elements) split over TP
     detail: str = ""
     plan: str = ""
+    collectives: dict = field(default_factory=dict)  # `collectives.CollectiveCount.summary()`
 
 
 def _how(policy_name: str) -> str:
@@ -151,8 +153,11 @@ def check_one(name: str, tp: int, load=None, engine: str = "tp_plugin", sequence
     result = Result(name, "match", how=_how(plan.policy_name), policy=plan.policy_name, sharded=split / numel,
                     plan=str(plan))
     try:
-        out = model(input_ids=ids, labels=ids)
-        out.loss.backward()
+        with count_collectives(model) as counts:
+            out = model(input_ids=ids, labels=ids)
+            counts.forward_done()
+            out.loss.backward()
+        result.collectives = counts.summary()
         group = tp_state(model).mesh.tp_group
         result.errors["logits"] = _rel(out.logits, ref_out.logits)
         result.errors["loss"] = _rel(out.loss, ref_out.loss)
@@ -172,7 +177,23 @@ def check_one(name: str, tp: int, load=None, engine: str = "tp_plugin", sequence
         result.status = "mismatch"
         result.detail = ", ".join(f"{k} {result.errors[k]:.2e}" for k in bad) + \
             (f" ({result.errors['worst_grad']})" if "grads" in bad else "")
+    elif above_minimum(result.collectives) and not result.collectives["reasons"]:
+        result.status = "excess"  # right numbers, more collectives than Megatron's minimum and no reason why
+        result.detail = f"collectives {collectives_cell(result.collectives)}"
     return result
+
+
+def above_minimum(c: dict) -> bool:
+    return c["fwd"] > c["min_fwd"] or c["bwd"] > c["min_bwd"]
+
+
+def collectives_cell(c: dict) -> str:
+    """`fwd/bwd` collectives of one forward and backward, against the minimum when above it."""
+    if not c:
+        return ""
+    if not above_minimum(c):
+        return f"{c['fwd']}/{c['bwd']} (minimum)"
+    return f"{c['fwd']}/{c['bwd']} (minimum {c['min_fwd']}/{c['min_bwd']}: {'; '.join(c['reasons']) or 'no reason'})"
 
 
 # ---------------------------------------------------------------- ranks
@@ -280,19 +301,22 @@ def table(results_by_tp: dict[int, list[Result]], *, markdown: bool = False) -> 
     for tp, results in results_by_tp.items():
         for r in results:
             by_name.setdefault(r.name, {})[tp] = r
-    header = ["architecture"] + [f"tp={tp}" for tp in tps] + ["how", "split params", "note"]
+    header = ["architecture"] + [f"tp={tp}" for tp in tps] + ["how", "split params", f"collectives tp={tps[0]}",
+                                                               "note"]
     rows = []
     for name in sorted(by_name):
         cells = [name]
-        how, share, note = "", "", ""
+        how, share, note, coll = "", "", "", ""
         for tp in tps:
             r = by_name[name].get(tp)
             cells.append(r.status if r else "-")
             if r and r.how:
                 how, share = r.how, f"{100 * r.sharded:.0f}%"
+            if r and tp == tps[0]:
+                coll = collectives_cell(r.collectives)
             if r and r.status not in ("match",) and not note:
                 note = r.detail.splitlines()[-1][:90] if r.detail else ""
-        rows.append(cells + [how, share, note])
+        rows.append(cells + [how, share, coll, note])
     if markdown:
         out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         out += ["| " + " | ".join(c.replace("|", "/") for c in row) + " |" for row in rows]
@@ -349,7 +373,10 @@ def main_verify(args) -> int:
                  "built from a tiny random config, split and compared with the unsplit model (logits, loss, every "
                  "gradient; tolerance 1e-4 relative). `how`: a hand-written policy, the model's own "
                  "`base_model_tp_plan` translated, or the structural fallback; `split params`: the share of "
-                 "parameters that are sharded (the rest is replicated)." +
+                 "parameters that are sharded (the rest is replicated); `collectives`: how many one forward / one "
+                 "backward issues, against Megatron's minimum (one reduction out of and one into every split "
+                 "sub-block, plus the vocabulary's), with the layout that needs more where it is above it (an "
+                 "architecture above it without such a reason is reported `excess`)." +
                  (" With sequence parallelism, a model is refused when a module that mixes tokens (an attention "
                   "the policy keeps whole, a state-space or convolution mixer, cross-attention) would run on one "
                   "rank's tokens only, or when its layers are not one list of decoder layers." if sp else ""), ""]

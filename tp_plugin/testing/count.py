@@ -1,0 +1,87 @@
+"""How many collectives one forward and backward of a split model issues, against the Megatron minimum.
+
+Megatron's minimum for a tensor-parallel sub-block (an attention, an MLP, a block of experts, a Mamba mixer): one
+reduction of its output in forward (its row-parallel exit) and one of its input gradient in backward (its entry),
+whatever the number of column-parallel projections inside. Plus the vocabulary: the embedding's all-reduce and the
+LM head's gather in forward, the head's input-gradient all-reduce in backward. A column-parallel layer outside any
+region reduces its own input gradient (one more per projection); other mechanisms add collectives the model's
+layout makes necessary (a norm over split heads, replicated KV heads or Mamba groups, per-head norms' gradients);
+`summary()` reports the counts and which of those the plan holds.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+
+from torch import nn
+
+from ..layers import ColumnParallelLinear, RowParallelLinear
+from ..state import tp_state
+from .collectives import CollectiveCounter
+
+
+class CollectiveCount:
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self.counter = CollectiveCounter()
+        self.forward: collections.Counter | None = None
+        self.exits = 0  # row-parallel exits (and reducing regions) that ran
+        self.standalone = 0  # column-parallel layers that reduced their own input gradient
+
+    def forward_done(self) -> None:
+        self.forward = collections.Counter(self.counter.counts)
+
+    def summary(self) -> dict:
+        fwd = sum(self.forward.values())
+        bwd = sum(self.counter.counts.values()) - fwd
+        plan = tp_state(self.model).plan
+        vocab_fwd = 1 + (self.model.get_output_embeddings() is not None)
+        vocab_bwd = int(self.model.get_output_embeddings() is not None)
+        return {"fwd": fwd, "bwd": bwd, "min_fwd": self.exits + vocab_fwd, "min_bwd": self.exits + vocab_bwd,
+                "standalone_columns": self.standalone, "reasons": _reasons(plan)}
+
+
+def _reasons(plan) -> list[str]:
+    """What in the plan adds collectives beyond the minimum (each needed by the model's layout)."""
+    from ..styles import Experts, Mamba2Heads, ShardedNorm
+
+    styles = [e.style for e in plan.entries]
+    reasons = []
+    if any(isinstance(s, ShardedNorm) for s in styles):
+        reasons.append("q/k norms over split heads (sum of squares all-reduced)")
+    if any(e.shared_rows and not isinstance(e.style, Mamba2Heads) for e in plan.entries):
+        reasons.append("replicated KV heads (their gradients summed)")
+    if any(e.shared_rows and isinstance(e.style, Mamba2Heads) for e in plan.entries):
+        reasons.append("Mamba groups fewer than ranks (B/C gradients summed, norm statistics all-reduced)")
+    if plan.partial_grad:
+        reasons.append("norms inside split regions (gradients summed)")
+    if any(isinstance(s, Experts) for s in styles):
+        reasons.append("MoE routing weights (their gradient reduced)")
+    return reasons
+
+
+@contextlib.contextmanager
+def count_collectives(model: nn.Module):
+    """Count the collectives of what runs inside (call `forward_done()` between forward and backward)."""
+    count = CollectiveCount(model)
+    handles = []
+    reducing = {e.path for e in tp_state(model).plan.entries if getattr(e.style.region, "reduce_output", False)}
+
+    def exit_hook(module, args, output):
+        count.exits += 1
+
+    def column_hook(module, args, output):
+        count.standalone += module.sync_input_grad
+
+    for path, module in model.named_modules():
+        if isinstance(module, RowParallelLinear) or path in reducing:
+            handles.append(module.register_forward_hook(exit_hook))
+        elif isinstance(module, ColumnParallelLinear):
+            handles.append(module.register_forward_hook(column_hook))
+    try:
+        with count.counter:
+            yield count
+    finally:
+        for handle in handles:
+            handle.remove()
