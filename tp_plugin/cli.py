@@ -60,6 +60,9 @@ def _configure_verify(parser: argparse.ArgumentParser) -> None:
                         help="every causal-LM architecture of the installed transformers, from tiny configs")
     parser.add_argument("--only", help="comma-separated model types (with --all-architectures)")
     parser.add_argument("--markdown", metavar="FILE", help="also write the table as markdown (docs/architectures.md)")
+    parser.add_argument("--vlm", action="store_true",
+                        help="vision-language (image-text-to-text) models: MODEL_OR_CONFIG is one, or with "
+                             "--all-architectures the families of tp_plugin.tiny_vlms.VLM_TYPES")
     parser.add_argument("--sequence-parallel", action="store_true",
                         help="split with sequence_parallel=True (the models run in training mode)")
     parser.add_argument("--engine", default="tp_plugin", choices=("tp_plugin", "deepspeed", "transformers"),
@@ -91,6 +94,9 @@ def _configure_plan(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lora-rank", type=int, default=16)
     parser.add_argument("--gradient-checkpointing", action="store_true",
                         help="only layouts with gradient checkpointing (default: with and without)")
+    parser.add_argument("--vlm", action="store_true",
+                        help="vision-language (image-text-to-text) models: MODEL_OR_CONFIG is one, or with "
+                             "--all-architectures the families of tp_plugin.tiny_vlms.VLM_TYPES")
     parser.add_argument("--sequence-parallel", action="store_true",
                         help="also plan sequence-parallel layouts (parallelize(..., sequence_parallel=True))")
     parser.add_argument("--json", action="store_true", help="print the machine-readable document")

@@ -170,11 +170,17 @@ def infer_regions(model: nn.Module, entries: list[PlanEntry]) -> list[str]:
             continue
         parent, _, _ = entry.path.rpartition(".")
         grand, _, index = parent.rpartition(".")
-        if (grand in layer_lists and index.isdigit()) or parent in found:
-            continue
+        in_list = grand in layer_lists and index.isdigit()
+        if (in_list and not _is_sub_block(model.get_submodule(parent))) or parent in found:
+            continue  # a whole decoder layer (XLM's parallel lists of attentions and FFNs are sub-blocks)
         if any(c.startswith(parent + ".") for c in columns):
             found.append(parent)
     return found
+
+
+def _is_sub_block(module: nn.Module) -> bool:
+    name = type(module).__name__.lower()
+    return any(word in name for word in ("attention", "attn", "mlp", "ffn", "feedforward"))
 
 
 def _check_coverage(model, prefix, entries, policy) -> list[str]:

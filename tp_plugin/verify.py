@@ -36,6 +36,7 @@ from .testing import init_rank, reap, spawn
 from .testing.count import count_collectives
 from .state import tp_state
 from .tiny_models import BATCH, SEQ, VOCAB, build_tiny, load_local  # noqa: F401  (re-exported)
+from .tiny_vlms import VLM_TYPES, build_tiny_vlm, vlm_inputs
 
 TOL = 1e-4
 
@@ -112,21 +113,24 @@ def _peer_split(engine: str, model, name: str, tp: int):
     raise ValueError(f"unknown engine {engine!r} (tp_plugin, deepspeed, transformers)")
 
 
-def check_one(name: str, tp: int, load=None, engine: str = "tp_plugin", sequence_parallel: bool = False) -> Result:
-    """On every rank of an initialised gloo world: build, split, compare. Same result on every rank."""
+def check_one(name: str, tp: int, load=None, engine: str = "tp_plugin", sequence_parallel: bool = False,
+              vlm: bool = False) -> Result:
+    """On every rank of an initialised gloo world: build, split, compare. Same result on every rank. `vlm`: `name`
+    is a vision-language model type, run on a prompt with a random image (`tiny_vlms`)."""
     import tp_plugin
     from .sharding import TPSplitError
 
     torch.manual_seed(0)
     try:
-        model = load(name) if load else build_tiny(name, tp=tp)
+        model = load(name) if load else build_tiny_vlm(name, tp=tp) if vlm else build_tiny(name, tp=tp)
         if sequence_parallel:  # a training-time layout (tiny configs have no dropout, so train() is safe)
             model.train()
         ref = copy.deepcopy(model)
         gen = torch.Generator().manual_seed(1)
         vocab = model.get_input_embeddings().weight.shape[0]
         ids = torch.randint(3, min(vocab, VOCAB), (BATCH, SEQ), generator=gen)
-        ref_out = ref(input_ids=ids, labels=ids)
+        inputs = vlm_inputs(model) if vlm else {"input_ids": ids, "labels": ids}
+        ref_out = ref(**inputs)
         ref_out.loss.backward()
     except Exception as exc:  # noqa: BLE001  (the unsplit model itself does not run: not ours to judge)
         return Result(name, "unbuildable", detail=f"{type(exc).__name__}: {str(exc)[:200]}")
@@ -154,7 +158,7 @@ def check_one(name: str, tp: int, load=None, engine: str = "tp_plugin", sequence
                     plan=str(plan))
     try:
         with count_collectives(model) as counts:
-            out = model(input_ids=ids, labels=ids)
+            out = model(**inputs)
             counts.forward_done()
             out.loss.backward()
         result.collectives = counts.summary()
@@ -198,13 +202,14 @@ def collectives_cell(c: dict) -> str:
 
 # ---------------------------------------------------------------- ranks
 
-def _rank_main(rank, world, port, queue, timeout_s, names, tp, load, engine="tp_plugin", sequence_parallel=False):
+def _rank_main(rank, world, port, queue, timeout_s, names, tp, load, engine="tp_plugin", sequence_parallel=False,
+               vlm=False):
     current = names[0] if names else "?"
     try:
         init_rank(rank, world, port, timeout_s)
         for name in names:
             current = name
-            result = check_one(name, tp, load, engine, sequence_parallel)
+            result = check_one(name, tp, load, engine, sequence_parallel, vlm)
             if rank == 0:
                 queue.put(result)
     except BaseException:  # noqa: BLE001
@@ -215,10 +220,10 @@ def _rank_main(rank, world, port, queue, timeout_s, names, tp, load, engine="tp_
 
 
 def run_on_ranks(names: list[str], tp: int, *, load=None, timeout_s: float = 60.0,
-                 engine: str = "tp_plugin", sequence_parallel: bool = False) -> list[Result]:
+                 engine: str = "tp_plugin", sequence_parallel: bool = False, vlm: bool = False) -> list[Result]:
     """Check `names` one after another in one set of `tp` forked ranks; a timeout marks the rest as errors."""
-    store, queue, procs = spawn(mp.get_context("fork"), tp, _rank_main, (names, tp, load, engine, sequence_parallel),
-                                timeout_s)
+    store, queue, procs = spawn(mp.get_context("fork"), tp, _rank_main,
+                                (names, tp, load, engine, sequence_parallel, vlm), timeout_s)
     results = []
     try:
         while len(results) < len(names):
@@ -243,31 +248,33 @@ def causal_lm_types() -> list[str]:
     return sorted(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)
 
 
-def _preimport(names: list[str]) -> None:
+def _preimport(names: list[str], vlm: bool = False) -> None:
     """Import every architecture's modeling module once in the parent, so forked ranks share it."""
     import transformers
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+    from transformers.models.auto.modeling_auto import (MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+                                                        MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES)
 
     import tp_plugin  # noqa: F401
     from . import auto  # noqa: F401
 
+    mapping = MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES if vlm else MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
     for name in names:
         try:
-            getattr(transformers, MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[name])
+            getattr(transformers, mapping[name])
         except Exception:  # noqa: BLE001  (an architecture whose import fails is reported by its run)
             pass
 
 
 def sweep(tp: int, names: list[str] | None = None, *, chunk: int = 12, progress=None,
-          engine: str = "tp_plugin", sequence_parallel: bool = False) -> list[Result]:
+          engine: str = "tp_plugin", sequence_parallel: bool = False, vlm: bool = False) -> list[Result]:
     """Verify many architectures at `tp`, `chunk` per set of ranks (a crash costs at most one chunk)."""
-    names = names or causal_lm_types()
-    _preimport(names)
+    names = names or (list(VLM_TYPES) if vlm else causal_lm_types())
+    _preimport(names, vlm)
     results: list[Result] = []
     pending = list(names)
     while pending:
         batch, pending = pending[:chunk], pending[chunk:]
-        got = run_on_ranks(batch, tp, timeout_s=150.0, engine=engine, sequence_parallel=sequence_parallel)  # hybrid SSMs run reference kernels: slow on CPU
+        got = run_on_ranks(batch, tp, timeout_s=150.0, engine=engine, sequence_parallel=sequence_parallel, vlm=vlm)  # hybrid SSMs run reference kernels: slow on CPU
         # after a crash, the architectures after the culprit in its chunk are re-run on fresh ranks
         ok = [r for r in got if not r.detail.startswith("timed out or crashed")]
         retry = [r.name for r in got if r.detail.startswith("timed out or crashed")]
@@ -328,24 +335,25 @@ def table(results_by_tp: dict[int, list[Result]], *, markdown: bool = False) -> 
     return "\n".join(lines)
 
 
-def verify_model(name: str, tp: int, *, sequence_parallel: bool = False) -> Result:
+def verify_model(name: str, tp: int, *, sequence_parallel: bool = False, vlm: bool = False) -> Result:
     """One architecture (model_type) or a local model directory."""
     load = load_local if os.path.isdir(name) else None
-    _preimport([] if load else [name])
-    return run_on_ranks([name], tp, load=load, timeout_s=120.0, sequence_parallel=sequence_parallel)[0]
+    _preimport([] if load else [name], vlm)
+    return run_on_ranks([name], tp, load=load, timeout_s=120.0, sequence_parallel=sequence_parallel, vlm=vlm)[0]
 
 
 def main_verify(args) -> int:
     """The `tp-plugin verify` subcommand (argparse namespace: target, tp, all_architectures, markdown, only)."""
     tps = args.tp or [2]
     sp = bool(getattr(args, "sequence_parallel", False))
+    vlm = bool(getattr(args, "vlm", False))
     if not args.all_architectures:
         if not args.target:
             raise SystemExit("tp-plugin verify: give MODEL_OR_CONFIG (a model_type or a local model dir) "
                              "or --all-architectures")
         code = 0
         for tp in tps:
-            r = verify_model(args.target, tp, sequence_parallel=sp)
+            r = verify_model(args.target, tp, sequence_parallel=sp, vlm=vlm)
             if r.plan:
                 print(r.plan)
             errs = ", ".join(f"{k} {v:.1e}" for k, v in r.errors.items() if isinstance(v, float))
@@ -357,14 +365,16 @@ def main_verify(args) -> int:
     results_by_tp = {}
     for tp in tps:
         start = time.time()
-        results_by_tp[tp] = sweep(tp, names, engine=engine, sequence_parallel=sp, progress=lambda r, tp=tp: print(
+        results_by_tp[tp] = sweep(tp, names, engine=engine, sequence_parallel=sp, vlm=vlm, progress=lambda r, tp=tp: print(
             f"  tp={tp} {r.name:28s} {r.status:11s} {r.how:16s} {r.detail.splitlines()[-1][:100] if r.detail else ''}",
             flush=True))
         print(f"{summary_line(results_by_tp[tp], tp, engine, sp)} in {time.time() - start:.0f} s", flush=True)
     print(table(results_by_tp))
     for tp in tps:
         print(summary_line(results_by_tp[tp], tp, engine, sp))
-    if args.markdown:
+    if args.markdown and vlm:
+        _write_vlm_section(args.markdown, tps, results_by_tp)
+    elif args.markdown:
         title = "# Architectures with sequence parallelism" if sp else "# Architectures"
         lines = [title, "",
                  "Generated by `tp-plugin verify --all-architectures " + " ".join(f"--tp {t}" for t in tps) +
@@ -382,8 +392,32 @@ def main_verify(args) -> int:
                   "rank's tokens only, or when its layers are not one list of decoder layers." if sp else ""), ""]
         lines += [summary_line(results_by_tp[tp], tp, engine, sp) + "  " for tp in tps]
         lines += ["", table(results_by_tp, markdown=True)]
-        tmp = args.markdown + ".tmp"
-        with open(tmp, "w") as fh:
-            fh.write("\n".join(lines) + "\n")
-        os.replace(tmp, args.markdown)
+        _, vlm_heading, vlm_rest = _read(args.markdown).partition(VLM_SECTION)  # the VLM sweep's section stays
+        _write(args.markdown, "\n".join(lines) + "\n" + vlm_heading + vlm_rest)
     return 0
+
+
+VLM_SECTION = "\n## Vision-language models\n"
+
+
+def _read(path: str) -> str:
+    return open(path).read() if os.path.exists(path) else ""
+
+
+def _write(path: str, text: str) -> None:
+    with open(path + ".tmp", "w") as fh:
+        fh.write(text)
+    os.replace(path + ".tmp", path)
+
+
+def _write_vlm_section(path: str, tps: list[int], results_by_tp: dict) -> None:
+    """The VLM sweep's section at the end of the architectures page (the causal-LM sweep keeps it)."""
+    lines = [VLM_SECTION.strip(), "",
+             "Generated by `tp-plugin verify --all-architectures --vlm " + " ".join(f"--tp {t}" for t in tps) +
+             f" --markdown {path}`: image-text-to-text models built from tiny random configs (text model as above, "
+             "a 2-layer vision tower on a random 32 x 32 image), split as one model and compared with the unsplit "
+             "one on a prompt of image tokens and text (logits, loss on the text, every gradient, vision tower "
+             "included).", ""]
+    lines += [summary_line(results_by_tp[tp], tp) + "  " for tp in tps]
+    lines += ["", table(results_by_tp, markdown=True)]
+    _write(path, _read(path).partition(VLM_SECTION)[0].rstrip("\n") + "\n" + "\n".join(lines) + "\n")

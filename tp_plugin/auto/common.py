@@ -107,8 +107,8 @@ def modules(model: nn.Module, pattern: str, prefix: str) -> list[tuple[str, nn.M
 
 
 def is_attention(module: nn.Module) -> bool:
-    name = type(module).__name__.lower()
-    return "attention" in name or "attn" in name
+    name = type(module).__name__.lower()  # not a whole layer named after its attention (MllamaSelfAttentionDecoderLayer)
+    return ("attention" in name or "attn" in name) and not name.endswith(("layer", "block"))
 
 
 def mlp_scalars(model: nn.Module, layers: dict, prefix: str) -> list[str]:
