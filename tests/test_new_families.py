@@ -1,6 +1,7 @@
 """The families issue 16 added: gpt-oss (experts with biases, attention sinks), StarCoder 1 (multi-query fused
 c_attn), MPT (ALiBi through `position_bias`), CodeGen (qkv in 4 head blocks), Mamba-2 mixers split by heads (a
-pure Mamba-2 model and the hybrids Bamba and Falcon-H1, whose single group of B/C spans ranks) and
+pure Mamba-2 model and the hybrids Bamba and Falcon-H1, whose single group of B/C spans ranks), Mamba (1)
+mixers split by channels, and
 vision-language models (Llava, Qwen2.5-VL, Mllama): parity with the unsplit model at tp=2 and tp=4, the
 collectives they issue, an ordinary checkpoint from the split, and LoRA on a split VLM.
 
@@ -26,7 +27,7 @@ for _module in ("peft",):
         tests.dist.PRELOAD.append(_module)
 
 TOL = 1e-5
-CAUSAL = ["gpt_oss", "gpt_bigcode", "mpt", "codegen", "mamba2", "bamba", "falcon_h1"]
+CAUSAL = ["gpt_oss", "gpt_bigcode", "mpt", "codegen", "mamba2", "bamba", "falcon_h1", "mamba"]
 VLMS = ["llava", "qwen2_5_vl", "mllama"]
 
 

@@ -228,6 +228,8 @@ def run_on_ranks(names: list[str], tp: int, *, load=None, timeout_s: float = 60.
     try:
         while len(results) < len(names):
             result = queue.get(timeout=timeout_s + 15)
+            if any(r.name == result.name for r in results):
+                continue  # several ranks reported the same failure
             results.append(result)
             if result.status == "error" and result.detail.startswith("Traceback"):
                 break

@@ -11,8 +11,8 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from ..policy import Colwise, Policy, Rowwise
-from ..styles import Experts, HeadColwise, HeadParams, HeadRowwise, Mamba2Heads, ShardedNorm
-from ..styles.mamba import is_mamba2_mixer
+from ..styles import Experts, HeadColwise, HeadParams, HeadRowwise, Mamba2Heads, MambaChannels, ShardedNorm
+from ..styles.mamba import mixer_style
 
 HEAD_ATTRS = ("num_attention_heads", "n_head", "num_heads", "n_heads", "decoder_attention_heads",
               "num_attention_heads_per_layer")
@@ -138,14 +138,14 @@ def with_replicated_rest(model: nn.Module, policy: Policy) -> Policy:
     for pattern in policy.layers:
         planned |= {path for path, _ in modules(model, pattern, prefix)}
     base = getattr(model, "base_model", model)
-    mixers = {name: Mamba2Heads() for name, mod in base.named_modules()
-              if is_mamba2_mixer(mod) and not any(p == name or p.startswith(name + ".") for p in planned)}
+    mixers = {name: mixer_style(mod) for name, mod in base.named_modules()
+              if mixer_style(mod) is not None and not any(p == name or p.startswith(name + ".") for p in planned)}
     if mixers:
         policy = replace(policy, layers={**policy.layers, **mixers})
         planned |= set(mixers)
     owners = set()  # modules whose own style covers their children (fused experts, Mamba-2 mixers)
     for pattern, style in policy.layers.items():
-        if isinstance(style, (Experts, Mamba2Heads)):
+        if isinstance(style, (Experts, Mamba2Heads, MambaChannels)):
             owners |= {path for path, _ in modules(model, pattern, prefix)}
     rest = sorted({generic(name) for name, mod in base.named_modules() if is_dense(mod) and name not in planned
                    and not any(name.startswith(p + ".") for p in owners)})

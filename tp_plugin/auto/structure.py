@@ -9,8 +9,9 @@
                 row-parallel, the in-projections of width X (or 2X: fused gate|up) column-parallel; per-expert
                 MLPs pair up the same way; 3-D fused experts are split with Experts(); anything reading from
                 the hidden state with another width (routers, gates) stays replicated
-    Mamba-2     mixers (in_proj [z|x|B|C|dt], conv1d, per-head A_log / D / dt_bias) are split by heads
-                (`styles.mamba`); `common.with_replicated_rest` adds them to a translated tp_plan too
+    Mamba       Mamba-2 mixers (in_proj [z|x|B|C|dt], conv1d, per-head A_log / D / dt_bias) are split by heads,
+                Mamba (1) mixers by channels (`styles.mamba`); `common.with_replicated_rest` adds them to a
+                translated tp_plan too
 
 Whatever the rules cannot place safely stays replicated (a whole attention module, or a block's MLPs): the
 result is still exact, only less split. Per-head norms inside a split attention get their gradients summed
@@ -24,8 +25,8 @@ from torch import nn
 
 from ..policy import AttentionSpec, Colwise, Policy, Rowwise
 from ..sharding import TPSplitError
-from ..styles import Experts, HeadAttrs, Mamba2Heads
-from ..styles.mamba import is_mamba2_mixer
+from ..styles import Experts, HeadAttrs
+from ..styles.mamba import mixer_style
 from .common import (attention_extras, base_prefix, dims, generic, head_config, head_dim_of, head_split,
                      hidden_size_of, is_attention, is_dense, mlp_scalars, packed_qkv, reshapes_to_input_width,
                      text_config, with_replicated_rest)
@@ -77,8 +78,9 @@ def structural_policy(model: nn.Module) -> Policy:
                     split_attn[path] = split
             in_attn = {id(m) for _, a in attn_modules for m in a.modules()}
             for name, mixer in block.named_modules():
-                if is_mamba2_mixer(mixer):
-                    layers[f"{block_path}.{name}".rstrip(".")] = Mamba2Heads()
+                style = mixer_style(mixer)
+                if style is not None and id(mixer) not in in_attn:
+                    layers[f"{block_path}.{name}".rstrip(".")] = style
                     in_attn |= {id(m) for m in mixer.modules()}
             layers.update(_split_mlps(block_path, block, hidden, in_attn))
 

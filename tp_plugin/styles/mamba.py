@@ -142,6 +142,7 @@ class Mamba2Heads(Style):
 
 
 def _unfused_forward(self, *args, **kwargs):
+    """The mixer's own forward on its step-by-step path (its kernels' fused path is chosen in training)."""
     training = self.training
     self.training = False  # read by the mixer only to choose the fused kernel
     try:
@@ -219,3 +220,90 @@ class _SpanningGatedNorm(nn.Module):
             return (self.weight * x * F.silu(gate.float())).to(dtype)
         return self.weight * x.to(dtype)
 
+
+
+# ---- Mamba (1): split by channels ------------------------------------------------------------------------------
+
+def is_mamba1_mixer(module: nn.Module) -> bool:
+    """Mamba's mixer (Mamba, Falcon-Mamba): in_proj [x | z], depthwise conv1d, x_proj -> [dt | B | C], dt_proj,
+    A_log [I, N], D [I], out_proj."""
+    ints = ("intermediate_size", "ssm_state_size", "time_step_rank")
+    if not all(isinstance(getattr(module, a, None), int) for a in ints) or hasattr(module, "n_groups"):
+        return False
+    parts = [getattr(module, n, None) for n in ("in_proj", "x_proj", "dt_proj", "out_proj")]
+    if not all(isinstance(p, nn.Linear) for p in parts) or not isinstance(getattr(module, "conv1d", None), nn.Conv1d):
+        return False
+    children = {name for name, child in module.named_children() if any(True for _ in child.parameters())}
+    if children - {"in_proj", "conv1d", "x_proj", "dt_proj", "out_proj"}:
+        return False  # more (Jamba's dt/B/C norms act on x_proj's output: their gradients would be partial)
+    i, n, r = module.intermediate_size, module.ssm_state_size, module.time_step_rank
+    return parts[0].out_features == 2 * i and parts[1].in_features == i and parts[1].out_features == r + 2 * n \
+        and parts[2].out_features == i and getattr(module, "A_log", torch.empty(0)).shape == (i, n)
+
+
+class MambaChannels(Style):
+    """A Mamba (1) mixer split by channels: each rank keeps its channels' rows of in_proj (x and z), conv1d, dt_proj,
+    A_log and D, and the matching input columns of x_proj and out_proj. x_proj mixes all channels into dt, B and C,
+    which every channel's scan reads: its partial products are all-reduced in forward and the gradient of what it
+    produced in backward (each rank's channels used it) - one collective each way beyond a Mamba-2 mixer's."""
+
+    region = RegionInputs(columns_only=True)
+
+    def plan_entry(self, path, module, tp, attn):
+        if not is_mamba1_mixer(module):
+            raise TPSplitError(f"{path}: MambaChannels expects a Mamba mixer (in_proj [x|z], conv1d, x_proj, dt_proj, "
+                               f"A_log, D), found {type(module).__name__}")
+        from ..sharding import even_ranges
+
+        i = module.intermediate_size
+        ranges = even_ranges(i, tp, what=f"{path} ({i} channels)")
+        full, specs = {}, [{} for _ in range(tp)]
+
+        def add(name, dim, rows):
+            tensor = module.get_parameter(name)
+            full[name] = tuple(tensor.shape)
+            for rank, (a, b) in enumerate(ranges):
+                specs[rank][name] = ShardSpec(dim, tensor.shape[dim], rows(a, b))
+
+        own = lambda a, b: ((a, b),)  # noqa: E731
+        for name in ("in_proj.weight", "in_proj.bias"):
+            if module.get_submodule("in_proj").bias is not None or name.endswith("weight"):
+                add(name, 0, lambda a, b: ((a, b), (i + a, i + b)))
+        for name, dim in (("conv1d.weight", 0), ("conv1d.bias", 0), ("x_proj.weight", 1), ("dt_proj.weight", 0),
+                          ("dt_proj.bias", 0), ("A_log", 0), ("D", 0), ("out_proj.weight", 1)):
+            owner, _, leaf = name.rpartition(".")
+            if getattr(module.get_submodule(owner) if owner else module, leaf, None) is not None:
+                add(name, dim, own)
+        return PlanEntry(path, self, full, specs)
+
+    def build(self, entry, module, rank, group, *, tied_weight=None, loss_parallel=False):
+        specs = entry.specs[rank]
+        module.in_proj = ColumnParallelLinear(module.in_proj.weight, module.in_proj.bias, specs["in_proj.weight"],
+                                              group, sync_input_grad=False)  # the region syncs its input
+        for name, spec in specs.items():
+            owner, _, leaf = name.rpartition(".")
+            if owner in ("conv1d", "dt_proj", "x_proj", "") and name != "x_proj.bias":
+                holder = module.get_submodule(owner) if owner else module
+                setattr(holder, leaf, _shard_param(getattr(holder, leaf), spec))
+        module.x_proj.forward = types.MethodType(_x_proj_forward, module.x_proj)
+        module.x_proj.tp_group = group
+        module.out_proj = RowParallelLinear(module.out_proj.weight, module.out_proj.bias, specs["out_proj.weight"],
+                                            group)
+        local = specs["D"].local_size
+        module.intermediate_size = local
+        module.conv1d.in_channels = module.conv1d.out_channels = module.conv1d.groups = local
+        module.forward = types.MethodType(_unfused_forward, module)
+        return module
+
+
+def _x_proj_forward(self, x: torch.Tensor) -> torch.Tensor:
+    """x_proj over this rank's channels: a partial sum of dt, B and C, all-reduced; its gradient too."""
+    out = all_reduce_both_ways(F.linear(x, self.weight), self.tp_group)
+    return out if self.bias is None else out + self.bias
+
+
+def mixer_style(module: nn.Module) -> Style | None:
+    """The style of a state-space mixer the derived policies split (None: not one)."""
+    if is_mamba2_mixer(module):
+        return Mamba2Heads()
+    return MambaChannels() if is_mamba1_mixer(module) else None

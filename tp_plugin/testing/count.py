@@ -44,7 +44,7 @@ class CollectiveCount:
 
 def _reasons(plan) -> list[str]:
     """What in the plan adds collectives beyond the minimum (each needed by the model's layout)."""
-    from ..styles import Experts, Mamba2Heads, ShardedNorm
+    from ..styles import Experts, Mamba2Heads, MambaChannels, ShardedNorm
 
     styles = [e.style for e in plan.entries]
     reasons = []
@@ -56,6 +56,8 @@ def _reasons(plan) -> list[str]:
         reasons.append("Mamba groups fewer than ranks (B/C gradients summed, norm statistics all-reduced)")
     if plan.partial_grad:
         reasons.append("norms inside split regions (gradients summed)")
+    if any(isinstance(s, MambaChannels) for s in styles):
+        reasons.append("Mamba (1) x_proj: dt, B, C read from all channels (all-reduced both ways)")
     if any(isinstance(s, Experts) for s in styles):
         reasons.append("MoE routing weights (their gradient reduced)")
     return reasons
