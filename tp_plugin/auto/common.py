@@ -172,6 +172,8 @@ def attention_extras(attn_path: str, module: nn.Module, num_heads: int, num_kv: 
         path = f"{attn_path}.{name}" if name else attn_path
         sizes = {p.shape[-1] for _, p in own}
         if not name and all(p.dim() == 1 and p.shape[0] == num_heads for _, p in own):
+            if any(is_dense(m) and dims(m)[0] == num_heads for m in module.modules()):
+                return None  # they act on a projection to one value per head (Doge's A on dt_proj): keep whole
             styles[path] = HeadParams(*(n for n, _ in own))  # per-head logits of the module itself (sinks)
         elif sizes == {head_dim} and all(p.dim() == 1 for _, p in own) and "norm" in type(sub).__name__.lower():
             partial.append(path)  # per-head norm (Qwen3's q_norm): acts on this rank's heads only
