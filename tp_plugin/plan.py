@@ -96,15 +96,24 @@ _STYLE_NAMES = ("Colwise", "Rowwise", "HeadColwise", "HeadRowwise", "GroupedQKV"
                 "ShardedNorm", "AlibiHeads")
 
 
+def plain_lookup(embed: nn.Embedding) -> bool:
+    """Whether the embedding's forward is a lookup that `VocabParallelEmbedding` reproduces: nn.Embedding's own, or
+    a scaled one (Gemma's `embed_scale`). A subclass doing more (Inkling's norm after the lookup) stays whole."""
+    own = type(embed).forward is nn.Embedding.forward
+    return own or (hasattr(embed, "embed_scale") and not any(True for _ in embed.children()))
+
+
 def vocab_entries(model: nn.Module, tp_size: int) -> list[PlanEntry]:
-    """The input embedding's entry, then the LM head's (if any): both split by vocabulary."""
+    """The input embedding's entry, then the LM head's (if any): both split by vocabulary. An embedding whose
+    forward does more than a lookup is kept whole (and a head tied to it)."""
     embed, head = model.get_input_embeddings(), model.get_output_embeddings()
     embed_path, head_path = _path_of(model, embed), _path_of(model, head)
     if embed_path is None or not isinstance(embed, nn.Embedding):
         raise TPSplitError(f"{type(model).__name__}: no nn.Embedding input embedding found "
                            f"(get_input_embeddings() returned {type(embed).__name__})")
-    entries = [VocabEmbedding().plan_entry(embed_path, embed, tp_size, None)]
-    if head_path is not None:
+    split_embed = plain_lookup(embed)
+    entries = [VocabEmbedding().plan_entry(embed_path, embed, tp_size, None)] if split_embed else []
+    if head_path is not None and (split_embed or head.weight is not embed.weight):
         if head.weight.shape[0] != embed.weight.shape[0] and head.weight is embed.weight:
             raise TPSplitError(f"{head_path}: tied to {embed_path} but the vocabulary sizes differ")
         entries.append(VocabLMHead().plan_entry(head_path, head, tp_size, None))
@@ -141,7 +150,8 @@ def resolve_plan(model: nn.Module, policy: Policy, tp_size: int) -> Plan:
             entry.sync_input_grad = False
 
     vocab = vocab_entries(model, tp_size)
-    entries = vocab[:1] + entries + vocab[1:]
+    embeds = [e for e in vocab if isinstance(e.style, VocabEmbedding)]
+    entries = embeds + entries + [e for e in vocab if e not in embeds]
     embed, head = model.get_input_embeddings(), model.get_output_embeddings()
     tied = head is not None and head.weight is embed.weight
 

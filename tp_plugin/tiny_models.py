@@ -21,7 +21,7 @@ _SIZES = {  # config attribute -> tiny value (names vary between architectures)
     "swa_num_attention_heads": 4, "swa_num_key_value_heads": 2, "swa_head_dim": 16,
     "intermediate_size": 96, "n_inner": 96, "ffn_dim": 96, "ffn_hidden_size": 96, "decoder_ffn_dim": 96,
     "encoder_ffn_dim": 96, "d_ff": 96, "inner_dim": 96, "mlp_dim": 96, "intermediate_dim": 96,
-    "moe_intermediate_size": 32, "shared_expert_intermediate_size": 48, "expert_intermediate_size": 32,
+    "moe_intermediate_size": 32, "expert_ffn_hidden_size": 32, "zero_expert_num": 2, "shared_expert_intermediate_size": 48, "expert_intermediate_size": 32,
     "num_hidden_layers": 2, "n_layer": 2, "num_layers": 2, "n_layers": 2, "decoder_layers": 2,
     "num_decoder_layers": 2, "encoder_layers": 2,
     "num_experts": 4, "num_local_experts": 4, "n_routed_experts": 4, "moe_num_experts": 4,

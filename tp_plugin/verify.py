@@ -74,6 +74,10 @@ def _gather_full(param, group):
     grads, specs = [None] * world, [None] * world
     dist.all_gather_object(grads, param.grad, group=group)
     dist.all_gather_object(specs, spec, group=group)
+    if all(g is None for g in grads):  # a parameter the batch does not reach (an expert no token chose)
+        return None
+    if any(g is None for g in grads):
+        raise RuntimeError(f"a sharded parameter got a gradient on some ranks only ({[g is not None for g in grads]})")
     return unshard_tensor(grads, specs)
 
 

@@ -5,7 +5,8 @@ between ranks); the router stays replicated.
 Experts with biases (gpt-oss): the up-projection's bias is split with its rows; the down-projection's bias
 (`down_proj_bias[e]`, added to each chosen expert's output times its routing weight) would be added once per rank
 to partial sums, so it is taken out of the experts' forward and added once after the region's reduction,
-`sum_k w_k * down_proj_bias[e_k]`: no extra collective, and the same gradient on every rank."""
+`sum_k w_k * down_proj_bias[e_k]`: no extra collective, and the same gradient on every rank. Zero (identity)
+experts (LongCat-Flash) are weighted on rank 0 only, for the same reason."""
 
 from __future__ import annotations
 
@@ -86,6 +87,8 @@ class Experts(Style):
         if entry.resolved.get("down_bias"):
             module.forward = types.MethodType(_forward_without_down_bias, module)
             module.tp_after_reduce = types.MethodType(_add_down_bias, module)
+        if getattr(module, "zero_expert_num", 0) and rank != 0:
+            module.forward = types.MethodType(_forward_zero_experts_on_rank0, module)
         return module  # the split applies `region`: inputs synced or gathered, output reduced
 
 
@@ -103,6 +106,14 @@ def _check_biases(path: str, module, up_name: str, up_width: int, experts: int, 
             f"{None if down_bias is None else tuple(down_bias.shape)}); keep {path} replicated "
             f"(Policy(replicate=...))")
     return True
+
+
+def _forward_zero_experts_on_rank0(self, hidden_states, top_k_index, top_k_weights, *args, **kwargs):
+    """LongCat-Flash's zero (identity) experts return their input: summed over ranks it would count tp times, so
+    ranks other than 0 give them no weight. Applied inside the region (after its inputs are synced), so the
+    routing weights' gradient, all-reduced on the way out, still carries rank 0's share once."""
+    routed = (top_k_index < self.num_routed_experts).to(top_k_weights.dtype)
+    return type(self).forward(self, hidden_states, top_k_index, top_k_weights * routed, *args, **kwargs)
 
 
 def _forward_without_down_bias(self, *args, **kwargs):

@@ -16,7 +16,7 @@ import contextlib
 
 from torch import nn
 
-from ..layers import ColumnParallelLinear, RowParallelLinear
+from ..layers import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding, VocabParallelLMHead
 from ..state import tp_state
 from .collectives import CollectiveCounter
 
@@ -36,8 +36,9 @@ class CollectiveCount:
         fwd = sum(self.forward.values())
         bwd = sum(self.counter.counts.values()) - fwd
         plan = tp_state(self.model).plan
-        vocab_fwd = 1 + (self.model.get_output_embeddings() is not None)
-        vocab_bwd = int(self.model.get_output_embeddings() is not None)
+        split_embed = isinstance(self.model.get_input_embeddings(), VocabParallelEmbedding)
+        split_head = isinstance(self.model.get_output_embeddings(), VocabParallelLMHead)
+        vocab_fwd, vocab_bwd = split_embed + split_head, int(split_head)
         return {"fwd": fwd, "bwd": bwd, "min_fwd": self.exits + vocab_fwd, "min_bwd": self.exits + vocab_bwd,
                 "standalone_columns": self.standalone, "reasons": _reasons(plan)}
 
