@@ -11,7 +11,8 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from ..policy import Colwise, Policy, Rowwise
-from ..styles import Experts, HeadColwise, HeadParams, HeadRowwise, Mamba2Heads, MambaChannels, ShardedNorm
+from ..styles import (Experts, HeadColwise, HeadParams, HeadRowwise, Mamba2Heads, MambaChannels, ShardedNorm,
+                      ShortConvChannels)
 from ..styles.mamba import mixer_style
 
 HEAD_ATTRS = ("num_attention_heads", "n_head", "num_heads", "n_heads", "decoder_attention_heads",
@@ -145,7 +146,7 @@ def with_replicated_rest(model: nn.Module, policy: Policy) -> Policy:
         planned |= set(mixers)
     owners = set()  # modules whose own style covers their children (fused experts, Mamba-2 mixers)
     for pattern, style in policy.layers.items():
-        if isinstance(style, (Experts, Mamba2Heads, MambaChannels)):
+        if isinstance(style, (Experts, Mamba2Heads, MambaChannels, ShortConvChannels)):
             owners |= {path for path, _ in modules(model, pattern, prefix)}
     rest = sorted({generic(name) for name, mod in base.named_modules() if is_dense(mod) and name not in planned
                    and not any(name.startswith(p + ".") for p in owners)})
