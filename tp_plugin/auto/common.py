@@ -13,7 +13,8 @@ from transformers.pytorch_utils import Conv1D
 from ..policy import Colwise, Policy, Rowwise
 from ..styles import (Experts, HeadColwise, HeadParams, HeadRowwise, Mamba2Heads, MambaChannels, ShardedNorm,
                       ShortConvChannels)
-from ..styles.mamba import mixer_style
+from ..styles.conv import is_short_conv
+from ..styles.mamba import ZambaHeads, is_mamba1_mixer, is_mamba2_mixer, is_zamba_mixer
 
 HEAD_ATTRS = ("num_attention_heads", "n_head", "num_heads", "n_heads", "decoder_attention_heads",
               "num_attention_heads_per_layer")
@@ -131,6 +132,15 @@ def mlp_scalars(model: nn.Module, layers: dict, prefix: str) -> list[str]:
     return found
 
 
+def mixer_style(module: nn.Module):
+    """The style of a state-space or convolution mixer the derived policies split (None: not one)."""
+    for test, style in ((is_mamba2_mixer, Mamba2Heads), (is_zamba_mixer, ZambaHeads),
+                        (is_mamba1_mixer, MambaChannels), (is_short_conv, ShortConvChannels)):
+        if test(module):
+            return style()
+    return None
+
+
 def with_replicated_rest(model: nn.Module, policy: Policy) -> Policy:
     """`policy` plus the Mamba-2 mixers it leaves alone (split by heads), plus every dense layer of the base model
     it does not split, listed as deliberately replicated."""
@@ -146,7 +156,7 @@ def with_replicated_rest(model: nn.Module, policy: Policy) -> Policy:
         planned |= set(mixers)
     owners = set()  # modules whose own style covers their children (fused experts, Mamba-2 mixers)
     for pattern, style in policy.layers.items():
-        if isinstance(style, (Experts, Mamba2Heads, MambaChannels, ShortConvChannels)):
+        if isinstance(style, (Experts, Mamba2Heads, MambaChannels, ShortConvChannels, ZambaHeads)):
             owners |= {path for path, _ in modules(model, pattern, prefix)}
     rest = sorted({generic(name) for name, mod in base.named_modules() if is_dense(mod) and name not in planned
                    and not any(name.startswith(p + ".") for p in owners)})

@@ -26,10 +26,9 @@ from torch import nn
 from ..policy import AttentionSpec, Colwise, Policy, Rowwise
 from ..sharding import TPSplitError
 from ..styles import Experts, HeadAttrs
-from ..styles.mamba import mixer_style
 from .common import (attention_extras, base_prefix, dims, generic, head_config, head_dim_of, head_split,
-                     hidden_size_of, is_attention, is_dense, mlp_scalars, packed_qkv, reshapes_to_input_width,
-                     text_config, with_replicated_rest)
+                     hidden_size_of, is_attention, is_dense, mixer_style, mlp_scalars, packed_qkv,
+                     reshapes_to_input_width, text_config, with_replicated_rest)
 
 OUT_NAMES = {"o_proj", "out_proj", "dense", "c_proj", "o", "wo", "out", "proj", "out_lin", "fc_out", "attn_out",
              "o_linear", "linear_out", "output", "out_dense", "attention_output"}

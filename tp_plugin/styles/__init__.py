@@ -8,17 +8,19 @@
     Experts                           experts.py  fused 3-D MoE experts along the intermediate dim
     ShardedNorm / AlibiHeads          norms.py    an RMSNorm over sharded heads; ALiBi slopes of local heads
     Mamba2Heads / MambaChannels /     mamba.py    a Mamba-2 mixer (and the hybrids' copies of it) split by heads;
-      ShortConvChannels                           a Mamba (1) mixer, LFM's short convolution by channels
+      ZambaHeads                                  a Mamba (1) mixer by channels; Zamba's per-head mixer by heads
+    ShortConvChannels                 conv.py     LFM's gated short convolution by channels
 """
 
 from .base import ColumnStyle, RowStyle, Style
 from .experts import Experts
 from .heads import GroupedQKV, HeadAttrs, HeadColwise, HeadParams, HeadRowwise, patch_heads
 from .linear import Colwise, Rowwise
-from .mamba import Mamba2Heads, MambaChannels, ShortConvChannels
+from .conv import ShortConvChannels
+from .mamba import Mamba2Heads, MambaChannels, ZambaHeads
 from .norms import AlibiHeads, ShardedNorm
 from .vocab import VocabEmbedding, VocabLMHead
 
 __all__ = ["Style", "ColumnStyle", "RowStyle", "Colwise", "Rowwise", "VocabEmbedding", "VocabLMHead", "HeadColwise",
            "HeadRowwise", "GroupedQKV", "HeadAttrs", "HeadParams", "patch_heads", "Experts", "ShardedNorm", "AlibiHeads",
-           "Mamba2Heads", "MambaChannels", "ShortConvChannels"]
+           "Mamba2Heads", "MambaChannels", "ZambaHeads", "ShortConvChannels"]

@@ -1,6 +1,6 @@
-"""Token mixers that are not attention, split without changing their numbers: Mamba-2 mixers by heads (Mamba-2, and
-the hybrids built on the same mixer: Bamba, Falcon-H1, Zamba2, Nemotron-H, Granite-4 hybrids), the way
-Megatron-core splits Mamba; Mamba (1) mixers and LFM's gated short convolutions by channels (at the end).
+"""Mamba mixers, split without changing their numbers: Mamba-2 mixers by heads (Mamba-2, and the hybrids built on
+the same mixer: Bamba, Falcon-H1, Zamba2, Nemotron-H, Granite-4 hybrids), the way Megatron-core splits Mamba;
+Mamba (1) mixers by channels and Zamba's per-head mixers by heads (at the end).
 
 A Mamba-2 mixer computes
 
@@ -303,66 +303,65 @@ def _x_proj_forward(self, x: torch.Tensor) -> torch.Tensor:
     return out if self.bias is None else out + self.bias
 
 
-# ---- gated short convolutions (LFM2 / LFM3): split by channels -------------------------------------------------
+# ---- Zamba (1): per-head Mamba mixers ---------------------------------------------------------------------------
 
-def is_short_conv(module: nn.Module) -> bool:
-    """in_proj -> [B | C | x] (3 x channels), a depthwise conv1d over the channels, out_proj (channels -> hidden)."""
-    conv, in_proj, out_proj = (getattr(module, n, None) for n in ("conv", "in_proj", "out_proj"))
-    if not (isinstance(conv, nn.Conv1d) and isinstance(in_proj, nn.Linear) and isinstance(out_proj, nn.Linear)):
+def is_zamba_mixer(module: nn.Module) -> bool:
+    """Zamba's mixer: Mamba with its channels in `n_mamba_heads` independent heads (per-head x_proj / dt_proj
+    weights, A_log [H, P, N], D [H, P]); in_proj interleaves each channel's x and z rows."""
+    ints = ("n_mamba_heads", "mamba_head_dim", "intermediate_size", "ssm_state_size", "time_step_rank")
+    if not all(isinstance(getattr(module, a, None), int) for a in ints):
         return False
-    channels = conv.in_channels
-    children = {name for name, child in module.named_children() if any(True for _ in child.parameters())}
-    return conv.groups == conv.out_channels == channels and in_proj.out_features == 3 * channels \
-        and out_proj.in_features == channels and children == {"conv", "in_proj", "out_proj"}
+    h, p = module.n_mamba_heads, module.mamba_head_dim
+    names = ("x_proj_weight", "dt_proj_weight", "A_log", "D")
+    return h * p == module.intermediate_size and all(getattr(module, n, torch.empty(0)).shape[:1] == (h,)
+                                                     for n in names) \
+        and isinstance(getattr(module, "in_proj", None), nn.Linear) and module.in_proj.out_features == 2 * h * p
 
 
-class ShortConvChannels(Style):
-    """A gated short convolution (y = C * conv(B * x)) split by channels: each rank keeps its channels' rows of
-    B, C and x in in_proj, its channels of the depthwise conv, and out_proj's matching input columns (row-parallel).
-    Everything between is per channel, so the block costs Megatron's minimum."""
+class ZambaHeads(Style):
+    """A Zamba mixer split by its heads: nothing mixes heads between in_proj and out_proj, so each rank keeps its
+    heads' interleaved x/z rows of in_proj, conv channels, per-head x_proj / dt_proj / A_log / D, and out_proj's
+    matching input columns (row-parallel): Megatron's minimum."""
 
     region = RegionInputs(columns_only=True)
 
     def plan_entry(self, path, module, tp, attn):
-        if not is_short_conv(module):
-            raise TPSplitError(f"{path}: ShortConvChannels expects in_proj [B|C|x], a depthwise conv and out_proj, "
-                               f"found {type(module).__name__}")
+        if not is_zamba_mixer(module):
+            raise TPSplitError(f"{path}: ZambaHeads expects Zamba's per-head Mamba mixer, found {type(module).__name__}")
         from ..sharding import even_ranges
 
-        c = module.conv.in_channels
-        ranges = even_ranges(c, tp, what=f"{path} ({c} channels)")
-        layouts = {"in_proj": lambda a, b: ((a, b), (c + a, c + b), (2 * c + a, 2 * c + b)),
-                   "conv": lambda a, b: ((a, b),), "out_proj": lambda a, b: ((a, b),)}
+        h, p = module.n_mamba_heads, module.mamba_head_dim
+        heads = even_ranges(h, tp, what=f"{path} ({h} Mamba heads)")
+        rows = {"in_proj": lambda a, b: ((2 * a * p, 2 * b * p),), "conv1d": lambda a, b: ((a * p, b * p),),
+                "out_proj": lambda a, b: ((a * p, b * p),), "": lambda a, b: ((a, b),)}
         full, specs = {}, [{} for _ in range(tp)]
-        for owner, dim in (("in_proj", 0), ("conv", 0), ("out_proj", 1)):
-            for leaf in ("weight", "bias"):
-                tensor = getattr(getattr(module, owner), leaf)
-                if tensor is None or (owner == "out_proj" and leaf == "bias"):
-                    continue  # out_proj's bias is added once, after the reduction (replicated)
-                full[f"{owner}.{leaf}"] = tuple(tensor.shape)
-                for rank, (a, b) in enumerate(ranges):
-                    specs[rank][f"{owner}.{leaf}"] = ShardSpec(dim if leaf == "weight" else 0, tensor.shape[
-                        dim if leaf == "weight" else 0], layouts[owner](a, b))
+        names = [("in_proj.weight", 0), ("in_proj.bias", 0), ("conv1d.weight", 0), ("conv1d.bias", 0),
+                 ("out_proj.weight", 1), ("x_proj_weight", 0), ("dt_proj_weight", 0), ("dt_proj_bias", 0),
+                 ("A_log", 0), ("D", 0)]
+        for name, dim in names:
+            owner, _, leaf = name.rpartition(".")
+            tensor = getattr(module.get_submodule(owner) if owner else module, leaf, None)
+            if tensor is None:
+                continue
+            full[name] = tuple(tensor.shape)
+            for rank, (a, b) in enumerate(heads):
+                specs[rank][name] = ShardSpec(dim, tensor.shape[dim], rows[owner](a, b))
         return PlanEntry(path, self, full, specs)
 
     def build(self, entry, module, rank, group, *, tied_weight=None, loss_parallel=False):
         specs = entry.specs[rank]
         module.in_proj = ColumnParallelLinear(module.in_proj.weight, module.in_proj.bias, specs["in_proj.weight"],
                                               group, sync_input_grad=False)  # the region syncs its input
-        conv = module.conv
-        conv.weight = _shard_param(conv.weight, specs["conv.weight"])
-        if conv.bias is not None:
-            conv.bias = _shard_param(conv.bias, specs["conv.bias"])
+        for name, spec in specs.items():
+            owner, _, leaf = name.rpartition(".")
+            if owner in ("conv1d", ""):
+                holder = module.get_submodule(owner) if owner else module
+                setattr(holder, leaf, _shard_param(getattr(holder, leaf), spec))
+        conv = module.conv1d
         conv.in_channels = conv.out_channels = conv.groups = conv.weight.shape[0]
         module.out_proj = RowParallelLinear(module.out_proj.weight, module.out_proj.bias, specs["out_proj.weight"],
                                             group)
+        module.n_mamba_heads = specs["D"].local_size
+        module.intermediate_size = module.n_mamba_heads * module.mamba_head_dim
+        module.forward = types.MethodType(_unfused_forward, module)
         return module
-
-
-def mixer_style(module: nn.Module) -> Style | None:
-    """The style of a state-space or convolution mixer the derived policies split (None: not one)."""
-    if is_mamba2_mixer(module):
-        return Mamba2Heads()
-    if is_short_conv(module):
-        return ShortConvChannels()
-    return MambaChannels() if is_mamba1_mixer(module) else None
