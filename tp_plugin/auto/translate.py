@@ -86,7 +86,7 @@ def translate_tp_plan(model: nn.Module, plan: dict[str, str] | None = None) -> P
             parent = pattern.rpartition(".")[0]
             parent_mod = model.get_submodule(f"{prefix}.{path}".strip(".").rpartition(".")[0])
             if is_attention(parent_mod) and num_heads:
-                attn_parents.setdefault(parent, []).append((pattern, module, colwise))
+                attn_parents.setdefault(parent, []).append((pattern, found, colwise))
             elif colwise:
                 layers[pattern] = Colwise("", "") if style == "packed_colwise" else Colwise()
             else:
@@ -95,8 +95,8 @@ def translate_tp_plan(model: nn.Module, plan: dict[str, str] | None = None) -> P
             raise TPSplitError(f"{type(model).__name__}: unknown tp_plan style {style!r} on {pattern!r}; "
                                f"register a policy for model_type={model.config.model_type!r}")
 
-    attention = None
-    for parent, projections in attn_parents.items():
+    attention, split_kind = None, None
+    for parent, projections in _per_layout(attn_parents).items():
         hd = head_dim_of(config, num_heads)
         parent_mod = next(iter(modules(model, parent, prefix)), (None, None))[1]
         packed = parent_mod is not None and packed_qkv(parent_mod)
@@ -105,7 +105,9 @@ def translate_tp_plan(model: nn.Module, plan: dict[str, str] | None = None) -> P
                   for p, m, c in projections}
         complete = any(not c for _, _, c in projections) and any(c for _, _, c in projections)
         extras = _extras(model, prefix, parent, num_heads, num_kv, hd, styles)
-        if attention is None and complete and all(styles.values()) and extras is not None:
+        same_kind = attention is None or generic(parent) == split_kind  # one pattern's layers, one layout each
+        if same_kind and complete and all(styles.values()) and extras is not None:
+            split_kind = generic(parent)
             # Head attributes are patched by the HeadAttrs entries, on split attention modules only; the spec's
             # own module pattern then names none (a hybrid may hold another attention kind under `parent`).
             attention = AttentionSpec(None, num_heads=num_heads, num_kv_heads=num_kv, head_dim=hd)
@@ -117,6 +119,20 @@ def translate_tp_plan(model: nn.Module, plan: dict[str, str] | None = None) -> P
     partial = sorted({generic(p) for p in partial}) if attention is not None else []
     return with_replicated_rest(model, Policy(name=f"{model.config.model_type} (translated tp_plan)", layers=layers,
                                               attention=attention, partial_grad=tuple(partial)))
+
+
+def _per_layout(attn_parents: dict) -> dict:
+    """{parent pattern: [(projection pattern, module, colwise)]}: one entry per pattern when all its layers have the
+    same projection shapes, else one per layer (MiMo's sliding layers have twice the KV heads of its full ones)."""
+    out: dict[str, list] = {}
+    for parent, projections in attn_parents.items():
+        if all(len({tuple(m.weight.shape) for _, m in found}) == 1 for _, found, _ in projections):
+            out[parent] = [(pattern, found[0][1], colwise) for pattern, found, colwise in projections]
+            continue
+        for pattern, found, colwise in projections:
+            for path, module in found:
+                out.setdefault(path.rpartition(".")[0], []).append((path, module, colwise))
+    return out
 
 
 def _extras(model, prefix, parent, num_heads, num_kv, hd, split):
