@@ -2,7 +2,8 @@
 c_attn), MPT (ALiBi through `position_bias`), CodeGen (qkv in 4 head blocks), Mamba-2 mixers split by heads (a
 pure Mamba-2 model and the hybrids Bamba and Falcon-H1, whose single group of B/C spans ranks), Mamba (1)
 mixers split by channels, Zamba's per-head mixers, LFM3's short convolutions, LongCat-Flash's zero experts,
-Inkling's embedding that normalises after the lookup (kept whole), and
+Inkling's embedding that normalises after the lookup (kept whole), Gemma 3n's activation sparsity (mean and
+std over the split intermediate dim), and
 vision-language models (Llava, Qwen2.5-VL, Mllama): parity with the unsplit model at tp=2 and tp=4, the
 collectives they issue, an ordinary checkpoint from the split, and LoRA on a split VLM.
 
@@ -29,7 +30,7 @@ for _module in ("peft",):
 
 TOL = 1e-5
 CAUSAL = ["gpt_oss", "gpt_bigcode", "mpt", "codegen", "mamba2", "bamba", "falcon_h1", "mamba", "zamba", "lfm3",
-          "longcat_flash", "inkling_text"]
+          "longcat_flash", "inkling_text", "gemma3n_text"]
 VLMS = ["llava", "qwen2_5_vl", "mllama"]
 
 

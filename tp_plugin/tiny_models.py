@@ -29,7 +29,8 @@ _SIZES = {  # config attribute -> tiny value (names vary between architectures)
     "first_k_dense_replace": 1,
     "rotary_dim": 8, "q_lora_rank": 32, "kv_lora_rank": 16, "qk_rope_head_dim": 8, "qk_nope_head_dim": 8, "v_head_dim": 16,
     "max_position_embeddings": 128, "n_positions": 128, "n_ctx": 128, "max_seq_len": 128,
-    "vocab_size": VOCAB,
+    "vocab_size": VOCAB, "vocab_size_per_layer_input": VOCAB, "hidden_size_per_layer_input": 16, "laurel_rank": 8,
+    "num_kv_shared_layers": 0,  # Gemma 3n
     # Mamba-2 mixers (and the hybrids'): 8 heads of 16 over hidden 64 x expand 2, state 16
     "mamba_n_heads": 8, "n_mamba_heads": 8, "mamba_num_heads": 8, "mamba_d_head": 16, "mamba_headdim": 16,
     "mamba_head_dim": 16, "mamba_d_state": 16, "ssm_state_size": 16, "state_size": 16, "mamba_d_ssm": 128,
@@ -84,6 +85,10 @@ def _shrink(defaults: dict, keep_layer_kinds: bool = True, sizes: dict = _SIZES)
             kwargs[key] = kinds if len(kinds) > 1 else defaults[key][:layers]
             if "num_hidden_layers" in defaults:
                 kwargs["num_hidden_layers"] = len(kwargs[key])
+    full_depth = defaults.get("num_hidden_layers")
+    for key, value in defaults.items():  # other per-layer lists (Gemma 3n's activation_sparsity_pattern)
+        if isinstance(value, list) and len(value) == full_depth and key not in kwargs and full_depth > 1:
+            kwargs[key] = value[:kwargs.get("num_hidden_layers", layers)]
     if isinstance(defaults.get("attention_types"), list):  # GPT-Neo: [[["global", "local"], n_repeats]]
         kwargs["attention_types"] = [[["global", "local"], 1]]
     return kwargs

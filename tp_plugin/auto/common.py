@@ -13,6 +13,7 @@ from transformers.pytorch_utils import Conv1D
 from ..policy import Colwise, Policy, Rowwise
 from ..styles import (Experts, HeadColwise, HeadParams, HeadRowwise, Mamba2Heads, MambaChannels, ShardedNorm,
                       ShortConvChannels)
+from ..styles.activations import ActivationSparsity, has_activation_sparsity
 from ..styles.conv import is_short_conv
 from ..styles.mamba import ZambaHeads, is_mamba1_mixer, is_mamba2_mixer, is_zamba_mixer
 
@@ -142,8 +143,9 @@ def mixer_style(module: nn.Module):
 
 
 def with_replicated_rest(model: nn.Module, policy: Policy) -> Policy:
-    """`policy` plus the Mamba-2 mixers it leaves alone (split by heads), plus every dense layer of the base model
-    it does not split, listed as deliberately replicated."""
+    """`policy` plus the token mixers it leaves alone (Mamba and short-convolution mixers, split), the statistics of
+    split MLPs (Gemma 3n's activation sparsity), plus every dense layer of the base model it does not split, listed
+    as deliberately replicated."""
     prefix = base_prefix(model)
     planned = set()
     for pattern in policy.layers:
@@ -151,6 +153,8 @@ def with_replicated_rest(model: nn.Module, policy: Policy) -> Policy:
     base = getattr(model, "base_model", model)
     mixers = {name: mixer_style(mod) for name, mod in base.named_modules()
               if mixer_style(mod) is not None and not any(p == name or p.startswith(name + ".") for p in planned)}
+    mixers |= {name: ActivationSparsity() for name, mod in base.named_modules()  # its gate's statistics span ranks
+               if has_activation_sparsity(mod) and mod.activation_sparsity > 0 and f"{name}.gate_proj" in planned}
     if mixers:
         policy = replace(policy, layers={**policy.layers, **mixers})
         planned |= set(mixers)

@@ -10,8 +10,10 @@
     Mamba2Heads / MambaChannels /     mamba.py    a Mamba-2 mixer (and the hybrids' copies of it) split by heads;
       ZambaHeads                                  a Mamba (1) mixer by channels; Zamba's per-head mixer by heads
     ShortConvChannels                 conv.py     LFM's gated short convolution by channels
+    ActivationSparsity                activations.py  Gemma 3n's top-k statistics over the split intermediate dim
 """
 
+from .activations import ActivationSparsity
 from .base import ColumnStyle, RowStyle, Style
 from .experts import Experts
 from .heads import GroupedQKV, HeadAttrs, HeadColwise, HeadParams, HeadRowwise, patch_heads
@@ -23,4 +25,4 @@ from .vocab import VocabEmbedding, VocabLMHead
 
 __all__ = ["Style", "ColumnStyle", "RowStyle", "Colwise", "Rowwise", "VocabEmbedding", "VocabLMHead", "HeadColwise",
            "HeadRowwise", "GroupedQKV", "HeadAttrs", "HeadParams", "patch_heads", "Experts", "ShardedNorm", "AlibiHeads",
-           "Mamba2Heads", "MambaChannels", "ZambaHeads", "ShortConvChannels"]
+           "Mamba2Heads", "MambaChannels", "ZambaHeads", "ShortConvChannels", "ActivationSparsity"]

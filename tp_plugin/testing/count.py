@@ -45,7 +45,7 @@ class CollectiveCount:
 
 def _reasons(plan) -> list[str]:
     """What in the plan adds collectives beyond the minimum (each needed by the model's layout)."""
-    from ..styles import Experts, Mamba2Heads, MambaChannels, ShardedNorm
+    from ..styles import ActivationSparsity, Experts, Mamba2Heads, MambaChannels, ShardedNorm
 
     styles = [e.style for e in plan.entries]
     reasons = []
@@ -59,6 +59,8 @@ def _reasons(plan) -> list[str]:
         reasons.append("norms inside split regions (gradients summed)")
     if any(isinstance(s, MambaChannels) for s in styles):
         reasons.append("Mamba (1) x_proj: dt, B, C read from all channels (all-reduced both ways)")
+    if any(isinstance(s, ActivationSparsity) for s in styles):
+        reasons.append("activation sparsity statistics over the split intermediate dim (all-reduced both ways)")
     if any(isinstance(s, Experts) for s in styles):
         reasons.append("MoE routing weights (their gradient reduced)")
     return reasons
