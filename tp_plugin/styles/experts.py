@@ -42,7 +42,10 @@ class Experts(Style):
         if not isinstance(down, torch.Tensor) or not isinstance(up, torch.Tensor) or down.dim() != 3:
             raise TPSplitError(f"{path}: Experts() expects 3-D `gate_up_proj`/`up_proj` and `down_proj` parameters "
                                f"on {type(module).__name__}")
-        transposed = bool(getattr(module, "is_transposed", False))
+        transposed = getattr(module, "is_transposed", None)
+        if transposed is None:  # no flag (Llama 4): [E, H, 2I] / [E, I, H] when only that reading fits
+            transposed = down.shape[2] == up.shape[1] and down.shape[1] != up.shape[2]
+        transposed = bool(transposed)
         up_dim, down_dim = (2, 1) if transposed else (1, 2)
         inter = down.shape[down_dim]
         gated = up_name == "gate_up_proj"
