@@ -65,8 +65,8 @@ def _completed(model: nn.Module, translated: Policy) -> Policy:
     partial = [p for p in structural.partial_grad
                if any(path.startswith(unit_path + ".") for path, _ in modules(model, p, prefix)
                       for unit_path in added if unit_path in attentions)]
-    if heads and translated.attention is not None and translated.attention != structural.attention:
-        added = {path: style for path, style in added.items() if unit(path) not in attentions}  # one head layout
+    if heads and translated.attention is not None:  # the plan splits its attention: others are another kind
+        added = {path: style for path, style in added.items() if unit(path) not in attentions}  # (linear attention)
         heads, partial = False, []
     return replace(translated, name=translated.name.replace("translated tp_plan", "translated tp_plan + structure"),
                    layers={**translated.layers, **added},

@@ -81,6 +81,8 @@ def structural_policy(model: nn.Module) -> Policy:
                 if style is not None and id(mixer) not in in_attn:
                     layers[f"{block_path}.{name}".rstrip(".")] = style
                     in_attn |= {id(m) for m in mixer.modules()}
+                elif id(mixer) not in in_attn and any(isinstance(c, nn.Conv1d) for c in mixer.children()):
+                    in_attn |= {id(m) for m in mixer.modules()}  # an unknown convolution mixer (GatedDeltaNet): whole
             layers.update(_split_mlps(block_path, block, hidden, in_attn))
 
     attention, partial = None, []
