@@ -14,6 +14,7 @@ from ..policy import Colwise, Policy, Rowwise
 from ..styles import (Experts, HeadColwise, HeadParams, HeadRowwise, Mamba2Heads, MambaChannels, ShardedNorm,
                       ShortConvChannels)
 from ..styles.activations import ActivationSparsity, has_activation_sparsity
+from ..styles.heads import COUNT
 from ..styles.conv import is_short_conv
 from ..styles.mamba import ZambaHeads, is_mamba1_mixer, is_mamba2_mixer, is_zamba_mixer
 
@@ -177,6 +178,9 @@ def hidden_size_of(config) -> int | None:
 def attention_extras(attn_path: str, module: nn.Module, num_heads: int, num_kv: int, head_dim: int):
     """Non-linear parameters of an attention module to be split: ({path: style}, partial-grad paths), or None
     when some parameter has a per-head layout the rules cannot place (then the attention stays whole)."""
+    counts = {getattr(module, a) for a in COUNT if isinstance(getattr(module, a, None), int)}
+    if counts - {num_heads}:  # its own head count differs from the config's (Laguna's per-layer heads): whole
+        return None
     styles, partial = {}, []
     for name, sub in module.named_modules():
         if is_dense(sub):
