@@ -281,8 +281,9 @@ def sweep(tp: int, names: list[str] | None = None, *, chunk: int = 12, progress=
     while pending:
         batch, pending = pending[:chunk], pending[chunk:]
         # hybrid SSMs run reference kernels, slow on CPU; more ranks than cores share them (tp=8 on 2 cores)
-        got = run_on_ranks(batch, tp, timeout_s=150.0 * max(1.0, tp / 4), engine=engine,
-                           sequence_parallel=sequence_parallel, vlm=vlm)
+        run = lambda names: run_on_ranks(names, tp, timeout_s=150.0 * max(1.0, tp / 4), engine=engine,  # noqa: E731
+                                         sequence_parallel=sequence_parallel, vlm=vlm)
+        got = run(batch)
         # after a crash, the architectures after the culprit in its chunk are re-run on fresh ranks
         ok = [r for r in got if not r.detail.startswith("timed out or crashed")]
         retry = [r.name for r in got if r.detail.startswith("timed out or crashed")]
@@ -292,11 +293,18 @@ def sweep(tp: int, names: list[str] | None = None, *, chunk: int = 12, progress=
             pending = rest + pending
         else:
             ok += [r for r in got if r.name in retry]
+        # a rank that died or a rendezvous that timed out may be the machine's (memory, load): once more, alone
+        ok = [run([r.name])[0] if _harness_failure(r) else r for r in ok]
         for r in ok:
             results.append(r)
             if progress:
                 progress(r)
     return results
+
+
+def _harness_failure(r: Result) -> bool:
+    return r.status == "error" and (r.detail.startswith(("Traceback", "timed out or crashed"))
+                                    or r.detail == "a rank hung or crashed")
 
 
 # ---------------------------------------------------------------- reports
