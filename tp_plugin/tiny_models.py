@@ -31,6 +31,7 @@ _SIZES = {  # config attribute -> tiny value (names vary between architectures)
     "max_position_embeddings": 128, "n_positions": 128, "n_ctx": 128, "max_seq_len": 128,
     "vocab_size": VOCAB, "vocab_size_per_layer_input": VOCAB, "hidden_size_per_layer_input": 16, "laurel_rank": 8,
     "num_kv_shared_layers": 0,  # Gemma 3n
+    "encoder_hash_byte_group_vocab": 256, "hidden_size_global": 64,  # BLT (its hash embedding: 500k rows)
     # Mamba-2 mixers (and the hybrids'): 8 heads of 16 over hidden 64 x expand 2, state 16
     "mamba_n_heads": 8, "n_mamba_heads": 8, "mamba_num_heads": 8, "mamba_d_head": 16, "mamba_headdim": 16,
     "mamba_head_dim": 16, "mamba_d_state": 16, "ssm_state_size": 16, "state_size": 16, "mamba_d_ssm": 128,
@@ -53,7 +54,7 @@ def _sizes(tp: int) -> dict:
         return _SIZES
     hidden = 16 * heads
     return {**_SIZES, **dict.fromkeys(_HEADS, heads), **dict.fromkeys(_HIDDEN, hidden),
-            **dict.fromkeys(_MAMBA_HEADS, 2 * hidden // 16), "mamba_d_ssm": 2 * hidden,
+            **dict.fromkeys(_MAMBA_HEADS, 2 * hidden // 16), "mamba_d_ssm": 2 * hidden, "hidden_size_global": hidden,
             "axial_pos_embds_dim": [16, hidden - 16]}
 
 
