@@ -87,6 +87,8 @@ def head_split(path: str, module: nn.Module, num_heads: int, num_kv: int, head_d
         return HeadColwise("kv")
     if fused and out == (num_heads + 2 * num_kv) * head_dim and (num_kv != num_heads or packed):
         return Colwise("q", "kv", "kv")  # fused [q | k | v] (Phi-3 qkv_proj, GPT-BigCode c_attn, MPT Wqkv)
+    if out % head_dim == 0 and num_kv < out // head_dim < num_heads:
+        return None  # a KV count the config does not state (MiMo's sliding layers have twice its KV heads): whole
     if out % num_heads == 0:  # any per-head width: MLA projections, per-head interleaved q|k|v
         return HeadColwise("q")
     if out % num_kv == 0:
