@@ -50,14 +50,20 @@ class ShortConvChannels(Style):
         return PlanEntry(path, self, full, specs)
 
     def build(self, entry, module, rank, group, *, tied_weight=None, loss_parallel=False):
-        specs = entry.specs[rank]
-        module.in_proj = ColumnParallelLinear(module.in_proj.weight, module.in_proj.bias, specs["in_proj.weight"],
-                                              group, sync_input_grad=False)  # the region syncs its input
-        conv = module.conv
-        conv.weight = _shard_param(conv.weight, specs["conv.weight"])
-        if conv.bias is not None:
-            conv.bias = _shard_param(conv.bias, specs["conv.bias"])
-        conv.in_channels = conv.out_channels = conv.groups = conv.weight.shape[0]
-        module.out_proj = RowParallelLinear(module.out_proj.weight, module.out_proj.bias, specs["out_proj.weight"],
-                                            group)
+        split_projections_and_conv(module, entry.specs[rank], group, "conv")
         return module
+
+
+def split_projections_and_conv(module: nn.Module, specs: dict, group, conv_name: str) -> nn.Conv1d:
+    """A channel mixer's common part: in_proj column-parallel (the region syncs its input), the depthwise conv's
+    channels (`{conv_name}.weight` / `.bias` specs), out_proj row-parallel (its bias added once, after the sum)."""
+    module.in_proj = ColumnParallelLinear(module.in_proj.weight, module.in_proj.bias, specs["in_proj.weight"],
+                                          group, sync_input_grad=False)
+    conv = getattr(module, conv_name)
+    for leaf in ("weight", "bias"):
+        if f"{conv_name}.{leaf}" in specs:
+            setattr(conv, leaf, _shard_param(getattr(conv, leaf), specs[f"{conv_name}.{leaf}"]))
+    conv.in_channels = conv.out_channels = conv.groups = conv.weight.shape[0]
+    module.out_proj = RowParallelLinear(module.out_proj.weight, module.out_proj.bias, specs["out_proj.weight"],
+                                        group)
+    return conv

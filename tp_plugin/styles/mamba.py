@@ -31,10 +31,11 @@ from torch import nn
 
 from ..comm import all_reduce, all_reduce_both_ways
 from ..entry import PlanEntry
-from ..layers import ColumnParallelLinear, RowParallelLinear, _shard_param
+from ..layers import _shard_param
 from ..regions import RegionInputs
 from ..sharding import ShardSpec, TPSplitError, head_shards
 from .base import Style
+from .conv import split_projections_and_conv
 
 _HEAD_PARAMS = ("A_log", "D", "dt_bias")
 
@@ -108,19 +109,11 @@ class Mamba2Heads(Style):
         specs, layout, shard = entry.specs[rank], entry.resolved["layouts"][rank], entry.resolved["shards"][rank]
         h, p, g, n = entry.resolved["counts"]
         shared = entry.shared_rows  # fewer groups than ranks: B and C rows held by several ranks
-        module.in_proj = ColumnParallelLinear(module.in_proj.weight, module.in_proj.bias, specs["in_proj.weight"],
-                                              group, sync_input_grad=False)  # the region syncs its input
-        conv = module.conv1d
-        conv.weight = _shard_param(conv.weight, specs["conv1d.weight"])
-        if conv.bias is not None:
-            conv.bias = _shard_param(conv.bias, specs["conv1d.bias"])
-        conv.in_channels = conv.out_channels = conv.groups = conv.weight.shape[0]
+        conv = split_projections_and_conv(module, specs, group, "conv1d")
         for name in _HEAD_PARAMS:
             setattr(module, name, _shard_param(getattr(module, name), specs[name]))
         if isinstance(getattr(module, "mup_vector", None), torch.Tensor):  # Falcon-H1's per-feature multipliers
             module.mup_vector = torch.cat([module.mup_vector[..., a:b] for a, b in layout["in_proj"]], dim=-1)
-        module.out_proj = RowParallelLinear(module.out_proj.weight, module.out_proj.bias, specs["out_proj.weight"],
-                                            group)
         heads, groups = shard.num_q, shard.num_kv
         local_inner = heads * p
         if "norm.weight" in specs:
@@ -279,22 +272,22 @@ class MambaChannels(Style):
 
     def build(self, entry, module, rank, group, *, tied_weight=None, loss_parallel=False):
         specs = entry.specs[rank]
-        module.in_proj = ColumnParallelLinear(module.in_proj.weight, module.in_proj.bias, specs["in_proj.weight"],
-                                              group, sync_input_grad=False)  # the region syncs its input
-        for name, spec in specs.items():
-            owner, _, leaf = name.rpartition(".")
-            if owner in ("conv1d", "dt_proj", "x_proj", "") and name != "x_proj.bias":
-                holder = module.get_submodule(owner) if owner else module
-                setattr(holder, leaf, _shard_param(getattr(holder, leaf), spec))
+        split_projections_and_conv(module, specs, group, "conv1d")
+        _shard_own(module, specs, ("dt_proj", "x_proj", ""))
         module.x_proj.forward = types.MethodType(_x_proj_forward, module.x_proj)
         module.x_proj.tp_group = group
-        module.out_proj = RowParallelLinear(module.out_proj.weight, module.out_proj.bias, specs["out_proj.weight"],
-                                            group)
-        local = specs["D"].local_size
-        module.intermediate_size = local
-        module.conv1d.in_channels = module.conv1d.out_channels = module.conv1d.groups = local
+        module.intermediate_size = specs["D"].local_size
         module.forward = types.MethodType(_unfused_forward, module)
         return module
+
+
+def _shard_own(module: nn.Module, specs: dict, owners: tuple[str, ...]) -> None:
+    """Replace the parameters of `specs` held by `owners` ("" is the mixer itself) with this rank's shards."""
+    for name, spec in specs.items():
+        owner, _, leaf = name.rpartition(".")
+        if owner in owners and spec is not None:
+            holder = module.get_submodule(owner) if owner else module
+            setattr(holder, leaf, _shard_param(getattr(holder, leaf), spec))
 
 
 def _x_proj_forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -350,17 +343,8 @@ class ZambaHeads(Style):
 
     def build(self, entry, module, rank, group, *, tied_weight=None, loss_parallel=False):
         specs = entry.specs[rank]
-        module.in_proj = ColumnParallelLinear(module.in_proj.weight, module.in_proj.bias, specs["in_proj.weight"],
-                                              group, sync_input_grad=False)  # the region syncs its input
-        for name, spec in specs.items():
-            owner, _, leaf = name.rpartition(".")
-            if owner in ("conv1d", ""):
-                holder = module.get_submodule(owner) if owner else module
-                setattr(holder, leaf, _shard_param(getattr(holder, leaf), spec))
-        conv = module.conv1d
-        conv.in_channels = conv.out_channels = conv.groups = conv.weight.shape[0]
-        module.out_proj = RowParallelLinear(module.out_proj.weight, module.out_proj.bias, specs["out_proj.weight"],
-                                            group)
+        split_projections_and_conv(module, specs, group, "conv1d")
+        _shard_own(module, specs, ("",))
         module.n_mamba_heads = specs["D"].local_size
         module.intermediate_size = module.n_mamba_heads * module.mamba_head_dim
         module.forward = types.MethodType(_unfused_forward, module)
