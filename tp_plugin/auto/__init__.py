@@ -61,13 +61,14 @@ def _completed(model: nn.Module, translated: Policy) -> Policy:
     added = {path: style for path, style in structural.layers.items() if not touched(unit(path))}
     if not added:
         return translated
+    if translated.attention is not None:  # the plan splits its attention: others are another kind (linear attention)
+        added = {path: style for path, style in added.items() if unit(path) not in attentions}
     heads = any(unit(path) in attentions for path in added)
+    # partial gradients (per-head norms, activation scalars) of what is added: inside an added attention, or beside
+    # an added projection in its MLP
+    owners = {unit(path) if unit(path) in attentions else path.rpartition(".")[0] for path in added}
     partial = [p for p in structural.partial_grad
-               if any(path.startswith(unit_path + ".") for path, _ in modules(model, p, prefix)
-                      for unit_path in added if unit_path in attentions)]
-    if heads and translated.attention is not None:  # the plan splits its attention: others are another kind
-        added = {path: style for path, style in added.items() if unit(path) not in attentions}  # (linear attention)
-        heads, partial = False, []
+               if any(path.startswith(owner + ".") for path, _ in modules(model, p, prefix) for owner in owners)]
     return replace(translated, name=translated.name.replace("translated tp_plan", "translated tp_plan + structure"),
                    layers={**translated.layers, **added},
                    attention=translated.attention or (structural.attention if heads else None),
