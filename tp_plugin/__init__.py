@@ -9,12 +9,13 @@
 from .checkpoint import from_pretrained, save_pretrained, save_sharded
 from .grad_norm import clip_grad_norm_
 from .integrations.deepspeed import mpu
+from .integrations.fsdp import fully_shard
 from .parallelize import inspect, parallelize
 from .policy import AttentionSpec, Colwise, Policy, Rowwise, register_policy
 from .sharding import TPSplitError
 from .state import tp_state
 
-__all__ = ["parallelize", "inspect", "tp_state", "from_pretrained", "save_pretrained", "save_sharded",
+__all__ = ["parallelize", "inspect", "tp_state", "from_pretrained", "save_pretrained", "save_sharded", "fully_shard",
            "clip_grad_norm_", "mpu", "Policy", "AttentionSpec", "Colwise", "Rowwise", "register_policy",
            "TPSplitError", "TPTrainer", "TPTrainerMixin"]
 __version__ = "0.1.0"

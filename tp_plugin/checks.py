@@ -94,6 +94,9 @@ def install_first_forward_check(model: nn.Module, group) -> None:
             return None
         model._tp_plugin_first_forward.remove()
         model._tp_plugin_first_forward = "done"
+        from .integrations.fsdp import check_tagged  # (imported on use: fsdp's module imports the state)
+
+        check_tagged(module, "the first training forward")  # FSDP2 applied without tp_plugin: no collective yet
         check_first_training_forward(args, kwargs, group)
         return None
 

@@ -19,9 +19,8 @@ It is put on the model with hooks, without touching the model's forward code:
   all-reduce: one all-gather's worth of bytes more per step, not per layer;
 * a region's gathered input is not kept for backward: saved-tensor hooks keep this rank's chunk and gather it
   again when backward needs it (Megatron does the same; keeping it would throw most of the saving away);
-* replicated parameters that see only this rank's tokens (the norms between regions, row-parallel biases) get
-  their gradients summed over the TP group before anything reads them. Which ones run between regions is seen
-  in the first sequence-parallel forward, so every architecture's own layer code decides, not a name list.
+* replicated parameters that see only this rank's tokens (norms between regions, row-parallel biases) get their
+  gradients summed over the TP group; which ones run between regions is seen in the first forward.
 
 Sequence parallelism is a training-time layout: in eval mode, and inside `generate()`, the same model runs the
 plain TP path (all-reduces), which computes the same numbers and needs no padding of one-token decode steps.
@@ -38,6 +37,7 @@ import torch.distributed as dist
 from torch import nn
 
 from .comm import all_gather_along, all_reduce, gather_along, reduce_scatter_along, split_along
+from .grad_hooks import add_grad_hook
 from .overlap import shared_face
 from .rng import RankStreams
 from .sharding import TPSplitError
@@ -92,7 +92,7 @@ class SequenceParallel:
         PEFT's `bias="all"`, or a user unfreezing the norms after the split)."""
         for param in self.partial.values():
             if param.requires_grad and id(param) not in self._hooked:
-                param.register_hook(self.sum_partial_grad)
+                add_grad_hook(param, self.sum_partial_grad)
                 self._hooked.add(id(param))
 
 

@@ -21,6 +21,7 @@ from .auto import auto_policy  # the model's own base_model_tp_plan, translated,
 from .checks import install_first_forward_check
 from .comm import all_equal, broadcast_from_rank0, fingerprint, sum_grad_over_tp
 from .config import configured_tp_size
+from .grad_hooks import add_grad_hook
 from .apply import install_layers
 from .layers import PARALLEL_LAYERS, ColumnParallelLinear, RowParallelLinear, tag_param
 from .mesh import (build_mesh, check_layout, mesh_device_type, mesh_from, tp_size_of, warn_on_topology,
@@ -164,7 +165,7 @@ def apply_plan(model: nn.Module, plan: Plan, rank: int, group, *, loss_parallel:
             tag_param(param, None)
     for path in plan.partial_grad:
         for param in model.get_submodule(path).parameters():
-            param.register_hook(sum_grad_over_tp(group))
+            add_grad_hook(param, sum_grad_over_tp(group))
             param.tp_partial_grad = True
     if sp is not None:
         _install_sequence_parallel(model, sp, layers_path)

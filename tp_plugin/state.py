@@ -20,6 +20,7 @@ class TPState:
     loss_parallel: bool
     sequence: SequenceParallel | None = None  # set when split with sequence_parallel=True (over > 1 rank)
     overlap_comm: bool = True  # input-gradient reductions overlapped with weight gradients (`overlap.py`)
+    fsdp: bool = False  # sharded over data-parallel ranks by FSDP2 through tp_plugin (`integrations.fsdp`)
 
 
 def tp_state(model: nn.Module) -> TPState | None:

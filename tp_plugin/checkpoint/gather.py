@@ -3,7 +3,8 @@ and the gather of one full tensor onto TP rank 0.
 
 Wrappers: a DeepSpeed engine (or DDP) holds the model as `.module`. Under ZeRO-3 a parameter is partitioned
 over the data-parallel group (it has a `ds_id`) and is first gathered with `deepspeed.zero.GatheredParameters`
-(a collective of that group, so every rank takes part); under ZeRO-1/2 the module's parameters are whole.
+(a collective of that group, so every rank takes part); under FSDP2 it is a DTensor sharded over that group and
+is gathered the same way (`full_tensor`); under ZeRO-1/2 the module's parameters are whole.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from ..mesh import TPMesh
 from ..sharding import ShardSpec, unshard_tensor
@@ -82,13 +84,20 @@ def tensor_entries(model: nn.Module) -> list[Entry]:
     return entries
 
 
+@contextlib.contextmanager
 def gathered(tensor: torch.Tensor):
-    """ZeRO-3: make the partitioned parameter whole on every rank of its DP group for the block."""
+    """This rank's whole TP shard for the block, on every rank of its data-parallel group (a collective of that
+    group, so every rank takes part): under ZeRO-3 the partitioned parameter (`deepspeed.zero.GatheredParameters`),
+    under FSDP2 the DTensor's rows from its data-parallel peers; otherwise the tensor itself."""
     if hasattr(tensor, "ds_id"):
         import deepspeed
 
-        return deepspeed.zero.GatheredParameters([tensor])
-    return contextlib.nullcontext()
+        with deepspeed.zero.GatheredParameters([tensor]):
+            yield tensor.detach()
+    elif isinstance(tensor, DTensor):
+        yield tensor.detach().full_tensor()
+    else:
+        yield tensor.detach()
 
 
 def specs_of(entry: Entry, mesh: TPMesh) -> list[ShardSpec]:
@@ -99,13 +108,13 @@ def specs_of(entry: Entry, mesh: TPMesh) -> list[ShardSpec]:
     return entry.specs
 
 
-def gather_full(entry: Entry, mesh: TPMesh | None) -> torch.Tensor | None:
-    """The full tensor on TP rank 0 (None on the others). Call inside `gathered(entry.tensor)`.
+def gather_full(entry: Entry, local: torch.Tensor, mesh: TPMesh | None) -> torch.Tensor | None:
+    """The full tensor on TP rank 0 (None on the others), from this rank's shard `local` (what
+    `gathered(entry.tensor)` gives).
 
     Shards of uneven size are padded to the largest before `dist.gather` and cut back with the specs, which
     every rank knows from the plan. Peak on TP rank 0: the gathered shards plus the full tensor.
     """
-    local = entry.tensor.detach()
     if entry.specs is None or mesh is None or mesh.tp_size == 1:
         return local if mesh is None or mesh.tp_rank == 0 else None
     specs = specs_of(entry, mesh)

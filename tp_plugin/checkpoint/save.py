@@ -20,6 +20,7 @@ import torch.distributed as dist
 from huggingface_hub import split_torch_state_dict_into_shards
 
 from ..checks import arrive_together
+from ..integrations.fsdp import check_tagged
 from ..mesh import world_size
 from .gather import Entry, gather_full, gathered, mesh_of, tensor_entries, unwrap
 from .io import CheckpointError, StreamingWriter, commit_dir, make_temp_dir, write_json
@@ -105,6 +106,7 @@ def save_pretrained(model_or_engine, save_directory: str | os.PathLike, *, max_s
                                        "their shards): model.save_pretrained(dir) or tp_plugin.save_pretrained(model, "
                                        "dir) outside any `if rank == 0:`")
     model = unwrap(model_or_engine)
+    check_tagged(model, "save_pretrained")
     mesh = mesh_of(model)
     target = check_target(save_directory)
     entries = tensor_entries(model)
@@ -114,8 +116,8 @@ def save_pretrained(model_or_engine, save_directory: str | os.PathLike, *, max_s
 
     def fetch(name: str):
         entry = by_name[name]
-        with gathered(entry.tensor):
-            full = gather_full(entry, mesh) if in_replica0 else None
+        with gathered(entry.tensor) as local:
+            full = gather_full(entry, local, mesh) if in_replica0 else None
             return full.clone() if full is not None and hasattr(entry.tensor, "ds_id") else full
 
     tmp = make_temp_dir(target) if is_writer else None

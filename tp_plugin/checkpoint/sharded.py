@@ -45,9 +45,8 @@ def save_sharded(model_or_engine, save_directory: str | os.PathLike) -> None:
     try:
         local = {}
         for entry in entries:
-            with gathered(entry.tensor):
+            with gathered(entry.tensor) as tensor:
                 if in_replica0:
-                    tensor = entry.tensor.detach()
                     local[entry.name] = tensor.clone() if hasattr(entry.tensor, "ds_id") else tensor.contiguous()
                     if entry.specs == [] and mesh is not None:
                         specs_of(entry, mesh)

@@ -31,6 +31,7 @@ from torch import nn
 
 from ..comm import all_reduce, all_reduce_both_ways
 from ..entry import PlanEntry
+from ..grad_hooks import add_grad_hook
 from ..layers import _shard_param
 from ..regions import RegionInputs
 from ..sharding import ShardSpec, TPSplitError, head_shards
@@ -158,7 +159,7 @@ def _sum_group_rows(param: nn.Parameter, ranges, holders: int, bc_start: int, nu
     for offset, size in local:
         replicas[offset:offset + size] = holders
     param.tp_replicas = replicas  # grad norms count each shared row once
-    param.register_hook(_SumRows(local, places, num_bc, group))
+    add_grad_hook(param, _SumRows(local, places, num_bc, group))
 
 
 class _SumRows:
