@@ -44,7 +44,23 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--no-shuffle", action="store_true", help="corpus order (for comparisons between runs)")
     p.add_argument("--no-generate", action="store_true", help="skip the before/after completions")
     p.add_argument("--losses-json", type=pathlib.Path, help="write the per-step losses here (rank 0)")
+    p.add_argument("--save-state", type=pathlib.Path, help="accelerator.save_state here after --stop-after steps")
+    p.add_argument("--stop-after", type=int, help="stop after this many steps (an interrupted run)")
+    p.add_argument("--resume", type=pathlib.Path, help="accelerator.load_state from here and go on from its step")
     return p.parse_args(argv)
+
+
+class Progress:
+    """The step count, saved and restored with the rest of the state by Accelerate (`register_for_checkpointing`)."""
+
+    def __init__(self):
+        self.step = 0
+
+    def state_dict(self) -> dict:
+        return {"step": self.step}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step = state["step"]
 
 
 def token_chunks(tokenizer, seq_len: int) -> torch.Tensor:
@@ -94,11 +110,19 @@ def main(argv=None) -> None:
         f"{len(chunks)} chunks of {args.seq_len} tokens; global batch {global_batch} = micro {args.batch_size} x "
         f"accum {args.grad_accum} x dp {dp}; {steps_per_epoch} steps per epoch; {args.max_steps} steps")
 
+    progress = Progress()
+    accelerator.register_for_checkpointing(progress)
+    if args.resume:
+        accelerator.load_state(args.resume)  # model, optimizer, RNG and `progress`, as saved
+        log(f"resumed from {args.resume} at step {progress.step}")
+    done = progress.step
     losses, samples, window = [], 0, []
     start = time.perf_counter()
-    bar = tqdm(total=args.max_steps, disable=not accelerator.is_main_process, desc="fine-tune")
-    for epoch in range(math.ceil(args.max_steps / max(steps_per_epoch, 1))):
-        for batch in loader:
+    bar = tqdm(total=args.max_steps - done, disable=not accelerator.is_main_process, desc="fine-tune")
+    first_epoch = done // max(steps_per_epoch, 1)
+    for epoch in range(first_epoch, math.ceil(args.max_steps / max(steps_per_epoch, 1))):
+        skip = (done - epoch * steps_per_epoch) * args.grad_accum if epoch == first_epoch else 0
+        for batch in accelerator.skip_first_batches(loader, skip) if skip else loader:
             with accelerator.accumulate(model):
                 loss = model(input_ids=batch, labels=batch).loss  # HF shifts the labels itself
                 accelerator.backward(loss)
@@ -118,9 +142,13 @@ def main(argv=None) -> None:
             bar.set_postfix(loss=f"{step_loss:.3f}")
             if len(losses) % args.log_every == 0 and accelerator.is_main_process:
                 tqdm.write(f"step {len(losses)}: loss {step_loss:.4f}, {samples} samples")
-            if len(losses) == args.max_steps:
+            progress.step += 1
+            if args.stop_after and progress.step == args.stop_after and args.save_state:
+                accelerator.save_state(args.save_state)
+                log(f"saved the state after step {progress.step} to {args.save_state}")
+            if progress.step in (args.max_steps, args.stop_after):
                 break
-        if len(losses) == args.max_steps:
+        if progress.step in (args.max_steps, args.stop_after):
             break
     bar.close()
     seconds = time.perf_counter() - start

@@ -1,9 +1,9 @@
 """Every CPU config in configs/accelerate/ runs examples/finetune.py through the real `accelerate launch`.
 
-Short runs (2 steps) of a tiny random Llama that uses the demo tokenizer. The three TP=2 x DP=2 configs
-(DDP, ZeRO-2, ZeRO-3) see the same global batches (corpus order, micro batch 2 on each of 2 replicas), so
+Short runs (2 steps) of a tiny random Llama that uses the demo tokenizer. The four TP=2 x DP=2 configs
+(DDP, ZeRO-2, ZeRO-3, FSDP2) see the same global batches (corpus order, micro batch 2 on each of 2 replicas), so
 their losses must agree: they differ only in how the data-parallel gradients are averaged (DDP all-reduce vs.
-ZeRO reduce-scatter), i.e. in the order of fp32 sums: 1e-5 on losses of order 10. The TP=2 config (one
+ZeRO / FSDP2 reduce-scatter), i.e. in the order of fp32 sums: 1e-5 on losses of order 10. The TP=2 config (one
 replica) sees half the global batch, so it only has to run. Every run's final save must load in plain
 transformers.
 
@@ -24,7 +24,7 @@ import pytest
 import torch
 
 REPO = Path(__file__).resolve().parent.parent
-CONFIGS = ["cpu_tp2", "cpu_tp2_dp2", "cpu_tp2_dp2_zero2", "cpu_tp2_dp2_zero3"]
+CONFIGS = ["cpu_tp2", "cpu_tp2_dp2", "cpu_tp2_dp2_zero2", "cpu_tp2_dp2_zero3", "cpu_tp2_fsdp2"]
 _RESULTS: dict[str, dict] = {}
 
 
@@ -47,14 +47,14 @@ def tiny_model(tmp_path_factory) -> Path:
     return out
 
 
-def _launch(config: str, model: Path, out: Path) -> dict:
+def _launch(config: str, model: Path, out: Path, *extra: str, steps: int = 2, script: str = "finetune.py") -> dict:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1",
            "TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions"))}
     env.pop("ACCELERATE_USE_CPU", None)  # the point: the yaml alone must be enough
     cmd = [str(Path(sys.executable).parent / "accelerate"), "launch", "--config_file",
-           f"configs/accelerate/{config}.yaml", "examples/finetune.py", "--model", str(model), "--max-steps", "2",
+           f"configs/accelerate/{config}.yaml", f"examples/{script}", "--model", str(model), "--max-steps", str(steps),
            "--batch-size", "2", "--seq-len", "32", "--no-shuffle", "--no-generate", "--log-every", "1",
-           "--output-dir", str(out / "final"), "--losses-json", str(out / "losses.json")]
+           "--output-dir", str(out / "final"), "--losses-json", str(out / "losses.json"), *extra]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=280)
     assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}"
     return json.loads((out / "losses.json").read_text())
@@ -88,3 +88,52 @@ def test_lora_demo_runs_through_accelerate_launch(tiny_model, tmp_path):
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=280)
     assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}"
     assert (tmp_path / "adapter" / "adapter_model.safetensors").exists()
+
+
+def test_fsdp2_interrupted_and_resumed_run_gives_the_uninterrupted_losses(tiny_model, tmp_path):
+    """TP=2 x FSDP2 DP=2: 4 steps in one go, against 2 steps + `accelerator.save_state` + a new launch that
+    `load_state`s and runs steps 3 and 4. Each TP rank's model and optimizer shards are their own DCP checkpoint
+    over the DP group (`tp_plugin.integrations.accelerate_fsdp`); the resumed losses and final weights are the
+    uninterrupted ones (the same arithmetic on the same state: 1e-6). Before, DCP kept one TP rank's shards under
+    names both ranks share."""
+    from safetensors.torch import load_file
+
+    whole = _launch("cpu_tp2_fsdp2", tiny_model, tmp_path / "whole", steps=4)
+    state = tmp_path / "state"
+    first = _launch("cpu_tp2_fsdp2", tiny_model, tmp_path / "first", "--stop-after", "2", "--save-state", str(state),
+                    steps=4)
+    assert sorted(p.name for p in (state / "pytorch_model_fsdp_0").iterdir()) == ["tp-rank-0-of-2", "tp-rank-1-of-2"]
+    second = _launch("cpu_tp2_fsdp2", tiny_model, tmp_path / "second", "--resume", str(state), steps=4)
+    resumed = first["losses"] + second["losses"]
+    assert len(resumed) == 4 and max(abs(a - b) for a, b in zip(resumed, whole["losses"])) <= 1e-6, \
+        (resumed, whole["losses"])
+    a, b = load_file(tmp_path / "whole" / "final" / "model.safetensors"), \
+        load_file(tmp_path / "second" / "final" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6, rtol=0) for k in a)
+
+
+def test_lora_on_fsdp2_runs_through_accelerate_launch(tiny_model, tmp_path):
+    """LoRA (TP-aware adapters) on the split model under the FSDP2 config; the adapter reloads in plain PEFT."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    env.pop("ACCELERATE_USE_CPU", None)
+    cmd = [str(Path(sys.executable).parent / "accelerate"), "launch", "--config_file",
+           "configs/accelerate/cpu_tp2_fsdp2.yaml", "examples/lora_finetune.py", "--model", str(tiny_model),
+           "--max-steps", "2", "--no-generate", "--check", "--output-dir", str(tmp_path / "adapter")]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=280)
+    assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}"
+    assert (tmp_path / "adapter" / "adapter_model.safetensors").exists()
+
+
+def test_ddp_save_state_of_a_split_model_is_refused(tiny_model, tmp_path):
+    """Under DDP, Accelerate's `save_state` writes rank 0's model and optimizer only: with TP shards that would be
+    a silently wrong resume, so every rank raises, naming the configs whose states keep every TP rank's shards."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    env.pop("ACCELERATE_USE_CPU", None)
+    cmd = [str(Path(sys.executable).parent / "accelerate"), "launch", "--config_file",
+           "configs/accelerate/cpu_tp2_dp2.yaml", "examples/finetune.py", "--model", str(tiny_model), "--max-steps",
+           "2", "--batch-size", "2", "--seq-len", "32", "--no-generate", "--output-dir", str(tmp_path / "final"),
+           "--stop-after", "1", "--save-state", str(tmp_path / "state")]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=280)
+    assert proc.returncode != 0
+    assert proc.stderr.count("Accelerator.save_state under DistributedType.MULTI_CPU") == 4, proc.stderr[-3000:]
+    assert not (tmp_path / "state" / "model.safetensors").exists()

@@ -92,6 +92,43 @@ def test_tp2_fsdp2_dp2_matches_unsplit_and_saves(arch, sequence_parallel, tmp_pa
     torch.testing.assert_close(logits, results[0]["logits"], rtol=1e-5, atol=1e-5)
 
 
+def _bf16_losses(rank, world):
+    import tp_plugin
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    torch.set_num_threads(1)
+    model = tp_plugin.parallelize(build("llama", 2), tp_size=2)
+    tp_plugin.fully_shard(model, mp_policy=MixedPrecisionPolicy(param_dtype=torch.bfloat16,
+                                                                 reduce_dtype=torch.float32))
+    model.train()
+    mesh = tp_plugin.tp_state(model).mesh
+    opt = torch.optim.AdamW(model.parameters(), lr=LR)
+    losses = []
+    for ids in _global_batches():
+        local = ids[2 * mesh.dp_rank: 2 * mesh.dp_rank + 2]
+        loss = model(input_ids=local, labels=local).loss
+        loss.backward()
+        tp_plugin.clip_grad_norm_(model, CLIP)
+        opt.step()
+        opt.zero_grad()
+        replica_mean = loss.detach().float().clone()
+        dist.all_reduce(replica_mean, group=mesh.dp_group)
+        losses.append(replica_mean.item() / mesh.dp_size)
+    dtypes = {p.dtype for p in model.parameters()}  # the sharded (master) parameters stay fp32
+    return {"losses": losses, "dtypes": sorted(str(d) for d in dtypes), "ref": _reference("llama", 2)["losses"]}
+
+
+def test_fsdp2_mixed_precision_bf16_compute_fp32_master_weights():
+    """FSDP2's MixedPrecisionPolicy: bf16 all-gathered weights and compute (TP collectives in bf16), fp32
+    gradient reduction and master weights. The losses are the unsplit fp32 ones to bf16 precision (8 bits of
+    mantissa, 4e-3 per rounding; over two layers and 5 steps, 2e-2 relative)."""
+    results = run_ranks(4, _bf16_losses, timeout_s=240)
+    for r in results:
+        assert r["dtypes"] == ["torch.float32"], r["dtypes"]
+        for got, want in zip(r["losses"], r["ref"]):
+            assert abs(got - want) <= 2e-2 * abs(want), (r["losses"], r["ref"])
+
+
 def _refused(rank, world, how):
     import tp_plugin
     from torch.distributed.device_mesh import init_device_mesh

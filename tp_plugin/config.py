@@ -78,9 +78,9 @@ ACCELERATE_LAUNCH_MARKER = "ACCELERATE_MIXED_PRECISION"  # exported by every `ac
 
 def yaml_tp_size() -> int | None:
     """`parallelism_config_tp_size` of the `accelerate launch` yaml (exported as PARALLELISM_CONFIG_TP_SIZE for
-    MULTI_GPU and DEEPSPEED configs), if it names a TP degree; FSDP launches are Accelerate's own TP."""
-    if ACCELERATE_LAUNCH_MARKER not in os.environ or \
-            os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true", "yes"):
+    MULTI_GPU, DEEPSPEED and FSDP configs), if it names a TP degree. Read only by a script that splits with
+    tp_plugin (one that loads with `tp_plan="auto"` gets Accelerate's own TP: tp_plugin is not involved)."""
+    if ACCELERATE_LAUNCH_MARKER not in os.environ:
         return None
     size = int(os.environ.get("PARALLELISM_CONFIG_TP_SIZE", "1") or 1)
     return size if size > 1 else None

@@ -27,6 +27,9 @@
    * Data loaders are sharded over the DP group only: Accelerate is handed a device mesh with a "tp"
      dimension (its own mechanism: `torch_device_mesh`), so all TP ranks of a replica get the same batch.
    * `clip_grad_norm_` uses the unsplit model's norm (`tp_plugin.grad_norm`).
+   * FSDP2 (`distributed_type: FSDP`, `fsdp_version: 2`) shards over the DP dim, and `save_state`/`load_state`
+     keep every TP rank's shards (`accelerate_fsdp`); under DDP they are refused (rank 0's shards only); FSDP1
+     is refused (it would flatten the TP shards together).
    (The first training forward checks, once, that the TP ranks got the same batch: `tp_plugin.checks`, in
    every path, not only Accelerate's.)
 """
@@ -97,6 +100,13 @@ def prepare_cpu_launch() -> None:
         # ACCELERATE_USE_CPU would turn DeepSpeed off (Accelerate picks MULTI_CPU), and Accelerate passes no
         # backend to DeepSpeed without a GPU, so it would count one process.
         PartialState(backend="gloo")
+    elif _flag("ACCELERATE_USE_FSDP"):
+        # Accelerate picks FSDP only over a GPU-type state (on MULTI_CPU it would silently run DDP): the gloo
+        # MULTI_CPU state is relabelled MULTI_GPU; its device stays the CPU.
+        from accelerate.utils import DistributedType
+
+        os.environ["ACCELERATE_USE_CPU"] = "true"
+        PartialState(cpu=True).distributed_type = DistributedType.MULTI_GPU
     else:
         os.environ["ACCELERATE_USE_CPU"] = "true"  # Accelerator(): cpu=True
         PartialState(cpu=True)  # MULTI_CPU: gloo over the launched processes
@@ -169,10 +179,16 @@ def _wrap_prepare(original):
 def _wrap_prepare_model(original):
     @functools.wraps(original)
     def prepare_model(self, model, device_placement=None, evaluation_mode=False):
+        from accelerate.utils import DistributedType
+
         mesh = mesh_of(model)
         if mesh is None:
             return original(self, model, device_placement, evaluation_mode)
         _register(self, model)
+        if self.distributed_type == DistributedType.FSDP and self.state.fsdp_plugin.fsdp_version != 2:
+            raise ValueError("tp_plugin: FSDP1 flattens every parameter of a wrapped module into one over all "
+                             "ranks, tensor-parallel shards included; use `fsdp_version: 2` in the Accelerate "
+                             "config (FSDP2 shards over the data-parallel dim of the split model's mesh)")
         handler = self.ddp_handler
         self.ddp_handler = _WithProcessGroup(handler, mesh.dp_group)
         try:
@@ -219,18 +235,41 @@ def _wrap_clip_grad_norm(original):
     return clip_grad_norm_
 
 
+def _wrap_state_io(original):
+    """`save_state` / `load_state`: refused under DDP for a split model (Accelerate writes rank 0's model and
+    optimizer only: the other TP ranks' shards would be lost, and a resume would load rank 0's into them)."""
+    @functools.wraps(original)
+    def state_io(self, *args, **kwargs):
+        from accelerate.utils import DistributedType
+
+        mesh = getattr(self, "_tp_plugin_mesh", None)
+        if mesh is not None and self.distributed_type not in (DistributedType.DEEPSPEED, DistributedType.FSDP):
+            raise ValueError(f"tp_plugin: Accelerator.{original.__name__} under {self.distributed_type} keeps rank "
+                             f"0's model and optimizer only, and the split model's {mesh.tp_size} TP ranks hold "
+                             f"different shards: resuming would be silently wrong. Use an FSDP2 or DeepSpeed config "
+                             f"(their states keep every TP rank's shards; configs/accelerate/cpu_tp2_fsdp2.yaml), "
+                             f"or save the weights with tp_plugin.save_pretrained(model, dir).")
+        return original(self, *args, **kwargs)
+    return state_io
+
+
 _MISSING = object()
 
 
-_WRAPPED = ("prepare", "prepare_model", "prepare_data_loader", "clip_grad_norm_")
+_WRAPPED = ("prepare", "prepare_model", "prepare_data_loader", "clip_grad_norm_", "save_state", "load_state")
 _WRAPPERS = {"prepare": _wrap_prepare, "prepare_model": _wrap_prepare_model,
-             "prepare_data_loader": _wrap_prepare_data_loader, "clip_grad_norm_": _wrap_clip_grad_norm}
+             "prepare_data_loader": _wrap_prepare_data_loader, "clip_grad_norm_": _wrap_clip_grad_norm,
+             "save_state": _wrap_state_io, "load_state": _wrap_state_io}
 
 
 def install() -> None:
-    """Wrap the Accelerator methods (idempotent). Each wrapper defers to Accelerate unless a split model is in play."""
+    """Wrap the Accelerator methods and Accelerate's FSDP2 functions (`accelerate_fsdp`), idempotent. Each wrapper
+    defers to Accelerate unless a split model is in play."""
     from accelerate import Accelerator
 
+    from . import accelerate_fsdp
+
+    accelerate_fsdp.install()
     if "_tp_plugin_originals" in vars(Accelerator):
         return
     Accelerator._tp_plugin_originals = {name: vars(Accelerator)[name] for name in _WRAPPED}
@@ -242,6 +281,9 @@ def uninstall() -> None:
     """Give `Accelerator` its own methods back."""
     import sys
 
+    from . import accelerate_fsdp
+
+    accelerate_fsdp.uninstall()
     accelerate = sys.modules.get("accelerate")
     Accelerator = getattr(accelerate, "Accelerator", None)
     originals = vars(Accelerator).get("_tp_plugin_originals") if Accelerator is not None else None

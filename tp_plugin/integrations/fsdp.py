@@ -26,7 +26,6 @@ import contextlib
 import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.tensor import DTensor
 
 from ..grad_hooks import carry_grad_hooks, recorded_hooks
 from ..mesh import TPMesh

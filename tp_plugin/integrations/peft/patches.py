@@ -151,11 +151,15 @@ def gather_adapter_state(model: nn.Module, local: dict, selected: dict) -> dict:
 
 
 def _local_state_dict(model: nn.Module) -> dict:
-    """model.state_dict(), with the trainable (adapter) tensors that ZeRO-3 partitions over the data-parallel
-    group gathered back to this TP rank's shard first (copies: they are re-partitioned on exit)."""
+    """model.state_dict(), with the trainable (adapter) tensors that ZeRO-3 or FSDP2 shard over the data-parallel
+    group gathered back to this TP rank's shard first (copies; a collective of that group, in state-dict order)."""
+    from torch.distributed.tensor import DTensor
+
+    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
     partitioned = [p for p in model.parameters() if p.requires_grad and hasattr(p, "ds_id")]
     if not partitioned:
-        return model.state_dict()
+        return {k: v.full_tensor() if isinstance(v, DTensor) and k in trainable else v
+                for k, v in model.state_dict().items()}
     import deepspeed
 
     with deepspeed.zero.GatheredParameters(partitioned):
