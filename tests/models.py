@@ -21,16 +21,19 @@ GPT2_HEADS = {2: 9, 4: 6}  # multi-head attention: 9 heads -> 5+4 at tp=2; 6 hea
 ARCHS = ["llama", "mistral", "qwen2", "qwen3", "gemma", "gpt2"]
 
 
-def build(arch: str, tp: int, *, head: str = "causal_lm", tied: bool = True, seed: int = 0) -> nn.Module:
+def build(arch: str, tp: int, *, head: str = "causal_lm", tied: bool = True, seed: int = 0,
+          layers: int = 2) -> nn.Module:
     """A seeded tiny model of `arch` whose head counts exercise the split rules at `tp`."""
     torch.manual_seed(seed)
     if arch == "gpt2":
-        config = transformers.GPT2Config(vocab_size=101, n_embd=72, n_head=GPT2_HEADS[tp], n_layer=2, n_positions=64,
+        config = transformers.GPT2Config(vocab_size=101, n_embd=72, n_head=GPT2_HEADS[tp], n_layer=layers,
+                                         n_positions=64,
                                          n_inner=98, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
                                          bos_token_id=1, eos_token_id=2, pad_token_id=0, tie_word_embeddings=tied)
     else:
         extra = {"attention_bias": True} if arch == "qwen2" else {}
-        config = transformers.AutoConfig.for_model(arch, **COMMON, **HEADS[tp], tie_word_embeddings=tied, **extra)
+        config = transformers.AutoConfig.for_model(arch, **{**COMMON, "num_hidden_layers": layers}, **HEADS[tp],
+                                                   tie_word_embeddings=tied, **extra)
     config.num_labels = 3
     auto = {"causal_lm": transformers.AutoModelForCausalLM,
             "seq_cls": transformers.AutoModelForSequenceClassification}[head]

@@ -204,11 +204,15 @@ def test_every_accelerate_config_says_what_its_name_says():
         config = load_config_from_file(str(path))
         name = path.stem
         tp = int(re.search(r"tp(\d+)", name).group(1))
-        dp = int(m.group(1)) if (m := re.search(r"dp(\d+)", name)) else 1
+        fsdp = "fsdp2" in name  # FSDP2 over the data-parallel ranks: DP 2 ("cpu_tp2_fsdp2", the name)
+        dp = int(m.group(1)) if (m := re.search(r"_dp(\d+)", name)) else 2 if fsdp else 1
         zero = int(m.group(1)) if (m := re.search(r"zero(\d)", name)) else None
         assert config.num_processes == tp * dp, (name, config.num_processes)
         assert tp <= config.num_processes // config.num_machines, f"{name}: a TP group would span nodes"
-        if zero is None:
+        if fsdp:
+            assert config.distributed_type.value == "FSDP" and config.fsdp_config["fsdp_version"] == 2, name
+            assert config.parallelism_config == {"parallelism_config_tp_size": tp}, name
+        elif zero is None:
             assert config.distributed_type.value == "MULTI_GPU", name
             assert config.parallelism_config == {"parallelism_config_tp_size": tp}, name
         else:

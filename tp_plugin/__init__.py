@@ -4,6 +4,8 @@
     model = tp_plugin.parallelize(model, tp_size=2)      # policy picked from model.config.model_type
     print(tp_plugin.inspect(model))
     tp_plugin.save_pretrained(model_or_engine, out_dir)  # an ordinary HF checkpoint
+    tp_plugin.fully_shard(model)                         # FSDP2 over the data-parallel dim
+    pipe = tp_plugin.pipeline(model, mesh=mesh)          # pipeline stages x TP x DP, on ("pp", "dp", "tp")
 """
 
 from .checkpoint import from_pretrained, save_pretrained, save_sharded
@@ -11,12 +13,13 @@ from .grad_norm import clip_grad_norm_
 from .integrations.deepspeed import mpu
 from .integrations.fsdp import fully_shard
 from .parallelize import inspect, parallelize
+from .pipeline import Pipeline, pipeline
 from .policy import AttentionSpec, Colwise, Policy, Rowwise, register_policy
 from .sharding import TPSplitError
 from .state import tp_state
 
 __all__ = ["parallelize", "inspect", "tp_state", "from_pretrained", "save_pretrained", "save_sharded", "fully_shard",
-           "clip_grad_norm_", "mpu", "Policy", "AttentionSpec", "Colwise", "Rowwise", "register_policy",
+           "clip_grad_norm_", "mpu", "pipeline", "Pipeline", "Policy", "AttentionSpec", "Colwise", "Rowwise", "register_policy",
            "TPSplitError", "TPTrainer", "TPTrainerMixin"]
 __version__ = "0.1.0"
 

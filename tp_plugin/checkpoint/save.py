@@ -100,11 +100,18 @@ def write_hf_files(tmp: Path, tensors: list[tuple[str, torch.dtype, tuple[int, .
 def save_pretrained(model_or_engine, save_directory: str | os.PathLike, *, max_shard_size: int | str = "5GB") -> None:
     """Save a (split) model as an ordinary HF checkpoint that plain `transformers` loads.
 
-    Call on every rank. Accepts a split or unsplit model, or a DeepSpeed engine (ZeRO-1/2/3) holding one.
+    Call on every rank. Accepts a split or unsplit model, a DeepSpeed engine (ZeRO-1/2/3) holding one, a model
+    sharded by FSDP2 (`tp_plugin.fully_shard`), or a `tp_plugin.pipeline` (every stage's tensors).
     """
     arrive_together("save_pretrained", "call it on every rank, not only on rank 0 (rank 0 writes; the others send "
                                        "their shards): model.save_pretrained(dir) or tp_plugin.save_pretrained(model, "
                                        "dir) outside any `if rank == 0:`")
+    from ..pipeline import Pipeline
+
+    if isinstance(model_or_engine, Pipeline):
+        from .pipeline_save import save_pipeline
+
+        return save_pipeline(model_or_engine, save_directory, max_shard_size=max_shard_size)
     model = unwrap(model_or_engine)
     check_tagged(model, "save_pretrained")
     mesh = mesh_of(model)

@@ -1,0 +1,139 @@
+"""Pipeline stages x TP (x DP) on `torch.distributed.pipelining`, against the unsplit model.
+
+PP=2 x TP=2 (4 ranks) and PP=2 x TP=2 x DP=2 (8 ranks), Llama and GPT-2, both with tied embeddings (the first
+stage's input embedding and the last stage's head are one weight in the unsplit model: their gradients are
+summed between the stages). 5 AdamW steps with clipping at 0.5 by `pipe.clip_grad_norm_` on the same global
+batch as the unsplit model (8 sequences per replica, 4 micro-batches). Losses and pre-clipping gradient norms
+match to 1e-5 relative: only the order of fp32 sums differs (micro-batch accumulation, TP partial sums, the
+DP average). Each rank holds its stage's layers only: parameters per rank are counted against 1/4 of the model
+plus the tied embedding's second copy, on models whose layers dominate (the tiny parity models are mostly
+embeddings, norms and biases that TP replicates).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from tests.dist import run_ranks
+from tests.models import batch, build
+
+STEPS, LR, CLIP, MICRO = 5, 1e-3, 0.5, 4
+TOL = 1e-5
+HEADS_FOR = 4  # tests.models' head counts made for tp=4 (4 heads / 2 KV heads, GPT-2 6 heads) split evenly at tp=2,
+# so that the parameters per rank measure the pipeline's split, not an uneven head split
+
+
+def _batches(dp: int) -> list[torch.Tensor]:
+    return [batch(seed=11 + s, batch_size=8 * dp, seq=12) for s in range(STEPS)]
+
+
+def _reference(arch: str, dp: int, layers: int) -> dict:
+    model = build(arch, HEADS_FOR, layers=layers)
+    opt = torch.optim.AdamW(model.parameters(), lr=LR)
+    losses, norms = [], []
+    for ids in _batches(dp):
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        norms.append(torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP).item())
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    return {"losses": losses, "norms": norms, "params": sum(p.numel() for p in model.parameters()),
+            "embed": model.get_input_embeddings().weight.numel()}
+
+
+def _train(rank, world, arch, dp, schedule, layers, out_dir):
+    import tp_plugin
+    from torch.distributed.device_mesh import init_device_mesh
+
+    torch.set_num_threads(1)
+    mesh = init_device_mesh("cpu", (2, dp, 2), mesh_dim_names=("pp", "dp", "tp"))
+    pipe = tp_plugin.pipeline(build(arch, HEADS_FOR, layers=layers), mesh=mesh, microbatches=MICRO, schedule=schedule)
+    pipe.train()
+    opt = torch.optim.AdamW(pipe.parameters(), lr=LR)
+    dp_rank = mesh.get_local_rank("dp")
+    losses, norms = [], []
+    for ids in _batches(dp):
+        local = ids[8 * dp_rank: 8 * dp_rank + 8]
+        loss = pipe.step(local, labels=local)
+        norms.append(pipe.clip_grad_norm_(CLIP).item())
+        opt.step()
+        opt.zero_grad()
+        dist.all_reduce(loss, group=mesh.get_group("dp"))
+        losses.append(loss.item() / dp)
+    probe = None
+    if out_dir:
+        tp_plugin.save_pretrained(pipe, out_dir)
+        ids = batch(seed=99, batch_size=8, seq=12)
+        probe = pipe.step(ids, labels=ids).item()  # the trained weights' loss on one batch (no update)
+    params = sum(p.numel() for p in pipe.parameters())
+    return {"losses": losses, "norms": norms, "params": params, "probe": probe,
+            "ref": _reference(arch, dp, layers) if rank == 0 else None}
+
+
+def _check(results, dp):
+    ref = results[0]["ref"]
+    for r in results:
+        for key in ("losses", "norms"):
+            assert len(r[key]) == STEPS
+            for got, want in zip(r[key], ref[key]):
+                assert abs(got - want) <= TOL * abs(want), (key, r[key], ref[key])
+
+
+@pytest.mark.parametrize("arch,schedule", [("llama", "1F1B"), ("gpt2", "GPipe")])
+def test_pp2_tp2_matches_unsplit(arch, schedule):
+    _check(run_ranks(4, _train, arch, 1, schedule, 4, None, timeout_s=300), 1)
+
+
+def test_pp2_tp2_interleaved_matches_unsplit():
+    """Interleaved 1F1B: 2 stages per rank (rank 0 holds stages 0 and 2, rank 1 stages 1 and 3)."""
+    _check(run_ranks(4, _train, "llama", 1, "Interleaved1F1B", 4, None, timeout_s=300), 1)
+
+
+def test_pp2_tp2_dp2_matches_unsplit_and_saves(tmp_path):
+    import transformers
+
+    results = run_ranks(8, _train, "gpt2", 2, "1F1B", 4, str(tmp_path / "out"), timeout_s=400)
+    _check(results, 2)
+    # the checkpoint written from both stages is the trained model: plain transformers gives the pipeline's loss
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out", attn_implementation="eager")
+    assert reloaded.config.n_layer == 4
+    ids = batch(seed=99, batch_size=8, seq=12)
+    with torch.no_grad():
+        loss = reloaded(input_ids=ids, labels=ids).loss.item()
+    assert all(abs(r["probe"] - loss) <= TOL * loss for r in results), (loss, [r["probe"] for r in results])
+
+
+def _params_per_rank(rank, world, arch):
+    import tp_plugin
+    import transformers
+    from torch.distributed.device_mesh import init_device_mesh
+
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    if arch == "gpt2":
+        config = transformers.GPT2Config(vocab_size=1000, n_embd=256, n_layer=8, n_head=8, n_positions=128)
+    else:
+        config = transformers.LlamaConfig(vocab_size=1000, hidden_size=256, intermediate_size=688,
+                                          num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=4,
+                                          tie_word_embeddings=True)
+    model = transformers.AutoModelForCausalLM.from_config(config)
+    total = sum(p.numel() for p in model.parameters())
+    embed = model.get_input_embeddings().weight.numel()
+    mesh = init_device_mesh("cpu", (2, 1, 2), mesh_dim_names=("pp", "dp", "tp"))
+    pipe = tp_plugin.pipeline(model, mesh=mesh, microbatches=4)
+    return {"params": sum(p.numel() for p in pipe.parameters()), "total": total, "embed": embed,
+            "ranges": [list(r) for r in pipe.layer_ranges]}
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_pp2_tp2_parameters_per_rank(arch):
+    """Goal: per-rank parameters within 5% of a quarter of the model, plus the tied embedding's second copy (its
+    TP shard) on the last stage. 8 layers of hidden 256, vocabulary 1000, tied embeddings."""
+    results = run_ranks(4, _params_per_rank, arch, timeout_s=200)
+    total, embed = results[0]["total"], results[0]["embed"]
+    for rank, r in enumerate(results):
+        assert r["params"] <= 1.05 * total / 4 + embed / 2, (rank, r, total / 4)
+    assert sum(r["params"] for r in results) <= 1.02 * (total + embed), [r["params"] for r in results]
