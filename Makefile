@@ -36,8 +36,9 @@ test: venv
 	$(RUN_ENV) $(PY) -m pytest -x -q
 
 # The pinned venv with another transformers in front of it (PYTHONPATH): the lowest version pyproject.toml
-# declares, the GPU machines' and the newest release. Only the core parity and collective-count tests run: the
-# engines (DeepSpeed, PEFT, TRL) are tested on the pinned stack. Each version is installed once into .cache/.
+# declares, the GPU machines' and the newest release. Only the core parity and collective-count tests run (and
+# FSDP2 and pipeline stages, which call into the models' own forward): the engines (DeepSpeed, PEFT, TRL) are
+# tested on the pinned stack. Each version is installed once into .cache/.
 TRANSFORMERS_VERSIONS ?= 4.50.3 5.17.0 5.24.0
 test-versions: venv
 	mkdir -p .tmp
@@ -48,6 +49,8 @@ test-versions: venv
 	    tests/test_parity.py tests/test_collectives.py \
 	    tests/test_sequence_parallel.py tests/test_sequence_parallel_rng.py \
 	      -k "parity or collectives or clients or generate or checkpointing"; \
+	  PYTHONPATH=$(CURDIR)/.cache/transformers-$$v $(RUN_ENV) $(PY) -m pytest -q -p no:cacheprovider \
+	    tests/test_pipeline.py tests/test_fsdp.py; \
 	done
 
 # The gguf is converted once (about 45 s) before torchrun, so the two ranks do not race to do it.

@@ -56,8 +56,10 @@ def save_config(model_config, generation_config, tmp: Path, architecture: str | 
     config = copy.deepcopy(model_config)
     if architecture:
         config.architectures = [architecture]
-    if dtype is not None:
-        config.dtype = dtype
+    if dtype is not None:  # (transformers 4.x names it `torch_dtype` and would write `dtype` as a raw object)
+        import transformers
+
+        setattr(config, "dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype", dtype)
     config.save_pretrained(tmp)
     if generation_config is not None:
         generation_config.save_pretrained(tmp)
