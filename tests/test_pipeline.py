@@ -137,3 +137,30 @@ def test_pp2_tp2_parameters_per_rank(arch):
     for rank, r in enumerate(results):
         assert r["params"] <= 1.05 * total / 4 + embed / 2, (rank, r, total / 4)
     assert sum(r["params"] for r in results) <= 1.02 * (total + embed), [r["params"] for r in results]
+
+
+def _load_stages(rank, world, path):
+    import tp_plugin
+
+    torch.set_num_threads(1)
+    pipe = tp_plugin.from_pretrained(path, tp_size=2, pp_size=2, pipeline_kwargs={"microbatches": MICRO})
+    on_meta = [n for s in pipe.stages for n, p in s.named_parameters() if p.is_meta]
+    layers = sorted({n.split(".layers.")[1].split(".")[0] for s in pipe.stages for n, _ in s.named_parameters()
+                     if ".layers." in n})
+    ids = batch(seed=5, batch_size=8, seq=12)
+    loss = pipe.train().step(ids, labels=ids).item()
+    return {"on_meta": on_meta, "layers": layers, "loss": loss}
+
+
+def test_from_pretrained_pp_size_loads_each_stage_only(tmp_path):
+    """`from_pretrained(..., pp_size=2)`: each rank builds on meta, keeps its stage's layers and reads only their
+    slices (nothing left on meta, no other stage's layer); the loss is the unsplit model's (1e-5)."""
+    model = build("llama", HEADS_FOR, layers=4)
+    model.save_pretrained(tmp_path / "ckpt")
+    ids = batch(seed=5, batch_size=8, seq=12)
+    with torch.no_grad():
+        want = model(input_ids=ids, labels=ids).loss.item()
+    results = run_ranks(4, _load_stages, str(tmp_path / "ckpt"), timeout_s=200)
+    assert [r["layers"] for r in results] == [["0", "1"], ["0", "1"], ["2", "3"], ["2", "3"]], results
+    for r in results:
+        assert not r["on_meta"] and abs(r["loss"] - want) <= TOL * want, (r, want)

@@ -49,7 +49,7 @@ class Pipeline:
         self.dp_size = mesh.size(names.index(data[0])) if data else 1
         self.tp_group = mesh.get_group("tp") if "tp" in names else None
         self._tokens = None
-        self.schedule = self._build_schedule()
+        self._schedule = None  # built at the first step: the stages may still be on the meta device here
         self._tied = [p for s in stages for p in _tied_weight(s)]
 
     # ---- what a training loop uses --------------------------------------------------------------------------
@@ -70,10 +70,19 @@ class Pipeline:
                     seen.add(id(p))
                     yield p
 
+    @property
+    def schedule(self):
+        if self._schedule is None:
+            self._schedule = self._build_schedule()
+        return self._schedule
+
     def train(self, mode: bool = True) -> Pipeline:
         for stage in self.stages:
             stage.train(mode)
         return self
+
+    def eval(self) -> Pipeline:
+        return self.train(False)
 
     def step(self, input_ids: torch.Tensor, *, labels: torch.Tensor) -> torch.Tensor:
         """One forward and backward over `microbatches` micro-batches of this replica's batch (call on every

@@ -72,13 +72,17 @@ def _is_rank0() -> bool:
 
 def from_pretrained(path: str | os.PathLike, tp_size: int | None = None, *, torch_dtype=None, policy=None,
                     loss_parallel: bool = False, auto_class=None, revision: str | None = None,
-                    **kwargs) -> nn.Module:
+                    pp_size: int | None = None, pipeline_kwargs: dict | None = None, **kwargs):
     """Load a checkpoint straight into this rank's shards and return the split model (in eval mode, like
     transformers). `path`: an HF safetensors checkpoint (one file or several with an index), a per-rank
     checkpoint from `save_sharded` saved at any TP degree (resharded on the fly), or a hub id in the offline
     cache. Other formats (GGUF via `gguf_file=`, `.bin`) are loaded whole by transformers, then split.
     At tp=1 the result is an ordinary, unsplit transformers model. Extra kwargs go to the config
-    (`AutoConfig.from_pretrained`), except `attn_implementation` / `trust_remote_code` (to the model)."""
+    (`AutoConfig.from_pretrained`), except `attn_implementation` / `trust_remote_code` (to the model).
+
+    `pp_size=P` returns a `tp_plugin.Pipeline` instead (in eval mode): the world forms a ("pp", "dp", "tp") mesh of
+    P stages x (world / (P x tp)) replicas x tp, each rank's stage is carved on the meta device and only its
+    layers' slices are read. `pipeline_kwargs` go to `tp_plugin.pipeline` (microbatches, schedule, split)."""
     prepare_launch()  # `accelerate launch` without GPU: the process group first (integrations/accelerate.py)
     auto_class = auto_class or transformers.AutoModelForCausalLM
     dtype = torch_dtype if torch_dtype is not None else kwargs.pop("dtype", None)
@@ -92,6 +96,8 @@ def from_pretrained(path: str | os.PathLike, tp_size: int | None = None, *, torc
     dtype = _resolve_dtype(dtype, config, source)
     model = build_on_meta(config, dtype, auto_class, **model_kwargs)
     check_source(model, source)
+    if pp_size is not None:
+        return _load_pipeline(model, source, directory, tp_size or 1, pp_size, loss_parallel, pipeline_kwargs or {})
     tp = _resolve_tp_size(tp_size)
     if tp > 1:
         _check_degree(model, policy, tp, source)
@@ -103,6 +109,29 @@ def from_pretrained(path: str | os.PathLike, tp_size: int | None = None, *, torc
     if model.can_generate() and (directory / "generation_config.json").is_file():
         model.generation_config = transformers.GenerationConfig.from_pretrained(directory)
     return model.eval()
+
+
+def _load_pipeline(model, source, directory: Path, tp: int, pp: int, loss_parallel: bool, kwargs: dict):
+    """Carve this rank's stages on the meta device (split over TP), then read only their tensors' slices."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from ..mesh import mesh_device_type
+    from ..pipeline import pipeline
+
+    world = world_size()
+    if pp < 1 or world % (pp * tp):
+        raise TPSplitError(f"from_pretrained(pp_size={pp}, tp_size={tp}): pp x tp must divide the world size "
+                           f"{world}")
+    if tp > 1:
+        _check_degree(model, None, tp, source)
+    mesh = init_device_mesh(mesh_device_type(model), (pp, world // (pp * tp), tp), mesh_dim_names=("pp", "dp", "tp"))
+    pipe = pipeline(model, mesh=mesh, loss_parallel=loss_parallel, **kwargs)
+    try:
+        for stage in pipe.stages:
+            materialize(stage.model, source, show_progress=_is_rank0())
+    finally:
+        source.close()
+    return pipe.eval()
 
 
 def _check_degree(model: nn.Module, policy, tp: int, source) -> None:
