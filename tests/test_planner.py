@@ -19,7 +19,7 @@ import transformers
 
 from bench.shapes import LLAMA3_8B, LLAMA3_70B, SMOLLM2_135M
 from tests.dist import run_ranks
-from tp_plugin import planner
+from tp_plugin import planner, planner_report
 
 QWEN25_32B = dict(vocab_size=152064, hidden_size=5120, intermediate_size=27648, num_hidden_layers=64,
                   num_attention_heads=40, num_key_value_heads=8, max_position_embeddings=32768)
@@ -222,6 +222,6 @@ def test_sequence_parallel_layouts_are_measured_and_recommended_when_they_fit(tm
         ratio = sp["memory_gib"]["activations"] / plain["memory_gib"]["activations"]
         assert ratio < most, (tp, ratio)
     assert doc["recommended"]["sequence_parallel"] and doc["recommended"]["fits"], doc["recommended"]
-    planner.write_configs(doc["recommended"], work, tmp_path / "out")
+    planner_report.write_configs(doc["recommended"], work, tmp_path / "out")
     ds = json.loads(next((tmp_path / "out").glob("*.json")).read_text())
     assert ds["tp_plugin"] == {"sequence_parallel": True}

@@ -110,7 +110,8 @@ DTYPE_NAMES = ("bf16", "fp16", "fp32")
 def _run_plan(args: argparse.Namespace) -> int:
     import json
 
-    from .planner import Workload, format_table, load_config, plan_document, write_configs
+    from .planner import Workload, load_config, plan_document
+    from .planner_report import format_table, write_configs
 
     work = Workload(gpus=args.gpus, gpu_memory_gib=args.gpu_memory, nodes=args.nodes, seq=args.seq,
                     micro_batch=args.micro_batch, dtype=args.dtype, optimizer=args.optimizer, lora=args.lora,

@@ -18,15 +18,16 @@ Nothing is loaded and nothing is allocated: the model is built on the meta devic
   taken vocab-parallel (`loss_parallel=True`), so the full logits are never gathered;
 * a fixed margin for the CUDA context, NCCL buffers and allocator fragmentation (`MARGIN_GIB`).
 
-The recommendation follows the usual rule: the smallest TP degree that fits inside one node (at most 8), then no
-gradient checkpointing if that fits, then no sequence parallelism if that fits, then the lowest ZeRO stage.
-Pipeline stages are not offered (not in tp_plugin yet), so pp is always 1.
+Pipeline stages (`tp_plugin.pipeline`, pp > 1, data parallelism by DDP or ZeRO-1 only) hold 1/pp of the layers'
+weights, gradients and optimizer state (the first and last stage also the embedding or head); under 1F1B the
+first stage keeps pp micro-batches of its layers' activations in flight, as many as all layers of one.
+The recommendation: no pipeline if anything fits, then the smallest TP degree that fits inside one node (at most
+8), then no gradient checkpointing, then no sequence parallelism, then the lowest ZeRO stage.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -39,7 +40,7 @@ from torch import nn
 from .plan import resolve_plan
 from .sharding import TPSplitError
 from .split import _policy_for, split_model
-from .styles import ColumnStyle, RowStyle, VocabLMHead
+from .styles import ColumnStyle, RowStyle, VocabEmbedding, VocabLMHead
 
 GiB = 2 ** 30
 MARGIN_GIB = 2.0
@@ -210,24 +211,29 @@ def candidates(config, work: Workload) -> list[Candidate]:
     limit = min(work.gpus, 8 * max(1, work.nodes))
     plans = split_degrees(model, limit)
     out = []
-    for tp, plan in plans.items():
-        if work.gpus % tp:
+    for (tp, plan), pp in ((tp_plan, pp) for tp_plan in plans.items() for pp in (1, 2, 4, 8)):
+        if work.gpus % (tp * pp) or pp > layers:
             continue
-        dp = work.gpus // tp
+        dp = work.gpus // (tp * pp)
         acts = activation_bytes(config, tp, work.micro_batch, work.seq, dtype)
         sp_acts = _sp_activation_bytes(config, tp, work, dtype) if work.sequence_parallel and tp > 1 else None
         params = max(plan.rank_parameters)
+        if pp > 1:  # a stage's share of the layers, plus the larger of the embedding and head shards
+            ends = sum(math.prod(e.local_shape(0, "weight")) for e in plan.entries
+                       if isinstance(e.style, (VocabEmbedding, VocabLMHead)))
+            params = int((params - ends) / pp + ends)
         trainable = max(lora_parameters(plan, r, work.lora_rank) for r in range(tp)) if work.lora else params
         largest = max((math.prod(e.local_shape(0, n)) for e in plan.entries for n in e.full_shapes), default=0)
         vocab_shard = max((math.prod(e.local_shape(0, "weight")[:1]) for e in plan.entries
                            if isinstance(e.style, VocabLMHead)), default=0)
         master = 4 if width < 4 else 0
         states = OPTIMIZER_STATES[work.optimizer] * 4
-        for zero in (0, 1, 2, 3) if dp > 1 else (0,):
+        for zero in ((0, 1, 2, 3) if pp == 1 else (0, 1)) if dp > 1 else (0,):
             for ckpt in ([False, True] if work.gradient_checkpointing is None else [work.gradient_checkpointing]):
                 for sp in ([False, True] if sp_acts is not None else [False]):
-                    out.append(_candidate(work, tp, dp, zero, ckpt, sp, params, trainable, width, master, states,
-                                          sp_acts if sp else acts, layers, text.hidden_size, largest, vocab_shard))
+                    out.append(_candidate(work, tp, pp, dp, zero, ckpt, sp, params, trainable, width, master,
+                                          states, sp_acts if sp else acts, layers, text.hidden_size, largest,
+                                          vocab_shard))
     return out
 
 
@@ -263,7 +269,7 @@ def step_peak(work: Workload, memory: dict[str, float], trainable: int, largest:
     return peak, logits_grad + step + gathered
 
 
-def _candidate(work, tp, dp, zero, ckpt, sp, params, trainable, width, master, states, acts, layers, hidden,
+def _candidate(work, tp, pp, dp, zero, ckpt, sp, params, trainable, width, master, states, acts, layers, hidden,
                largest, vocab_shard) -> Candidate:
     notes = []
     per_layer = acts["per_layer"]  # measured with sequence parallelism on for an `sp` candidate
@@ -296,20 +302,24 @@ def _candidate(work, tp, dp, zero, ckpt, sp, params, trainable, width, master, s
                      f"network; keep TP inside a node")
     if tp > 8:
         notes.append("TP beyond 8 ranks: prefer data parallelism or pipeline stages")
+    if pp > 1:
+        notes.append(f"{pp} pipeline stages (tp_plugin.pipeline; DDP or ZeRO-1 across replicas): "
+                     f"{_ring(tokens, 2) / 2 / GiB:.3f} GiB per micro-batch between stages each way")
     if not fits:
         biggest = max(("params", "grads", "optimizer", "activations"), key=lambda k: memory[k])
         notes.append(f"needs {memory['total']:.1f} GiB of {work.gpu_memory_gib:g} (largest part: {biggest} "
                      f"{memory[biggest]:.1f} GiB)")
     if work.lora:
         notes.append(f"LoRA r={work.lora_rank} on all linear layers: {trainable:,} trainable parameters per rank")
-    return Candidate(tp, 1, dp, zero, sp, ckpt, fits, {k: round(v, 3) for k, v in memory.items()},
+    return Candidate(tp, pp, dp, zero, sp, ckpt, fits, {k: round(v, 3) for k, v in memory.items()},
                      {"tp": round(tp_bytes / GiB, 3), "dp": round(dp_bytes / GiB, 3)}, notes)
 
 
 def recommend(cands: list[Candidate], work: Workload) -> Candidate | None:
-    """The smallest TP degree that fits inside a node (<= 8), then no checkpointing, then the lowest ZeRO stage."""
+    """No pipeline if possible, the smallest TP degree that fits inside a node (<= 8), then no checkpointing, then
+    the lowest ZeRO stage."""
     usable = [c for c in cands if c.fits and c.tp <= min(8, work.gpus_per_node)]
-    return min(usable, key=lambda c: (c.tp, c.gradient_checkpointing, c.sequence_parallel, c.zero_stage),
+    return min(usable, key=lambda c: (c.pp, c.tp, c.gradient_checkpointing, c.sequence_parallel, c.zero_stage),
                default=None)
 
 
@@ -325,6 +335,10 @@ def reason(best: Candidate | None, cands: list[Candidate], work: Workload) -> st
         return (f"nothing fits on {work.gpus} x {work.gpu_memory_gib:g} GiB: the leanest layout (tp={smallest.tp}, "
                 f"dp={smallest.dp}, ZeRO-{smallest.zero_stage}, checkpointing {smallest.gradient_checkpointing}) "
                 f"needs {smallest.memory_gib['total']:.1f} GiB per GPU. Use more GPUs, LoRA, or a shorter sequence.")
+    if best.pp > 1:
+        return (f"no layout without pipeline stages fits; tp={best.tp} inside a node x pp={best.pp} stages x "
+                f"dp={best.dp} does ({best.memory_gib['total']:.1f} of {work.gpu_memory_gib:g} GiB per GPU): run it "
+                f"with tp_plugin.pipeline (examples/pipeline_finetune.py), not an Accelerate/DeepSpeed config.")
     return (f"tp={best.tp} is the smallest tensor-parallel degree that fits ({best.memory_gib['total']:.1f} of "
             f"{work.gpu_memory_gib:g} GiB per GPU) inside a node of {work.gpus_per_node} GPUs, where the TP "
             f"all-reduces ({best.comm_gib_per_step['tp']:.2f} GiB per step per GPU) stay on the fast links; the "
@@ -340,54 +354,3 @@ def plan_document(config, work: Workload) -> dict:
     return {"model_type": config.model_type, "workload": asdict(work),
             "candidates": [asdict(c) for c in cands], "recommended": asdict(best) if best else None,
             "reason": reason(best, cands, work)}
-
-
-def write_configs(best: dict, work: Workload, directory: str | Path) -> list[Path]:
-    """An Accelerate yaml and the DeepSpeed json it points to, in the shape of `configs/`."""
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    tp, dp, zero = best["tp"], best["dp"], best["zero_stage"]
-    ds = {"train_micro_batch_size_per_gpu": work.micro_batch, "gradient_accumulation_steps": 1,
-          "gradient_clipping": 1.0, "zero_optimization": {"stage": zero}}
-    if tp > 1:  # the key tp_plugin reads as its TP degree (see README, DeepSpeed)
-        ds["tensor_parallel"] = {"autotp_size": tp}
-    if best.get("sequence_parallel"):  # read by parallelize (DeepSpeed ignores the section)
-        ds["tp_plugin"] = {"sequence_parallel": True}
-    if work.dtype == "bf16":
-        ds["bf16"] = {"enabled": True}
-    name = f"tp{tp}_dp{dp}_zero{zero}"
-    ds_path = directory / f"ds_{name}.json"
-    ds_path.write_text(json.dumps(ds, indent=2) + "\n")
-    yaml_path = directory / f"accelerate_{name}.yaml"
-    yaml_path.write_text(
-        "compute_environment: LOCAL_MACHINE\n"
-        "distributed_type: DEEPSPEED\n"
-        f"deepspeed_config:\n  deepspeed_config_file: {ds_path}\n"
-        f"num_machines: {work.nodes}\nnum_processes: {work.gpus}\n"
-        "machine_rank: 0\nmain_training_function: main\n"
-        f"mixed_precision: {'bf16' if work.dtype == 'bf16' else 'no'}\n"
-        "same_network: true\nuse_cpu: false\n")
-    return [yaml_path, ds_path]
-
-
-def format_table(doc: dict) -> str:
-    header = ["tp", "dp", "zero", "ckpt", "sp", "params", "grads", "optim", "acts", "step peak", "total GiB", "fits",
-              "TP GiB/step"]
-    rows = [header]
-    for c in sorted(doc["candidates"], key=lambda c: (c["tp"], c["zero_stage"], c["gradient_checkpointing"])):
-        m = c["memory_gib"]
-        rows.append([str(c["tp"]), str(c["dp"]), str(c["zero_stage"]), "yes" if c["gradient_checkpointing"] else "no",
-                     "yes" if c["sequence_parallel"] else "no", f"{m['params']:.1f}", f"{m['grads']:.1f}",
-                     f"{m['optimizer']:.1f}", f"{m['activations']:.1f}", f"{m['step_peak']:.1f}", f"{m['total']:.1f}",
-                     "yes" if c["fits"] else "no", f"{c['comm_gib_per_step']['tp']:.2f}"])
-    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
-    lines = ["  ".join(cell.rjust(w) for cell, w in zip(row, widths)) for row in rows]
-    lines.append(f"(GiB per GPU; total = params + optim + step peak + {MARGIN_GIB:g} margin: activations and "
-                 f"gradients never coexist in full)")
-    best = doc["recommended"]
-    lines.append("")
-    lines.append("recommended: " + (f"tp={best['tp']} pp=1 dp={best['dp']} ZeRO-{best['zero_stage']}"
-                                    f"{' + gradient checkpointing' if best['gradient_checkpointing'] else ''}"
-                                    if best else "none"))
-    lines.append(doc["reason"])
-    return "\n".join(lines)
