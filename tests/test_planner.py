@@ -225,3 +225,21 @@ def test_sequence_parallel_layouts_are_measured_and_recommended_when_they_fit(tm
     planner_report.write_configs(doc["recommended"], work, tmp_path / "out")
     ds = json.loads(next((tmp_path / "out").glob("*.json")).read_text())
     assert ds["tp_plugin"] == {"sequence_parallel": True}
+
+
+def test_pipeline_stage_candidates():
+    """A 70B-class model on 2 nodes x 8 GPUs: `plan` also lists layouts with pipeline stages (tp x pp x dp = 16;
+    DDP or ZeRO-1 only, as pipelines allow), whose weights per GPU are about 1/pp of the same TP degree's without
+    stages. (Here nothing fits in 80 GiB either way: ZeRO-3 at pp=1 needs 84.6 GiB, pp=2 86.6.) A recommended
+    pipeline layout cannot be written as an Accelerate/DeepSpeed config: refused with the way to run it."""
+    config = transformers.LlamaConfig(hidden_size=8192, intermediate_size=28672, num_hidden_layers=80,
+                                      num_attention_heads=64, num_key_value_heads=8, vocab_size=128256)
+    work = planner.Workload(gpus=16, gpu_memory_gib=80, nodes=2, seq=1024, gradient_checkpointing=True)
+    doc = planner.plan_document(config, work)
+    staged = [c for c in doc["candidates"] if c["pp"] > 1]
+    assert staged and all(c["tp"] * c["pp"] * c["dp"] == 16 and c["zero_stage"] <= 1 for c in staged)
+    pp2 = next(c for c in staged if (c["tp"], c["pp"], c["zero_stage"]) == (8, 2, 0))
+    flat = next(c for c in doc["candidates"] if (c["tp"], c["pp"], c["zero_stage"]) == (8, 1, 0))
+    assert 0.48 < pp2["memory_gib"]["params"] / flat["memory_gib"]["params"] < 0.55
+    with pytest.raises(ValueError, match="tp_plugin.pipeline"):
+        planner_report.write_configs(pp2, work, "unused")
