@@ -29,8 +29,8 @@ def _batches(dp: int) -> list[torch.Tensor]:
     return [batch(seed=11 + s, batch_size=8 * dp, seq=12) for s in range(STEPS)]
 
 
-def _reference(arch: str, dp: int, layers: int) -> dict:
-    model = build(arch, HEADS_FOR, layers=layers)
+def _reference(arch: str, dp: int, layers: int, tied: bool = True) -> dict:
+    model = build(arch, HEADS_FOR, layers=layers, tied=tied)
     opt = torch.optim.AdamW(model.parameters(), lr=LR)
     losses, norms = [], []
     for ids in _batches(dp):
@@ -44,15 +44,22 @@ def _reference(arch: str, dp: int, layers: int) -> dict:
             "embed": model.get_input_embeddings().weight.numel()}
 
 
-def _train(rank, world, arch, dp, schedule, layers, out_dir):
+def _train(rank, world, arch, dp, schedule, layers, out_dir, opts=None):
     import tp_plugin
     from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.optim import ZeroRedundancyOptimizer
 
+    opts = opts or {}
     torch.set_num_threads(1)
     mesh = init_device_mesh("cpu", (2, dp, 2), mesh_dim_names=("pp", "dp", "tp"))
-    pipe = tp_plugin.pipeline(build(arch, HEADS_FOR, layers=layers), mesh=mesh, microbatches=MICRO, schedule=schedule)
+    pipe = tp_plugin.pipeline(build(arch, HEADS_FOR, layers=layers, tied=opts.get("tied", True)), mesh=mesh,
+                              microbatches=MICRO, schedule=schedule, loss_parallel=opts.get("loss_parallel", False))
     pipe.train()
-    opt = torch.optim.AdamW(pipe.parameters(), lr=LR)
+    if opts.get("zero1"):  # ZeRO-1 over the data-parallel replicas: each keeps half of the optimizer state
+        opt = ZeroRedundancyOptimizer(list(pipe.parameters()), optimizer_class=torch.optim.AdamW,
+                                      process_group=pipe.dp_group, lr=LR)
+    else:
+        opt = torch.optim.AdamW(pipe.parameters(), lr=LR)
     dp_rank = mesh.get_local_rank("dp")
     losses, norms = [], []
     for ids in _batches(dp):
@@ -70,7 +77,7 @@ def _train(rank, world, arch, dp, schedule, layers, out_dir):
         probe = pipe.step(ids, labels=ids).item()  # the trained weights' loss on one batch (no update)
     params = sum(p.numel() for p in pipe.parameters())
     return {"losses": losses, "norms": norms, "params": params, "probe": probe,
-            "ref": _reference(arch, dp, layers) if rank == 0 else None}
+            "ref": _reference(arch, dp, layers, opts.get("tied", True)) if rank == 0 else None}
 
 
 def _check(results, dp):
@@ -88,8 +95,39 @@ def test_pp2_tp2_matches_unsplit(arch, schedule):
 
 
 def test_pp2_tp2_interleaved_matches_unsplit():
-    """Interleaved 1F1B: 2 stages per rank (rank 0 holds stages 0 and 2, rank 1 stages 1 and 3)."""
-    _check(run_ranks(4, _train, "llama", 1, "Interleaved1F1B", 4, None, timeout_s=300), 1)
+    """Interleaved 1F1B: 2 stages per rank (rank 0 holds stages 0 and 2, rank 1 stages 1 and 3); untied
+    embeddings (the head is the last stage's own)."""
+    _check(run_ranks(4, _train, "llama", 1, "Interleaved1F1B", 4, None, {"tied": False}, timeout_s=300), 1)
+
+
+def test_pp2_tp2_loss_parallel_matches_unsplit():
+    """The last stage's loss from vocabulary shards (`loss_parallel=True`: the logits are never gathered)."""
+    _check(run_ranks(4, _train, "llama", 1, "1F1B", 4, None, {"loss_parallel": True}, timeout_s=300), 1)
+
+
+def test_pp2_tp2_dp2_zero1_matches_unsplit():
+    """ZeRO-1 across the replicas: torch's ZeroRedundancyOptimizer over `pipe.dp_group` (8 ranks)."""
+    _check(run_ranks(8, _train, "llama", 2, "1F1B", 4, None, {"zero1": True}, timeout_s=400), 2)
+
+
+def _mismatched(rank, world):
+    import tp_plugin
+    from torch.distributed.device_mesh import init_device_mesh
+
+    torch.set_num_threads(1)
+    mesh = init_device_mesh("cpu", (2, 1, 2), mesh_dim_names=("pp", "dp", "tp"))
+    pipe = tp_plugin.pipeline(build("llama", HEADS_FOR, layers=2), mesh=mesh, microbatches=MICRO).train()
+    ids = batch(seed=rank if rank == 3 else 0, batch_size=8, seq=12)  # rank 3 (last stage, TP rank 1) differs
+    try:
+        pipe.step(ids, labels=ids)
+    except RuntimeError as err:
+        return str(err)
+    return None
+
+
+def test_mismatched_batches_in_a_replica_are_refused_on_every_rank():
+    messages = run_ranks(4, _mismatched, timeout_s=120)
+    assert all(m is not None and "replica(s) [0] got different batches" in m for m in messages), messages
 
 
 def test_pp2_tp2_dp2_matches_unsplit_and_saves(tmp_path):

@@ -87,9 +87,7 @@ class Pipeline:
     def step(self, input_ids: torch.Tensor, *, labels: torch.Tensor) -> torch.Tensor:
         """One forward and backward over `microbatches` micro-batches of this replica's batch (call on every
         rank of it with the same batch). Returns the batch's mean token loss on every rank."""
-        if input_ids.shape[0] % self.microbatches:
-            raise TPSplitError(f"pipe.step: a batch of {input_ids.shape[0]} sequences does not split into "
-                               f"{self.microbatches} micro-batches; use a multiple of {self.microbatches}")
+        self._check_batch(input_ids, labels)
         device = next(self.parameters()).device
         self._tokens = (labels[:, 1:] != -100).sum().to(device)
         losses: list[torch.Tensor] = []
@@ -122,6 +120,34 @@ class Pipeline:
         return total
 
     # ---- inside a step ----------------------------------------------------------------------------------------
+
+    def _check_batch(self, input_ids: torch.Tensor, labels: torch.Tensor) -> None:
+        """Before any stage communicates, on every rank alike (one all-gather of 3 int64 over the world): the
+        ranks of a data-parallel replica (all its stages and TP ranks) got the same batch, every batch splits
+        into the micro-batches, and its shape is the first step's (the stages' buffers are sized once)."""
+        from .checks import _gather, _inputs_digest
+
+        mine = [input_ids.shape[0], input_ids.shape[-1], _inputs_digest((input_ids, labels), {})]
+        everyone = _gather(mine, dist.group.WORLD)
+        dp_of = {int(r): c for c, r in _coordinates(self.mesh, "dp")}
+        replicas: dict[int, set] = {}
+        for rank, (_, _, digest) in enumerate(everyone):
+            replicas.setdefault(dp_of[rank], set()).add(digest)
+        split = [r for r in replicas if len(replicas[r]) > 1]
+        if split:
+            raise RuntimeError(f"tp_plugin pipeline: the ranks of data-parallel replica(s) {split} got different "
+                               f"batches; every stage and TP rank of a replica must be given the same input_ids and "
+                               f"labels (only replicas differ: shard the data over pipe.dp_group, e.g. "
+                               f"DistributedSampler(num_replicas=pipe.dp_size, rank=pipe.mesh.get_local_rank('dp')))")
+        shapes = {(rows, seq) for rows, seq, _ in everyone}
+        bad = sorted({rows for rows, _ in shapes if rows % self.microbatches})
+        first = getattr(self, "_shape", None) or next(iter(shapes))
+        if bad or shapes != {first}:
+            raise TPSplitError(f"pipe.step: batches of shapes {sorted(shapes)} (sequences, tokens) across the ranks; "
+                               f"every step needs {first} on every rank (the stages' buffers are sized at the first "
+                               f"step), with sequences a multiple of microbatches={self.microbatches}: pad or drop "
+                               f"the last, shorter batch")
+        self._shape = first
 
     def _loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         model = self.stages[-1].model
@@ -186,8 +212,13 @@ def pipeline(model: nn.Module, *, mesh: DeviceMesh, microbatches: int = 8, sched
     layers per stage (default: balanced by parameter count). `loss_parallel=True`: the loss from vocabulary
     shards (no gather of the logits).
     """
+    from .config import configured_sequence_parallel
     from .parallelize import parallelize
 
+    if configured_sequence_parallel():
+        raise TPSplitError("tp_plugin.pipeline: sequence parallelism is asked for by the launch configuration "
+                           "(TP_PLUGIN_SEQUENCE_PARALLEL / the DeepSpeed config), and pipeline stages do not support "
+                           "it yet (its hooks live on the first and last decoder layers of the whole model); unset it")
     names = tuple(mesh.mesh_dim_names or ())
     if "pp" not in names:
         raise TPSplitError(f"tp_plugin.pipeline: the mesh {names} has no 'pp' dim; build it with "
@@ -211,13 +242,19 @@ def pipeline(model: nn.Module, *, mesh: DeviceMesh, microbatches: int = 8, sched
         stage_model = model if k == per_rank - 1 else copy.deepcopy(model)  # (copied while still unsplit)
         first, last = index == 0, index == num_stages - 1
         if mesh.size(2) > 1:  # split first, carve after: the plan is the whole model's, names stay the same
-            parallelize(stage_model, mesh=mesh[("dp", "tp")], loss_parallel=loss_parallel)
+            parallelize(stage_model, mesh=mesh[("dp", "tp")], loss_parallel=loss_parallel, sequence_parallel=False)
         carve(stage_model, ranges[index], first=first, last=last)
         stages.append(Stage(stage_model, first=first, last=last))
     pipe = Pipeline(stages, indices, num_stages, mesh, microbatches, schedule)
     pipe._tied_shape = _tied_shape(pipe)
     pipe.layer_ranges = ranges
     return pipe
+
+
+def _coordinates(mesh: DeviceMesh, dim: str):
+    """(coordinate along `dim`, global rank) for every rank of the mesh."""
+    layout = mesh.mesh.movedim(mesh.mesh_dim_names.index(dim), 0)
+    return [(c, r) for c in range(layout.shape[0]) for r in layout[c].flatten().tolist()]
 
 
 def _pp_dp_tp(mesh: DeviceMesh) -> DeviceMesh:

@@ -10,14 +10,12 @@ No shared file system is needed, and rank 0 holds one tensor at a time.
 from __future__ import annotations
 
 import os
-import shutil
 
 import torch
 import torch.distributed as dist
 
 from .gather import gather_full, gathered, mesh_of, tensor_entries
-from .io import commit_dir, make_temp_dir
-from .save import carry_over, check_target, save_config, write_hf_files
+from .save import check_target, write_checkpoint
 
 
 def save_pipeline(pipe, save_directory: str | os.PathLike, *, max_shard_size: int | str = "5GB") -> None:
@@ -57,18 +55,5 @@ def save_pipeline(pipe, save_directory: str | os.PathLike, *, max_shard_size: in
             return None
         return full
 
-    tmp = make_temp_dir(target) if is_writer else None
-    try:
-        write_hf_files(tmp, [(n, owner[n][0], owner[n][1]) for n in order], fetch, max_shard_size, writer=is_writer)
-        if is_writer:
-            model = pipe.stages[0].model
-            generation = getattr(model, "generation_config", None) if model.can_generate() else None
-            floating = next((owner[n][0] for n in order if owner[n][0].is_floating_point), None)
-            save_config(model.config, generation, tmp, type(model).__name__, floating)
-            carry_over(target, tmp)
-            commit_dir(tmp, target)
-            tmp = None
-    finally:
-        if tmp is not None:
-            shutil.rmtree(tmp, ignore_errors=True)
-    dist.barrier()  # nobody returns before the checkpoint is in place
+    write_checkpoint(target, pipe.stages[0].model, [(n, owner[n][0], owner[n][1]) for n in order], fetch,
+                     max_shard_size, writer=is_writer)

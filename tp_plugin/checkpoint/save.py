@@ -129,11 +129,19 @@ def save_pretrained(model_or_engine, save_directory: str | os.PathLike, *, max_s
             full = gather_full(entry, local, mesh) if in_replica0 else None
             return full.clone() if full is not None and hasattr(entry.tensor, "ds_id") else full
 
-    tmp = make_temp_dir(target) if is_writer else None
+    write_checkpoint(target, model, [(e.name, e.dtype, e.shape) for e in entries], fetch, max_shard_size,
+                     writer=is_writer)
+
+
+def write_checkpoint(target: Path, model, tensors: list[tuple[str, torch.dtype, tuple[int, ...]]],
+                     fetch: Callable[[str], torch.Tensor | None], max_shard_size: int | str, *, writer: bool) -> None:
+    """The weights (`write_hf_files`), `model`'s config and what else the target holds, into a temporary directory
+    swapped in at the end by the writer; every rank returns once the checkpoint is in place."""
+    tmp = make_temp_dir(target) if writer else None
     try:
-        write_hf_files(tmp, [(e.name, e.dtype, e.shape) for e in entries], fetch, max_shard_size, writer=is_writer)
-        if is_writer:
-            dtype = next((e.dtype for e in entries if e.dtype.is_floating_point), None)
+        write_hf_files(tmp, tensors, fetch, max_shard_size, writer=writer)
+        if writer:
+            dtype = next((dtype for _, dtype, _ in tensors if dtype.is_floating_point), None)
             generation = getattr(model, "generation_config", None) if model.can_generate() else None
             save_config(model.config, generation, tmp, type(model).__name__, dtype)
             carry_over(target, tmp)
