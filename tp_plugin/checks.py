@@ -24,6 +24,7 @@ from torch import nn
 
 from . import rng
 from .sharding import TPSplitError
+from .state import tp_state
 
 logger = logging.getLogger("tp_plugin")
 
@@ -94,13 +95,28 @@ def install_first_forward_check(model: nn.Module, group) -> None:
             return None
         model._tp_plugin_first_forward.remove()
         model._tp_plugin_first_forward = "done"
-        from .integrations.fsdp import check_tagged  # (imported on use: fsdp's module imports the state)
-
         check_tagged(module, "the first training forward")  # FSDP2 applied without tp_plugin: no collective yet
         check_first_training_forward(args, kwargs, group)
         return None
 
     model._tp_plugin_first_forward = model.register_forward_pre_hook(hook, with_kwargs=True)
+
+
+def check_tagged(model: nn.Module, who: str) -> None:
+    """Refuse a split model that FSDP2 wrapped without tp_plugin (its parameters lost their TP tags), naming
+    the wrapped module; no collective."""
+    from torch.distributed.fsdp import FSDPModule
+
+    state = tp_state(model)
+    if state is None or state.fsdp:
+        return
+    wrapped = [name or type(m).__name__ for name, m in model.named_modules() if isinstance(m, FSDPModule)]
+    if wrapped:
+        raise TPSplitError(
+            f"{who}: {wrapped[0]} of the split model was wrapped by torch.distributed.fsdp.fully_shard directly: "
+            f"its parameters lost their tensor-parallel tags, so sharded and replicated tensors can no longer be "
+            f"told apart (grad norm, save) and the gradient hooks some of them carry are lost. Use "
+            f"tp_plugin.fully_shard(model) (or Accelerate's FSDP2, which tp_plugin adapts).")
 
 
 # ---- every rank must arrive ------------------------------------------------------------------------------------

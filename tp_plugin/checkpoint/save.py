@@ -19,8 +19,7 @@ import torch
 import torch.distributed as dist
 from huggingface_hub import split_torch_state_dict_into_shards
 
-from ..checks import arrive_together
-from ..integrations.fsdp import check_tagged
+from ..checks import arrive_together, check_tagged
 from ..mesh import world_size
 from .gather import Entry, gather_full, gathered, mesh_of, tensor_entries, unwrap
 from .io import CheckpointError, StreamingWriter, commit_dir, make_temp_dir, write_json

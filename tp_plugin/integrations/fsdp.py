@@ -14,9 +14,9 @@ the TP collectives run inside the forward as before. Three things would go silen
   Megatron's `tensor_model_parallel`) that grad norms, saves and adapters read are copied onto the new ones,
   and the gradient hooks some parameters carry (`tp_plugin.grad_hooks`) are put back on the tensors FSDP2
   computes with.
-* A parameter without its tags after a plain `torch.distributed.fsdp.fully_shard` call is refused, by name, by
-  `check_tagged` (the first forward, `clip_grad_norm_`, `save_pretrained`), instead of being saved or clipped as
-  if it were replicated.
+* A split model wrapped by a plain `torch.distributed.fsdp.fully_shard` call is refused, naming the wrapped module,
+  by `checks.check_tagged` (at the first forward and `save_pretrained`; `clip_grad_norm_` refuses untagged DTensor
+  gradients), instead of being saved or clipped as if its shards were replicated.
 """
 
 from __future__ import annotations
@@ -67,23 +67,6 @@ def keep_tags(model: nn.Module):
         if name in tags and not hasattr(param, "tp_shard"):
             param.__dict__.update(tags[name])
     carry_grad_hooks(hooks)
-
-
-def check_tagged(model: nn.Module, who: str) -> None:
-    """Refuse a split model that FSDP2 wrapped without tp_plugin (its parameters lost their TP tags), naming
-    the wrapped module; no collective."""
-    from torch.distributed.fsdp import FSDPModule
-
-    state = tp_state(model)
-    if state is None or state.fsdp:
-        return
-    wrapped = [name or type(m).__name__ for name, m in model.named_modules() if isinstance(m, FSDPModule)]
-    if wrapped:
-        raise TPSplitError(
-            f"{who}: {wrapped[0]} of the split model was wrapped by torch.distributed.fsdp.fully_shard directly: "
-            f"its parameters lost their tensor-parallel tags, so sharded and replicated tensors can no longer be "
-            f"told apart (grad norm, save) and the gradient hooks some of them carry are lost. Use "
-            f"tp_plugin.fully_shard(model) (or Accelerate's FSDP2, which tp_plugin adapts).")
 
 
 def decoder_layers(model: nn.Module) -> list[nn.Module]:
