@@ -19,8 +19,9 @@ from .io import CheckpointError
 def build_on_meta(config, dtype: torch.dtype, auto_class=None, **model_kwargs) -> nn.Module:
     """The model for `config` with every parameter on the meta device (no memory, no init cost)."""
     auto_class = auto_class or transformers.AutoModelForCausalLM
+    dtype_key = "dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype"  # (4.x's name)
     with torch.device("meta"):
-        model = auto_class.from_config(config, dtype=dtype, **model_kwargs)
+        model = auto_class.from_config(config, **{dtype_key: dtype}, **model_kwargs)
     _init_non_persistent_buffers(model)
     return model
 
@@ -34,7 +35,13 @@ def _init_non_persistent_buffers(model: nn.Module) -> None:
     parameters stay on meta (init ops on meta tensors are no-ops).
     """
     named = getattr(model, "named_non_persistent_buffers", None)
-    if named is None:
+    if named is None:  # transformers 4.x: rotary frequencies are its only non-persistent buffers; recompute them
+        for module in model.modules():
+            if getattr(module, "rope_init_fn", None) is not None and getattr(module, "inv_freq", None) is not None \
+                    and module.inv_freq.is_meta:
+                inv_freq, _ = module.rope_init_fn(module.config, torch.device("cpu"))
+                module.register_buffer("inv_freq", inv_freq, persistent=False)
+                module.original_inv_freq = inv_freq
         return
     for name, buffer in list(named()):
         parent, _, leaf = name.rpartition(".")
