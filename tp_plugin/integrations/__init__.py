@@ -8,7 +8,8 @@ own code unless a model split by tp_plugin is involved.
 
 | library | what is changed | where | why |
 | --- | --- | --- | --- |
-| accelerate | `Accelerator.prepare`, `prepare_model`, `prepare_data_loader`, `clip_grad_norm_`, `save_state`, `load_state` (wrapped) | accelerate.py | DDP and data sharding over the DP group, TP-correct clipping, no DDP state that loses TP shards |
+| accelerate | `Accelerator.prepare`, `prepare_model`, `prepare_data_loader`, `clip_grad_norm_`, `save_state`, `load_state` (wrapped) | accelerate.py | DDP and data sharding over the DP group, TP-correct clipping, resumable states of every TP rank |
+| accelerate | `accelerate.accelerator.save_accelerator_state`, `load_accelerator_state` (wrapped, in that module's namespace; active only inside `save_state` / `load_state` of a split model under DDP) | accelerate_ddp_state.py | each TP rank's model and optimizer state kept |
 | accelerate | `accelerate.accelerator.fsdp2_prepare_model`, `save_fsdp_model`, `load_fsdp_model`, `save_fsdp_optimizer`, `load_fsdp_optimizer` (wrapped, in that module's namespace) | accelerate_fsdp.py | FSDP2 over the DP dim only; each TP rank's resumable state kept |
 | accelerate | env `ACCELERATE_USE_PARALLELISM_CONFIG=false` and, without a GPU, Accelerate's `PartialState` on gloo (under `accelerate launch` only, before the split) | accelerate.py `prepare_launch` | the yaml's TP degree is ours; CPU launches get a backend |
 | peft | `BaseTuner.inject_adapter`, `PeftModel.__init__`, `PeftModel.save_pretrained`, `get_peft_model_state_dict` (4 modules) | peft/patches.py | TP LoRA layers, refusals, unsplit adapters |

@@ -28,7 +28,7 @@
      dimension (its own mechanism: `torch_device_mesh`), so all TP ranks of a replica get the same batch.
    * `clip_grad_norm_` uses the unsplit model's norm (`tp_plugin.grad_norm`).
    * FSDP2 (`distributed_type: FSDP`, `fsdp_version: 2`) shards over the DP dim, and `save_state`/`load_state`
-     keep every TP rank's shards (`accelerate_fsdp`); under DDP they are refused (rank 0's shards only); FSDP1
+     keep every TP rank's shards (`accelerate_fsdp`), and so do they under DDP (`accelerate_ddp_state`); FSDP1
      is refused (it would flatten the TP shards together).
    (The first training forward checks, once, that the TP ranks got the same batch: `tp_plugin.checks`, in
    every path, not only Accelerate's.)
@@ -236,20 +236,19 @@ def _wrap_clip_grad_norm(original):
 
 
 def _wrap_state_io(original):
-    """`save_state` / `load_state`: refused under DDP for a split model (Accelerate writes rank 0's model and
-    optimizer only: the other TP ranks' shards would be lost, and a resume would load rank 0's into them)."""
+    """`save_state` / `load_state`: under DDP, each TP rank's model and optimizer state is saved and loaded by
+    `accelerate_ddp_state` (Accelerate alone would keep rank 0's shards only); FSDP2 and DeepSpeed have their own."""
     @functools.wraps(original)
     def state_io(self, *args, **kwargs):
         from accelerate.utils import DistributedType
 
+        from . import accelerate_ddp_state
+
         mesh = getattr(self, "_tp_plugin_mesh", None)
-        if mesh is not None and self.distributed_type not in (DistributedType.DEEPSPEED, DistributedType.FSDP):
-            raise ValueError(f"tp_plugin: Accelerator.{original.__name__} under {self.distributed_type} keeps rank "
-                             f"0's model and optimizer only, and the split model's {mesh.tp_size} TP ranks hold "
-                             f"different shards: resuming would be silently wrong. Use an FSDP2 or DeepSpeed config "
-                             f"(their states keep every TP rank's shards; configs/accelerate/cpu_tp2_fsdp2.yaml), "
-                             f"or save the weights with tp_plugin.save_pretrained(model, dir).")
-        return original(self, *args, **kwargs)
+        if mesh is None or self.distributed_type in (DistributedType.DEEPSPEED, DistributedType.FSDP):
+            return original(self, *args, **kwargs)
+        with accelerate_ddp_state.active(self):
+            return original(self, *args, **kwargs)
     return state_io
 
 
@@ -267,9 +266,10 @@ def install() -> None:
     defers to Accelerate unless a split model is in play."""
     from accelerate import Accelerator
 
-    from . import accelerate_fsdp
+    from . import accelerate_ddp_state, accelerate_fsdp
 
     accelerate_fsdp.install()
+    accelerate_ddp_state.install()
     if "_tp_plugin_originals" in vars(Accelerator):
         return
     Accelerator._tp_plugin_originals = {name: vars(Accelerator)[name] for name in _WRAPPED}
@@ -281,9 +281,10 @@ def uninstall() -> None:
     """Give `Accelerator` its own methods back."""
     import sys
 
-    from . import accelerate_fsdp
+    from . import accelerate_ddp_state, accelerate_fsdp
 
     accelerate_fsdp.uninstall()
+    accelerate_ddp_state.uninstall()
     accelerate = sys.modules.get("accelerate")
     Accelerator = getattr(accelerate, "Accelerator", None)
     originals = vars(Accelerator).get("_tp_plugin_originals") if Accelerator is not None else None

@@ -13,8 +13,8 @@ model is split by tp_plugin over more than one rank:
   offload) over the data-parallel dim of the split model's mesh, with the TP tags and gradient hooks carried
   over (`integrations.fsdp.keep_tags`).
 * `save_fsdp_model` / `save_fsdp_optimizer` / `load_fsdp_model` / `load_fsdp_optimizer`: each TP rank's state is
-  its own DCP checkpoint over its data-parallel group, in `<dir>/pytorch_model_fsdp_<i>/tp-rank-<r>-of-<tp>` and
-  `<dir>/optimizer_<i>/tp-rank-<r>-of-<tp>`, whatever `fsdp_state_dict_type` says (a full state dict would be
+  its own DCP checkpoint over its data-parallel group, in `<dir>/tp_plugin_model_<i>/tp-rank-<r>-of-<tp>` and
+  `<dir>/tp_plugin_optimizer_<i>/tp-rank-<r>-of-<tp>`, whatever `fsdp_state_dict_type` says (a full state dict would be
   written by rank 0, with its TP shard only). Resuming needs the same TP degree; the final model is saved with
   `tp_plugin.save_pretrained` (an ordinary HF checkpoint).
 """
@@ -30,7 +30,7 @@ from .accelerate import mesh_of
 from .fsdp import check_data_mesh, data_parallel_mesh, keep_tags
 
 _MODULE = "accelerate.accelerator"
-MODEL_DIR, OPTIMIZER_DIR = "pytorch_model_fsdp", "optimizer"  # Accelerate's FSDP_MODEL_NAME, OPTIMIZER_NAME
+MODEL_DIR, OPTIMIZER_DIR = "tp_plugin_model", "tp_plugin_optimizer"  # (not Accelerate's layout: one DCP per TP rank)
 
 
 class _DataDims:
@@ -77,6 +77,47 @@ def _check_degree(path: Path, mesh: TPMesh) -> None:
                            f"(tp_size={mesh.tp_size} now)")
 
 
+def save_model_state(model, output_dir, index: int, mesh: TPMesh, adapter_only: bool = False) -> None:
+    """This TP rank's model state as a DCP checkpoint over its data-parallel group."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+    state = get_model_state_dict(model, options=_options(adapter_only))
+    dcp.save({"model": state}, checkpoint_id=_directory(output_dir, MODEL_DIR, index, mesh),
+             process_group=mesh.dp_group)
+
+
+def load_model_state(model, input_dir, index: int, mesh: TPMesh, adapter_only: bool = False):
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
+
+    path = _directory(input_dir, MODEL_DIR, index, mesh)
+    _check_degree(path, mesh)
+    state = {"model": get_model_state_dict(model, options=_options(adapter_only))}
+    dcp.load(state, checkpoint_id=path, process_group=mesh.dp_group)
+    return set_model_state_dict(model, state["model"], options=_options(adapter_only))
+
+
+def save_optimizer_state(optimizer, model, output_dir, index: int, mesh: TPMesh) -> None:
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    state = get_optimizer_state_dict(model, optimizer)
+    dcp.save({"optimizer": state}, checkpoint_id=_directory(output_dir, OPTIMIZER_DIR, index, mesh),
+             process_group=mesh.dp_group)
+
+
+def load_optimizer_state(optimizer, model, input_dir, index: int, mesh: TPMesh) -> None:
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+
+    path = _directory(input_dir, OPTIMIZER_DIR, index, mesh)
+    _check_degree(path, mesh)
+    state = {"optimizer": get_optimizer_state_dict(model, optimizer)}
+    dcp.load(state, checkpoint_id=path, process_group=mesh.dp_group)
+    set_optimizer_state_dict(model, optimizer, state["optimizer"])
+
+
 def _wrap_save_model(original):
     @functools.wraps(original)
     def save_fsdp_model(fsdp_plugin, accelerator, model, output_dir, model_index=0, adapter_only=False,
@@ -84,12 +125,7 @@ def _wrap_save_model(original):
         mesh = mesh_of(model)
         if mesh is None:
             return original(fsdp_plugin, accelerator, model, output_dir, model_index, adapter_only, use_dcp)
-        import torch.distributed.checkpoint as dcp
-        from torch.distributed.checkpoint.state_dict import get_model_state_dict
-
-        state = get_model_state_dict(model, options=_options(adapter_only))
-        dcp.save({"model": state}, checkpoint_id=_directory(output_dir, MODEL_DIR, model_index, mesh),
-                 process_group=mesh.dp_group)
+        save_model_state(model, output_dir, model_index, mesh, adapter_only)
     return save_fsdp_model
 
 
@@ -100,14 +136,7 @@ def _wrap_load_model(original):
         mesh = mesh_of(model)
         if mesh is None:
             return original(fsdp_plugin, accelerator, model, input_dir, model_index, adapter_only, use_dcp)
-        import torch.distributed.checkpoint as dcp
-        from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
-
-        path = _directory(input_dir, MODEL_DIR, model_index, mesh)
-        _check_degree(path, mesh)
-        state = {"model": get_model_state_dict(model, options=_options(adapter_only))}
-        dcp.load(state, checkpoint_id=path, process_group=mesh.dp_group)
-        return set_model_state_dict(model, state["model"], options=_options(adapter_only))
+        return load_model_state(model, input_dir, model_index, mesh, adapter_only)
     return load_fsdp_model
 
 
@@ -118,12 +147,7 @@ def _wrap_save_optimizer(original):
         mesh = mesh_of(model)
         if mesh is None:
             return original(fsdp_plugin, accelerator, optimizer, model, output_dir, optimizer_index, use_dcp)
-        import torch.distributed.checkpoint as dcp
-        from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
-
-        state = get_optimizer_state_dict(model, optimizer)
-        dcp.save({"optimizer": state}, checkpoint_id=_directory(output_dir, OPTIMIZER_DIR, optimizer_index, mesh),
-                 process_group=mesh.dp_group)
+        save_optimizer_state(optimizer, model, output_dir, optimizer_index, mesh)
     return save_fsdp_optimizer
 
 
@@ -135,14 +159,7 @@ def _wrap_load_optimizer(original):
         if mesh is None:
             return original(fsdp_plugin, accelerator, optimizer, model, input_dir, optimizer_index, adapter_only,
                             use_dcp)
-        import torch.distributed.checkpoint as dcp
-        from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
-
-        path = _directory(input_dir, OPTIMIZER_DIR, optimizer_index, mesh)
-        _check_degree(path, mesh)
-        state = {"optimizer": get_optimizer_state_dict(model, optimizer)}
-        dcp.load(state, checkpoint_id=path, process_group=mesh.dp_group)
-        set_optimizer_state_dict(model, optimizer, state["optimizer"])
+        load_optimizer_state(optimizer, model, input_dir, optimizer_index, mesh)
     return load_fsdp_optimizer
 
 
