@@ -53,7 +53,8 @@ def _train(rank, world, arch, dp, schedule, layers, out_dir, opts=None):
     torch.set_num_threads(1)
     mesh = init_device_mesh("cpu", (2, dp, 2), mesh_dim_names=("pp", "dp", "tp"))
     pipe = tp_plugin.pipeline(build(arch, HEADS_FOR, layers=layers, tied=opts.get("tied", True)), mesh=mesh,
-                              microbatches=MICRO, schedule=schedule, loss_parallel=opts.get("loss_parallel", False))
+                              microbatches=MICRO, schedule=schedule, loss_parallel=opts.get("loss_parallel", False),
+                              data_parallel=opts.get("data_parallel", "ddp"))
     pipe.train()
     if opts.get("zero1"):  # ZeRO-1 over the data-parallel replicas: each keeps half of the optimizer state
         opt = ZeroRedundancyOptimizer(list(pipe.parameters()), optimizer_class=torch.optim.AdamW,
@@ -108,6 +109,21 @@ def test_pp2_tp2_loss_parallel_matches_unsplit():
 def test_pp2_tp2_dp2_zero1_matches_unsplit():
     """ZeRO-1 across the replicas: torch's ZeroRedundancyOptimizer over `pipe.dp_group` (8 ranks)."""
     _check(run_ranks(8, _train, "llama", 2, "1F1B", 4, None, {"zero1": True}, timeout_s=400), 2)
+
+
+def test_pp2_tp2_fsdp2_dp2_matches_unsplit_and_saves(tmp_path):
+    """3D with FSDP2 as the data-parallel axis: each stage sharded over "dp" (GPT-2, tied embeddings: the two
+    copies' gradients summed on FSDP2's local shards); the checkpoint gathers FSDP2's rows, then TP's."""
+    import transformers
+
+    results = run_ranks(8, _train, "gpt2", 2, "1F1B", 4, str(tmp_path / "out"), {"data_parallel": "fsdp2"},
+                        timeout_s=400)
+    _check(results, 2)
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out", attn_implementation="eager")
+    ids = batch(seed=99, batch_size=8, seq=12)
+    with torch.no_grad():
+        loss = reloaded(input_ids=ids, labels=ids).loss.item()
+    assert all(abs(r["probe"] - loss) <= TOL * loss for r in results), (loss, [r["probe"] for r in results])
 
 
 def _mismatched(rank, world):

@@ -15,7 +15,8 @@ vocabulary shards with `loss_parallel=True`) as the sum over tokens divided by t
 micro-batches add up to the unsplit model's mean (`scale_grads=False`). After the schedule: a tied embedding's
 two copies (first and last stage) get the sum of their gradients (an all-reduce over the "pp" dim: the stages
 in between add zeros), and the gradients are averaged over the "dp" dim (DDP's arithmetic, one bucketed
-all-reduce after the last micro-batch, as DDP does under `no_sync` accumulation). ZeRO-1 is
+all-reduce after the last micro-batch, as DDP does under `no_sync` accumulation), or FSDP2 shards each stage
+over "dp" (`data_parallel="fsdp2"`). ZeRO-1 is
 `torch.distributed.optim.ZeroRedundancyOptimizer(pipe.parameters(), optimizer_class=..., process_group=pipe.dp_group)`.
 """
 
@@ -27,6 +28,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import DTensor
 
 from .grad_norm import grad_norm
 from .sharding import TPSplitError
@@ -39,8 +41,9 @@ class Pipeline:
     """This rank's stages of a pipelined, tensor-parallel causal LM and the schedule that runs them."""
 
     def __init__(self, stages: list[Stage], stage_indices: list[int], num_stages: int, mesh: DeviceMesh,
-                 microbatches: int, schedule: str):
+                 microbatches: int, schedule: str, data_parallel: str = "ddp"):
         self.stages, self.stage_indices, self.num_stages = stages, stage_indices, num_stages
+        self.data_parallel = data_parallel
         self.mesh, self.microbatches, self.schedule_name = mesh, microbatches, schedule
         self.pp_group = mesh.get_group("pp")
         names = mesh.mesh_dim_names
@@ -116,7 +119,7 @@ class Pipeline:
         coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
         for p in self.parameters():
             if p.grad is not None:
-                p.grad.mul_(coef)
+                _local(p.grad).mul_(coef)
         return total
 
     # ---- inside a step ----------------------------------------------------------------------------------------
@@ -167,7 +170,7 @@ class Pipeline:
 
     def _sync_gradients(self) -> None:
         self._sum_tied()
-        if self.dp_size > 1:  # DDP's mean over the replicas, one flat all-reduce
+        if self.dp_size > 1 and self.data_parallel == "ddp":  # DDP's mean over the replicas, one flat all-reduce
             grads = [p.grad for p in self.parameters() if p.grad is not None]
             if grads:
                 flat = torch.cat([g.reshape(-1) for g in grads]).div_(self.dp_size)
@@ -183,12 +186,42 @@ class Pipeline:
         shape = self._tied_shape
         if shape is None:
             return
-        mine = [p for p in self._tied if p.grad is not None]
-        buf = mine[0].grad.clone() if mine else torch.zeros(shape, device=next(self.parameters()).device)
+        mine = [p for p in self._tied if p.grad is not None]  # (FSDP2: this data-parallel rank's rows)
+        buf = _local(mine[0].grad).clone() if mine else torch.zeros(shape, device=next(self.parameters()).device)
         dist.all_reduce(buf, group=self.pp_group)
         for p in self._tied:
             if p.grad is not None:
-                p.grad.copy_(buf)
+                _local(p.grad).copy_(buf)
+
+    def shard_data_parallel(self) -> None:
+        """FSDP2 over the "dp" dim, stage by stage (each decoder layer of the stage, then the stage's model);
+        parameters stay gathered between micro-batches (`reshard_after_forward=False`), gradients are
+        reduce-scattered once, in the last micro-batch's backward (the schedule turns the sync off before)."""
+        import contextlib
+
+        from torch.distributed.fsdp import fully_shard
+
+        from .integrations.fsdp import check_data_mesh, decoder_layers, keep_tags
+        from .state import tp_state
+
+        dp_mesh = self.mesh["dp"]
+        for stage in self.stages:
+            state = tp_state(stage.model)
+            if state is not None and state.mesh is not None:
+                check_data_mesh(dp_mesh, state.mesh, "pipeline(data_parallel='fsdp2')")
+            # the Stage is the root: its forward (not the model's, which the stage bypasses) gathers the rest
+            with keep_tags(stage.model) if state is not None else contextlib.nullcontext():
+                for layer in decoder_layers(stage.model):
+                    fully_shard(layer, mesh=dp_mesh, reshard_after_forward=False)
+                fully_shard(stage, mesh=dp_mesh, reshard_after_forward=False)
+        self._tied = [p for s in self.stages for p in _tied_weight(s)]
+        self._tied_shape = _tied_shape(self)
+        self.data_parallel = "fsdp2"
+
+
+def _local(tensor: torch.Tensor) -> torch.Tensor:
+    """A DTensor's local shard (FSDP2), or the tensor itself."""
+    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
 
 
 def _tied_weight(stage: Stage) -> list[torch.Tensor]:
@@ -203,14 +236,15 @@ def _tied_weight(stage: Stage) -> list[torch.Tensor]:
 
 def pipeline(model: nn.Module, *, mesh: DeviceMesh, microbatches: int = 8, schedule: str = "1F1B",
              split: list[int] | None = None, stages_per_rank: int | None = None,
-             loss_parallel: bool = False) -> Pipeline:
+             loss_parallel: bool = False, data_parallel: str = "ddp") -> Pipeline:
     """Split an (unsplit) causal LM into pipeline stages over the mesh's "pp" dim and each stage over its "tp"
     dim; return the `Pipeline` that trains it.
 
     `mesh`: ("pp", "dp", "tp"), ("pp", "tp") or ("pp", "dp"). `schedule`: "GPipe", "1F1B" or "Interleaved1F1B"
     (then `stages_per_rank`, default 2, stages per rank, rank r holding stages r, r + pp, ...). `split`: decoder
     layers per stage (default: balanced by parameter count). `loss_parallel=True`: the loss from vocabulary
-    shards (no gather of the logits).
+    shards (no gather of the logits). `data_parallel`: "ddp" (the gradients averaged over "dp" after the
+    schedule; ZeRO-1 by wrapping the optimizer) or "fsdp2" (`Pipeline.shard_data_parallel`).
     """
     from .config import configured_sequence_parallel
     from .parallelize import parallelize
@@ -223,6 +257,8 @@ def pipeline(model: nn.Module, *, mesh: DeviceMesh, microbatches: int = 8, sched
     if "pp" not in names:
         raise TPSplitError(f"tp_plugin.pipeline: the mesh {names} has no 'pp' dim; build it with "
                            f"init_device_mesh(device, (pp, dp, tp), mesh_dim_names=('pp', 'dp', 'tp'))")
+    if data_parallel not in ("ddp", "fsdp2"):
+        raise TPSplitError(f"tp_plugin.pipeline(data_parallel={data_parallel!r}): 'ddp' or 'fsdp2'")
     kind = schedule.lower().replace("_", "").replace("-", "")
     if kind not in SCHEDULES:
         raise TPSplitError(f"tp_plugin.pipeline(schedule={schedule!r}): one of GPipe, 1F1B, Interleaved1F1B")
@@ -248,6 +284,8 @@ def pipeline(model: nn.Module, *, mesh: DeviceMesh, microbatches: int = 8, sched
     pipe = Pipeline(stages, indices, num_stages, mesh, microbatches, schedule)
     pipe._tied_shape = _tied_shape(pipe)
     pipe.layer_ranges = ranges
+    if data_parallel == "fsdp2" and not any(p.is_meta for p in pipe.parameters()):
+        pipe.shard_data_parallel()  # (on meta, `from_pretrained` shards after loading)
     return pipe
 
 
@@ -274,7 +312,7 @@ def _pp_dp_tp(mesh: DeviceMesh) -> DeviceMesh:
 
 def _tied_shape(pipe: Pipeline):
     """The local shape of the tied embedding (known to every stage, so the middle ones can add zeros)."""
-    local = [tuple(p.shape) for p in pipe._tied]
+    local = [tuple(_local(p).shape) for p in pipe._tied]
     everyone = [None] * dist.get_world_size(pipe.pp_group)
     dist.all_gather_object(everyone, local[0] if local else None, group=pipe.pp_group)
     shapes = {s for s in everyone if s is not None}

@@ -131,6 +131,8 @@ def _load_pipeline(model, source, directory: Path, tp: int, pp: int, loss_parall
             materialize(stage.model, source, show_progress=_is_rank0())
     finally:
         source.close()
+    if kwargs.get("data_parallel") == "fsdp2":
+        pipe.shard_data_parallel()
     return pipe.eval()
 
 

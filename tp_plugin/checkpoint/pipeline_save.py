@@ -41,15 +41,15 @@ def save_pipeline(pipe, save_directory: str | os.PathLike, *, max_shard_size: in
         dtype, shape, index = owner[name]
         holder_pp = index % mesh.size(0)
         source = int(mesh.mesh[holder_pp, 0, 0])
-        if pp_rank != holder_pp or dp_rank != 0:
+        if pp_rank != holder_pp:
             if is_writer:  # (rank 0 is on stage 0's replica 0: only other stages' tensors arrive here)
                 full = torch.empty(shape, dtype=dtype)
                 dist.recv(full, src=source)
                 return full
             return None
         entry, tp_mesh, _ = local[name]
-        with gathered(entry.tensor) as shard:
-            full = gather_full(entry, shard, tp_mesh)
+        with gathered(entry.tensor) as shard:  # (FSDP2: a collective of the stage's data-parallel ranks)
+            full = gather_full(entry, shard, tp_mesh) if dp_rank == 0 else None
         if full is not None and source != 0:
             dist.send(full.contiguous().cpu(), dst=0)
             return None

@@ -70,11 +70,13 @@ def keep_tags(model: nn.Module):
 
 
 def decoder_layers(model: nn.Module) -> list[nn.Module]:
-    """The blocks FSDP2 wraps one by one: the largest `nn.ModuleList` (by parameters), HF's decoder layers."""
+    """The blocks FSDP2 wraps one by one: the largest `nn.ModuleList` (by parameters), HF's decoder layers (those
+    with parameters: a pipeline stage's list also holds the other stages' `SkippedLayer`s)."""
     lists = [m for m in model.modules() if isinstance(m, nn.ModuleList) and len(m) > 0]
     if not lists:
         return []
-    return list(max(lists, key=lambda m: sum(p.numel() for p in m.parameters())))
+    layers = max(lists, key=lambda m: sum(p.numel() for p in m.parameters()))
+    return [layer for layer in layers if any(True for _ in layer.parameters())]
 
 
 def fully_shard(model: nn.Module, *, mesh: DeviceMesh | None = None, reshard_after_forward: bool = True,
