@@ -18,7 +18,8 @@ Nothing is loaded and nothing is allocated: the model is built on the meta devic
   taken vocab-parallel (`loss_parallel=True`), so the full logits are never gathered;
 * a fixed margin for the CUDA context, NCCL buffers and allocator fragmentation (`MARGIN_GIB`).
 
-Pipeline stages (`tp_plugin.pipeline`, pp > 1, data parallelism by DDP or ZeRO-1 only) hold 1/pp of the layers'
+Pipeline stages (`tp_plugin.pipeline`, pp > 1; data parallelism by DDP, ZeRO-1, or FSDP2 counted as ZeRO-2: its
+parameters stay gathered during a step) hold 1/pp of the layers'
 weights, gradients and optimizer state (the first and last stage also the embedding or head); under 1F1B the
 first stage keeps pp micro-batches of its layers' activations in flight, as many as all layers of one.
 The recommendation: no pipeline if anything fits, then the smallest TP degree that fits inside one node (at most
@@ -228,7 +229,7 @@ def candidates(config, work: Workload) -> list[Candidate]:
                            if isinstance(e.style, VocabLMHead)), default=0)
         master = 4 if width < 4 else 0
         states = OPTIMIZER_STATES[work.optimizer] * 4
-        for zero in ((0, 1, 2, 3) if pp == 1 else (0, 1)) if dp > 1 else (0,):
+        for zero in ((0, 1, 2, 3) if pp == 1 else (0, 1, 2)) if dp > 1 else (0,):
             for ckpt in ([False, True] if work.gradient_checkpointing is None else [work.gradient_checkpointing]):
                 for sp in ([False, True] if sp_acts is not None else [False]):
                     out.append(_candidate(work, tp, pp, dp, zero, ckpt, sp, params, trainable, width, master,
@@ -303,7 +304,7 @@ def _candidate(work, tp, pp, dp, zero, ckpt, sp, params, trainable, width, maste
     if tp > 8:
         notes.append("TP beyond 8 ranks: prefer data parallelism or pipeline stages")
     if pp > 1:
-        notes.append(f"{pp} pipeline stages (tp_plugin.pipeline; DDP or ZeRO-1 across replicas): "
+        notes.append(f"{pp} pipeline stages (tp_plugin.pipeline; across replicas DDP, ZeRO-1, or FSDP2 as ZeRO-2): "
                      f"{_ring(tokens, 2) / 2 / GiB:.3f} GiB per micro-batch between stages each way")
     if not fits:
         biggest = max(("params", "grads", "optimizer", "activations"), key=lambda k: memory[k])
