@@ -1,15 +1,15 @@
-"""Cross-rank consistency checks of a split model: cheap, once, and never a hang.
+"""Cross-rank consistency checks of a split model: cheap, bounded, and never a hang.
 
-* The first training forward (any client: a plain loop, Accelerate, the Trainer, TRL, DeepSpeed) checks that
-  the ranks of each TP group got the same batch and the same RNG state, with one all-gather of two int64s.
-  A batch mismatch is an error on every rank of the group; an RNG mismatch (per-rank seeds, a DDP habit) is
-  repaired from TP rank 0 with a warning, because the library can: dropout masks on replicated activations
-  then agree again.
-* `arrive_together` guards calls that every rank must make (saving, `generate`, resizing): the ranks meet in the process group's
-  key-value store, not in a collective, so a call made on fewer ranks fails with a clear error after a
-  bounded wait instead of hanging in the first gather.
+* Inputs (`InputChecks`, any client: a plain loop, Accelerate, the Trainer, TRL, DeepSpeed, HF `generate`): the
+  ranks of each TP group must get the same inputs. Checked at the first training forward (with the RNG state),
+  at the first forward of each evaluation, and on every `generate` prompt, each with one all-gather of one or
+  two int64s. A mismatch is an error on every rank of the group, before any wrong number; an RNG mismatch
+  (per-rank seeds, a DDP habit) is repaired from TP rank 0 with a warning, because the library can: dropout
+  masks on replicated activations then agree again.
+* `arrive_together` guards calls that every rank of a group must make (saving: the world; `generate`, resizing:
+  the TP group): the ranks meet in the process group's key-value store, not in a collective, so a call made on
+  fewer ranks fails with a clear error after a bounded wait instead of hanging in the first gather.
 """
-
 from __future__ import annotations
 
 import hashlib
@@ -17,6 +17,7 @@ import logging
 import os
 import time
 from collections import Counter
+from contextlib import contextmanager
 
 import torch
 import torch.distributed as dist
@@ -32,7 +33,8 @@ ROUTES = ("shard the data over the data-parallel group, not the world: with Acce
           "accelerator.prepare; with the HF Trainer use tp_plugin.TPTrainer, or put tp_plugin.TPTrainerMixin in "
           "front of your Trainer subclass (class MyTrainer(TPTrainerMixin, SFTTrainer)); in a plain loop use "
           "DistributedSampler(dataset, num_replicas=mesh.dp_size, rank=mesh.dp_rank) with "
-          "mesh = tp_plugin.tp_state(model).mesh")
+          "mesh = tp_plugin.tp_state(model).mesh; for inference, divide prompts with Accelerate's "
+          "split_between_processes (over data-parallel replicas once a model is split) or by mesh.dp_rank")
 
 
 def _inputs_digest(args, kwargs) -> int:
@@ -64,19 +66,23 @@ def _who_agrees(values: list[int], group) -> list[list[int]]:
     return list(same.values())
 
 
-@torch.compiler.disable  # host-side hashing: under torch.compile it runs eagerly, once, then the hook is gone
+def _check_same_inputs(batches: list[int], group, where: str) -> None:
+    if len(set(batches)) > 1:
+        ranks = dist.get_process_group_ranks(group)
+        raise RuntimeError(
+            f"tp_plugin: the ranks of tensor-parallel group {ranks} got different batches in {where} (ranks with "
+            f"equal batches: {_who_agrees(batches, group)}). The ranks of one TP group compute one model together and "
+            f"must see the same inputs; only data-parallel replicas get different ones. Fix: {ROUTES}.")
+
+
+@torch.compiler.disable  # host-side hashing: under torch.compile it runs eagerly
 def check_first_training_forward(args, kwargs, group) -> None:
     """Same batch and same RNG state on every rank of `group` (one all-gather); see the module docstring."""
     gathered = _gather([_inputs_digest(args, kwargs), rng.digest()], group)
     batches, states = [g[0] for g in gathered], [g[1] for g in gathered]
-    ranks = dist.get_process_group_ranks(group)
-    if len(set(batches)) > 1:
-        raise RuntimeError(
-            f"tp_plugin: the ranks of tensor-parallel group {ranks} got different batches in their first training "
-            f"forward (ranks with equal inputs: {_who_agrees(batches, group)}). The ranks of one TP group compute "
-            f"one model together and must see the same batch; only data-parallel replicas get different ones. "
-            f"Fix: {ROUTES}.")
+    _check_same_inputs(batches, group, "their first training forward")
     if len(set(states)) > 1:
+        ranks = dist.get_process_group_ranks(group)
         if dist.get_rank(group) == 0:
             logger.warning("tp_plugin: the ranks of tensor-parallel group %s had different random states (ranks "
                            "with equal states: %s), e.g. seeded with seed + rank; dropout and sampling would differ "
@@ -85,21 +91,61 @@ def check_first_training_forward(args, kwargs, group) -> None:
         rng.sync_from_tp_rank0(group)
 
 
-def install_first_forward_check(model: nn.Module, group) -> None:
-    """Run `check_first_training_forward` at the first forward in training mode, then never again."""
-    if getattr(model, "_tp_plugin_first_forward", None) is not None:
-        return
+@torch.compiler.disable
+def check_same_inputs(args, kwargs, group, where: str) -> None:
+    """Same inputs on every rank of `group` (a digest each, one all-gather of one int64), else an error on all."""
+    _check_same_inputs([g[0] for g in _gather([_inputs_digest(args, kwargs)], group)], group, where)
 
-    def hook(module, args, kwargs):
-        if not module.training:
+
+class InputChecks:
+    """A split model's forward pre-hook: the ranks of its TP group got the same inputs. Checked at the first
+    training forward (with the RNG states), at the first forward of every evaluation (the first eval-mode forward
+    after a training-mode one, or ever), and by `generate` on its prompt; not on later forwards of the same
+    evaluation nor on generate's decode steps, so a check costs one all-gather of 8 bytes per evaluation or call.
+    A callable object rather than a closure, so that a deep copy of the model gets its own."""
+
+    def __init__(self, model: nn.Module, group):
+        self.model, self.group = model, group  # the split model (the hook runs on its base model)
+        self.trained = False  # the first training forward has been checked
+        self.last_training: bool | None = None  # the mode of the previous forward (None: none yet)
+        self.generating = 0  # > 0 inside generate(), which checked its prompt itself
+        self.enabled = True  # off for pipeline stages, which check their batches themselves
+
+    def __call__(self, module, args, kwargs):
+        training = module.training
+        if self.generating or not self.enabled:
             return None
-        model._tp_plugin_first_forward.remove()
-        model._tp_plugin_first_forward = "done"
-        check_tagged(module, "the first training forward")  # FSDP2 applied without tp_plugin: no collective yet
-        check_first_training_forward(args, kwargs, group)
+        if training and not self.trained:
+            self.trained = True
+            check_tagged(self.model, "the first training forward")  # FSDP2 applied without tp_plugin: no collective
+            check_first_training_forward(args, kwargs, self.group)
+        elif not training and self.last_training is not False:
+            check_same_inputs(args, kwargs, self.group, "an evaluation forward (the first after model.eval())")
+        self.last_training = training
         return None
 
-    model._tp_plugin_first_forward = model.register_forward_pre_hook(hook, with_kwargs=True)
+    @contextmanager
+    def generate(self, args, kwargs):
+        """Around `generate`: its prompt checked once, its forwards not again."""
+        check_same_inputs(args, kwargs, self.group, "generate()")
+        self.generating += 1
+        try:
+            yield
+        finally:
+            self.generating -= 1
+            self.last_training = False
+
+
+def install_input_checks(model: nn.Module, group) -> InputChecks:
+    """Put `InputChecks` on the split model (once) and return it. The hook sits on the base model (HF's
+    `base_model`, which every head's forward calls as a module): PEFT calls the top model's `forward` directly,
+    which runs no hooks of the top model."""
+    checks = getattr(model, "tp_plugin_input_checks", None)
+    if checks is None:
+        checks = model.tp_plugin_input_checks = InputChecks(model, group)
+        base = getattr(model, "base_model", None)
+        (base if isinstance(base, nn.Module) else model).register_forward_pre_hook(checks, with_kwargs=True)
+    return checks
 
 
 def check_tagged(model: nn.Module, who: str) -> None:
@@ -125,22 +171,26 @@ TIMEOUT_ENV = "TP_PLUGIN_ARRIVAL_TIMEOUT"  # seconds; 60 by default
 _calls: Counter = Counter()
 
 
-def arrive_together(what: str, fix: str, *, timeout_s: float | None = None) -> None:
-    """Return once every rank of the world has called `arrive_together(what, ...)` the same number of times;
-    raise a clear error on the ranks that did, if the others have not arrived within `timeout_s`.
+def arrive_together(what: str, fix: str, *, group: dist.ProcessGroup | None = None,
+                    timeout_s: float | None = None) -> None:
+    """Return once every rank of `group` (default: the world) has called `arrive_together(what, ...)` the same
+    number of times; raise a clear error on the ranks that did, if the others have not arrived within `timeout_s`.
 
     The ranks meet in the default process group's store: the last to arrive sets the verdict "go"; a rank
     that times out sets "missing". The store's compare-and-set decides between the two atomically, so all
-    ranks that arrive get the same verdict and no rank enters the collectives that follow alone.
+    ranks that arrive get the same verdict and no rank enters the collectives that follow alone. Each group
+    counts its own calls: data-parallel replicas may call `generate` different numbers of times.
     """
-    if not dist.is_initialized() or dist.get_world_size() == 1:
+    if not dist.is_initialized() or dist.get_world_size(group) == 1:
         return
     timeout_s = float(os.environ.get(TIMEOUT_ENV, 60)) if timeout_s is None else timeout_s
     store = dist.distributed_c10d._get_default_store()
-    _calls[what] += 1
-    key, world = f"tp_plugin/arrive/{what}/{_calls[what]}", dist.get_world_size()
+    ranks = dist.get_process_group_ranks(group) if group is not None else list(range(dist.get_world_size()))
+    members = "world" if group is None else "-".join(map(str, ranks))
+    _calls[(what, members)] += 1
+    key, size = f"tp_plugin/arrive/{what}/{members}/{_calls[(what, members)]}", len(ranks)
     verdict_key = f"{key}/verdict"
-    if store.add(f"{key}/count", 1) == world:
+    if store.add(f"{key}/count", 1) == size:
         store.compare_set(verdict_key, "", "go")
     deadline, pause = time.monotonic() + timeout_s, 0.0002
     while not store.check([verdict_key]):
@@ -152,6 +202,7 @@ def arrive_together(what: str, fix: str, *, timeout_s: float | None = None) -> N
     verdict = store.get(verdict_key).decode()
     if verdict != "go":
         arrived = store.add(f"{key}/count", 0)
-        raise TPSplitError(f"tp_plugin: {what} must be called on every rank (each holds part of the model), but "
-                           f"only {arrived} of {world} ranks called it within {timeout_s:g} s (rank "
-                           f"{dist.get_rank()} did); nothing was written. Fix: {fix}")
+        where = "" if group is None else f" of tensor-parallel group {ranks}"
+        raise TPSplitError(f"tp_plugin: {what} must be called on every rank{where} (each holds part of the model), "
+                           f"but only {arrived} of {size} ranks{where} called it within {timeout_s:g} s (rank "
+                           f"{dist.get_rank()} did and waited); nothing was done. Fix: {fix}")

@@ -6,9 +6,11 @@ calls them, a user, the Trainer or TRL, gets the unsplit model's behaviour or a 
 * `save_pretrained(dir)`: the ordinary consolidated checkpoint (`tp_plugin.save_pretrained`), written by
   global rank 0 while every rank sends its shards. Called on fewer ranks than the world (`if rank == 0:`, as
   on one GPU), it raises on the ranks that called it after a bounded wait and writes nothing.
-* `generate(...)`: every rank of a TP group starts from TP rank 0's RNG state (one small broadcast), so
-  `do_sample=True` draws the same tokens on every rank even after per-rank seeding. Called on fewer ranks
-  (`if rank == 0: model.generate(...)`), it raises after a bounded wait, like a save.
+* `generate(...)`: the ranks of a TP group must pass the same prompts (checked, one all-gather of 8 bytes, an
+  error on every rank otherwise), and every rank starts from TP rank 0's RNG state (one small broadcast), so
+  `do_sample=True` draws the same tokens on every rank even after per-rank seeding. Called on fewer ranks of
+  the TP group (`if rank == 0: model.generate(...)`), it raises after a bounded wait, like a save; replicas may
+  call it different numbers of times.
 * `resize_token_embeddings(n)`: transformers' own resize on the gathered vocabulary (same new rows as the
   unsplit model, drawn from the shared RNG state), then split again by vocabulary.
 
@@ -19,6 +21,7 @@ Bound methods are rebound by `copy.deepcopy` to the copy, so a deep-copied split
 
 from __future__ import annotations
 
+import contextlib
 import types
 
 import torch
@@ -27,7 +30,7 @@ from torch import nn
 from . import rng
 from .apply import split_vocab
 from .checkpoint.save import save_pretrained as save_consolidated
-from .checks import arrive_together
+from .checks import arrive_together, install_input_checks
 from .layers import VocabParallelEmbedding, VocabParallelLMHead
 from .sharding import TPSplitError, unshard_tensor
 from .state import tp_state
@@ -57,14 +60,18 @@ def generate(self, *args, **kwargs):
     """`GenerationMixin.generate`, after giving every rank of the TP group TP rank 0's RNG state; a sequence-
     parallel model generates on the plain TP path (decode steps have one token)."""
     state = tp_state(self)
-    if state is not None and state.mesh is not None and state.mesh.tp_size > 1:
-        arrive_together("generate", "call model.generate(...) on every rank (each computes part of every token) "
-                                    "and print or keep the result on one")
-        rng.sync_from_tp_rank0(state.mesh.tp_group)
-    if state is not None and state.sequence is not None:
-        with state.sequence.suspend():
-            return type(self).generate(self, *args, **kwargs)
-    return type(self).generate(self, *args, **kwargs)
+    if state is None or state.mesh is None or state.mesh.tp_size == 1:
+        return type(self).generate(self, *args, **kwargs)
+    group = state.mesh.tp_group
+    arrive_together("generate", "call model.generate(...) on every rank of the tensor-parallel group (each computes "
+                                "part of every token) with the same prompts, and print or keep the result on one",
+                    group=group)
+    with contextlib.ExitStack() as scope:
+        scope.enter_context(install_input_checks(self, group).generate(args, kwargs))  # same prompts on the group
+        rng.sync_from_tp_rank0(group)
+        if state.sequence is not None:
+            scope.enter_context(state.sequence.suspend())
+        return type(self).generate(self, *args, **kwargs)
 
 
 def _gather_full(param: torch.Tensor, group) -> torch.Tensor:
@@ -96,8 +103,8 @@ def resize_token_embeddings(self, new_num_tokens: int | None = None, pad_to_mult
                            f"tp_plugin's VocabParallelEmbedding")
     if new_num_tokens is None and pad_to_multiple_of is None:
         return embed
-    arrive_together("resize_token_embeddings", "call model.resize_token_embeddings(...) on every rank")
     group = mesh.tp_group
+    arrive_together("resize_token_embeddings", "call model.resize_token_embeddings(...) on every rank", group=group)
     rng.sync_from_tp_rank0(group)  # the new rows are drawn from the RNG: the same rows on every rank
     tied = isinstance(head, VocabParallelLMHead) and head.weight is embed.weight
     # skip_init: building the stand-ins must not draw from the RNG that transformers then draws the new rows from

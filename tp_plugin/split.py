@@ -18,7 +18,7 @@ from torch.distributed.tensor import DTensor
 
 from . import hf_methods, policies, rng, sequence  # noqa: F401  (importing policies registers the built-in families)
 from .auto import auto_policy  # the model's own base_model_tp_plan, translated, else its structure
-from .checks import install_first_forward_check
+from .checks import install_input_checks
 from .comm import all_equal, broadcast_from_rank0, fingerprint, sum_grad_over_tp
 from .config import configured_tp_size
 from .grad_hooks import add_grad_hook
@@ -32,7 +32,7 @@ from .regions import install_region, install_row_exit
 from .rng import RankStreams
 from .sequence import SequenceParallel
 from .sharding import TPSplitError
-from .state import TPState
+from .state import TPState, note_split
 from .styles import VocabEmbedding, VocabLMHead, patch_heads
 
 
@@ -67,7 +67,8 @@ def split_model(model: nn.Module, tp_size: int | None = None, *, mesh: DeviceMes
     model.tp_plugin_state = TPState(plan, tp_mesh, loss_parallel, sp, overlap_comm)
     if tp_mesh is not None and tp_size > 1:
         hf_methods.bind(model)  # save_pretrained / generate / resize_token_embeddings that know the split
-        install_first_forward_check(model, tp_mesh.tp_group)  # same batch and RNG state on every TP rank, once
+        note_split(model)  # Accelerate's split_between_processes divides over its replicas (tp_plugin.state)
+        install_input_checks(model, tp_mesh.tp_group)  # same inputs (and RNG state) on every rank of the TP group
     return model
 
 

@@ -162,6 +162,9 @@ class Stage(nn.Module):
     def __init__(self, model: nn.Module, *, first: bool, last: bool):
         super().__init__()
         self.model, self.first, self.last = model, first, last
+        checks = getattr(model, "tp_plugin_input_checks", None)
+        if checks is not None:  # `Pipeline.step` checks each batch before any stage communicates; later stages
+            checks.enabled = False  # get hidden states, and the schedule's shape inference uninitialised ones
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         inputs = {"input_ids": x} if self.first else {"inputs_embeds": x}

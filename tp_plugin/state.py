@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 
 from torch import nn
@@ -34,3 +35,21 @@ def tp_state(model: nn.Module) -> TPState | None:
         if model is None:
             return None
     return None
+
+
+# Models split over more than one rank in this process, held weakly: what helpers that are handed no model
+# (Accelerate's `PartialState.split_between_processes`) read to learn the data-parallel layout.
+_SPLIT_MODELS: weakref.WeakSet = weakref.WeakSet()
+
+
+def note_split(model: nn.Module) -> None:
+    _SPLIT_MODELS.add(model)
+
+
+def split_meshes() -> list[TPMesh]:
+    """The distinct (dp, tp) layouts of the split models alive in this process (one, in the usual script)."""
+    layouts: dict[str, TPMesh] = {}
+    for model in list(_SPLIT_MODELS):
+        mesh = model.tp_plugin_state.mesh
+        layouts.setdefault(str(mesh.mesh.mesh.tolist()), mesh)
+    return list(layouts.values())

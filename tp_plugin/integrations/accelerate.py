@@ -27,6 +27,8 @@
    * Data loaders are sharded over the DP group only: Accelerate is handed a device mesh with a "tp"
      dimension (its own mechanism: `torch_device_mesh`), so all TP ranks of a replica get the same batch.
    * `clip_grad_norm_` uses the unsplit model's norm (`tp_plugin.grad_norm`).
+   * `gather_for_metrics` counts each sample once (over the DP group) and `split_between_processes` divides
+     inputs over DP replicas (`accelerate_data`).
    * FSDP2 (`distributed_type: FSDP`, `fsdp_version: 2`) shards over the DP dim, and `save_state`/`load_state`
      keep every TP rank's shards (`accelerate_fsdp`), and so do they under DDP (`accelerate_ddp_state`); FSDP1
      is refused (it would flatten the TP shards together).
@@ -266,10 +268,11 @@ def install() -> None:
     defers to Accelerate unless a split model is in play."""
     from accelerate import Accelerator
 
-    from . import accelerate_ddp_state, accelerate_fsdp
+    from . import accelerate_data, accelerate_ddp_state, accelerate_fsdp
 
     accelerate_fsdp.install()
     accelerate_ddp_state.install()
+    accelerate_data.install()
     if "_tp_plugin_originals" in vars(Accelerator):
         return
     Accelerator._tp_plugin_originals = {name: vars(Accelerator)[name] for name in _WRAPPED}
@@ -281,10 +284,11 @@ def uninstall() -> None:
     """Give `Accelerator` its own methods back."""
     import sys
 
-    from . import accelerate_ddp_state, accelerate_fsdp
+    from . import accelerate_data, accelerate_ddp_state, accelerate_fsdp
 
     accelerate_fsdp.uninstall()
     accelerate_ddp_state.uninstall()
+    accelerate_data.uninstall()
     accelerate = sys.modules.get("accelerate")
     Accelerator = getattr(accelerate, "Accelerator", None)
     originals = vars(Accelerator).get("_tp_plugin_originals") if Accelerator is not None else None

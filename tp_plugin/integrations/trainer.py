@@ -14,6 +14,9 @@ each a method that defers to `Trainer` when the model is not split by tp_plugin 
 * data: the Trainer's accelerator shards its loaders over the DP group (tp_plugin's Accelerate hooks, with the
   mesh registered at `__init__`, before any loader is built); the first training forward checks, once, that
   the TP ranks got the same batch. DDP runs over the DP group (same hooks).
+* evaluation and prediction: the loops gather through `accelerator.gather_for_metrics`, which on a split model
+  gathers over the DP group (`accelerate_data`): `compute_metrics`, predictions and the eval loss see each
+  sample once, the last batch's padding dropped.
 * `max_grad_norm` clipping goes through `accelerator.clip_grad_norm_`, which tp_plugin makes use the unsplit
   model's norm; under DeepSpeed the engine clips (tp_plugin's DeepSpeed integration).
 * `save_model` / checkpoints: every rank joins `tp_plugin.save_pretrained`, which writes ordinary consolidated HF
@@ -22,8 +25,9 @@ each a method that defers to `Trainer` when the model is not split by tp_plugin 
   Under DeepSpeed the engine's own checkpoint (per rank) is saved next to the weights, as the Trainer does.
 * resume: `_load_from_checkpoint` reads each rank's slices of the consolidated weights in place, and the
   optimizer state of this TP rank, so a resumed run continues the uninterrupted one's losses.
-* TRL (`class MyTrainer(TPTrainerMixin, SFTTrainer)`, likewise DPO, GRPO): TRL's token counts divide by its
-  `_tp_size`, set here to the TP degree; GRPO and RLOO gather rewards and counts over every process, so around
+* TRL (`class MyTrainer(TPTrainerMixin, SFTTrainer)`, likewise DPO, GRPO): TRL counts tokens and metrics with
+  `gather_for_metrics` (one copy per replica, so its `_tp_size` stays 1); GRPO and RLOO gather rewards and
+  counts over every process with `gather`, so around
   their generation, scoring and loss the accelerator counts data-parallel replicas instead (`trl.replica_view`).
   Their fused LM head is made vocab-parallel by the TRL integration (`tp_plugin/integrations/trl.py`).
 """
@@ -105,8 +109,6 @@ class TPTrainerMixin:
         self._tp_mesh = mesh_of(self.model)
         if self._tp_mesh is not None:
             self.accelerator._tp_plugin_mesh = self._tp_mesh  # before get_train_dataloader prepares a loader
-            if hasattr(self, "_tp_size"):  # TRL trainers divide their token counts by it
-                self._tp_size = self._tp_mesh.tp_size
 
     # -- batch accounting ------------------------------------------------------------------------------------
     def get_tp_size(self) -> int:
