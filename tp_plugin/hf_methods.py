@@ -16,7 +16,7 @@ calls them, a user, the Trainer or TRL, gets the unsplit model's behaviour or a 
 
 `num_parameters()` is left alone: it counts this rank's parameters, which is what the Trainer's FLOP count
 (summed over ranks) needs; `tp_plugin.inspect(model)` prints the unsplit count next to every rank's.
-Bound methods are rebound by `copy.deepcopy` to the copy, so a deep-copied split model stays consistent.
+`copy.deepcopy` rebinds these methods to the copy (the copy itself: `tp_plugin.copies`).
 """
 
 from __future__ import annotations

@@ -19,6 +19,7 @@ from torch import nn
 from torch.distributed import ProcessGroup
 
 from .comm import copy_to_tp, gather_from_tp, reduce_from_tp, sum_grad_over_sharers
+from .copies import deepcopy_layer
 from .overlap import InputGrad, column_linear
 from .regions import columns_input
 from .sequence import SequenceParallel, gather_tokens, scatter_tokens
@@ -43,7 +44,13 @@ def tag_param(param: torch.Tensor, spec: ShardSpec | None, *, replicas: int = 1)
     param.tp_replicas = replicas
 
 
-class ColumnParallelLinear(nn.Module):
+class _ParallelLayer(nn.Module):
+    """What every parallel layer shares: a deep copy stays on the same groups (`tp_plugin.copies`)."""
+
+    __deepcopy__ = deepcopy_layer
+
+
+class ColumnParallelLinear(_ParallelLayer):
     """`y = x A^T + b` with A split by output rows: no communication forward, input gradient all-reduced.
 
     `sync_input_grad=False` inside a region, which hands its column layers one shared synced copy of its input
@@ -116,7 +123,7 @@ class ColumnParallelLinear(nn.Module):
         return f"local_out={self.spec.local_size}, full_out={self.spec.full_size}, transposed={self.transposed}"
 
 
-class RowParallelLinear(nn.Module):
+class RowParallelLinear(_ParallelLayer):
     """`y = x A^T + b` with A split by input columns: partial outputs all-reduced forward, nothing backward.
 
     The input is expected already split (the output of local heads or a column-parallel layer). The bias
@@ -154,7 +161,7 @@ class RowParallelLinear(nn.Module):
         return f"local_in={self.spec.local_size}, full_in={self.spec.full_size}, transposed={self.transposed}"
 
 
-class VocabParallelEmbedding(nn.Module):
+class VocabParallelEmbedding(_ParallelLayer):
     """Embedding split by vocabulary rows; ids outside this rank's range look up zeros, then all-reduce.
 
     Keeps `padding_idx` (its row gets no gradient) and a scaled embedding's `embed_scale` (Gemma).
@@ -191,7 +198,7 @@ class VocabParallelEmbedding(nn.Module):
         return f"vocab=[{self.vocab_start}, {self.vocab_stop}) of {self.num_embeddings}, dim={self.embedding_dim}"
 
 
-class VocabParallelLMHead(nn.Module):
+class VocabParallelLMHead(_ParallelLayer):
     """LM head split by vocabulary rows. Returns full logits (all-gathered, padding stripped) unless
     `gather_output` is False (loss_parallel), when `.logits` is this rank's vocabulary shard. Full logits
     computed for training carry their shard (`tp_vocab_shard`): the loss sends its gradient there directly

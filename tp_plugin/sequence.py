@@ -28,6 +28,7 @@ plain TP path (all-reduces), which computes the same numbers and needs no paddin
 
 from __future__ import annotations
 
+import copy
 import re
 import weakref
 from contextlib import contextmanager
@@ -63,6 +64,27 @@ class SequenceParallel:
         flags = [getattr(m, "is_causal", True) for m in base.modules()
                  if isinstance(getattr(m, "is_causal", None), bool) or hasattr(m, "ssm_state_size")]
         self.can_pad = bool(flags) and all(flags)
+
+    def __deepcopy__(self, memo):
+        """The state of a copied model: its base model and partial parameters are the copies (`tp_plugin.copies`)."""
+        new = copy.copy(self)
+        memo[id(self)] = new
+        for key, value in vars(self).items():
+            setattr(new, key, copy.deepcopy(value, memo))
+        base = self._base()
+        new._base = weakref.ref(copy.deepcopy(base, memo)) if base is not None else self._base
+        new.partial, new._hooked = {}, set()
+        for key, param in self.partial.items():
+            new.adopt(param, copy.deepcopy(param, memo), into=self)
+        return new
+
+    def adopt(self, original: torch.Tensor, new: torch.Tensor, *, into: SequenceParallel | None = None) -> None:
+        """`new` (a copy of `original`, with its gradient hooks already) is partial wherever `original` is."""
+        known = into if into is not None else self
+        if id(original) in known.partial:
+            self.partial[id(new)] = new
+            if id(original) in known._hooked:
+                self._hooked.add(id(new))
 
     def active(self) -> bool:
         """Whether the current forward runs sequence-parallel (training mode, not generating)."""

@@ -16,7 +16,7 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor
 
-from . import hf_methods, policies, rng, sequence  # noqa: F401  (importing policies registers the built-in families)
+from . import copies, hf_methods, policies, rng, sequence  # noqa: F401  (importing policies registers the built-in families)
 from .auto import auto_policy  # the model's own base_model_tp_plan, translated, else its structure
 from .checks import install_input_checks
 from .comm import all_equal, broadcast_from_rank0, fingerprint, sum_grad_over_tp
@@ -67,6 +67,7 @@ def split_model(model: nn.Module, tp_size: int | None = None, *, mesh: DeviceMes
     model.tp_plugin_state = TPState(plan, tp_mesh, loss_parallel, sp, overlap_comm)
     if tp_mesh is not None and tp_size > 1:
         hf_methods.bind(model)  # save_pretrained / generate / resize_token_embeddings that know the split
+        copies.bind(model)  # copy.deepcopy gives an independent split model on the same groups
         note_split(model)  # Accelerate's split_between_processes divides over its replicas (tp_plugin.state)
         install_input_checks(model, tp_mesh.tp_group)  # same inputs (and RNG state) on every rank of the TP group
     return model
