@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import sys
 import time
 from collections import Counter
 from contextlib import contextmanager
@@ -118,6 +119,7 @@ class InputChecks:
         if training and not self.trained:
             self.trained = True
             check_tagged(self.model, "the first training forward")  # FSDP2 applied without tp_plugin: no collective
+            check_ddp_wrapper(self.model, self.group)
             check_first_training_forward(args, kwargs, self.group)
         elif not training and self.last_training is not False:
             check_same_inputs(args, kwargs, self.group, "an evaluation forward (the first after model.eval())")
@@ -146,6 +148,45 @@ def install_input_checks(model: nn.Module, group) -> InputChecks:
         base = getattr(model, "base_model", None)
         (base if isinstance(base, nn.Module) else model).register_forward_pre_hook(checks, with_kwargs=True)
     return checks
+
+
+def _calling_ddp():
+    """The DistributedDataParallel whose forward is running this one, if any (a look at the calling frames)."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    frame = sys._getframe(2)
+    for _ in range(40):
+        if frame is None:
+            return None
+        owner = frame.f_locals.get("self")
+        if isinstance(owner, DistributedDataParallel):
+            return owner
+        frame = frame.f_back
+    return None
+
+
+def check_ddp_wrapper(model: nn.Module, group) -> None:
+    """At the first training forward: a DDP around the split model must have been built after the split (on its
+    current parameters) and over the data-parallel group; else an error on every rank, no collective."""
+    ddp = _calling_ddp()
+    if ddp is None:
+        return
+    current = {id(p) for p in model.parameters()}
+    held = getattr(ddp, "_module_parameters", None) or []
+    if any(id(p) not in current for p in held):
+        raise TPSplitError(
+            "DistributedDataParallel wrapped the model before tp_plugin.parallelize split it (it holds the unsplit "
+            "parameters, which no longer get gradients: training would fail at the second step or not train). "
+            "Split first, then wrap: model = tp_plugin.parallelize(model); DDP(model, process_group="
+            "tp_plugin.tp_state(model).mesh.dp_group), or let accelerator.prepare / tp_plugin.TPTrainer wrap it")
+    ddp_ranks, tp_ranks = dist.get_process_group_ranks(ddp.process_group), dist.get_process_group_ranks(group)
+    shared = sorted(set(ddp_ranks) & set(tp_ranks))
+    if len(shared) > 1:
+        raise TPSplitError(
+            f"DistributedDataParallel runs over ranks {ddp_ranks}, which include ranks {shared} of one "
+            f"tensor-parallel group: it averages different shards and broadcasts rank {ddp_ranks[0]}'s over the "
+            f"others. Fix: DDP(model, process_group=tp_plugin.tp_state(model).mesh.dp_group), or let "
+            f"accelerator.prepare / tp_plugin.TPTrainer wrap the split model")
 
 
 def check_tagged(model: nn.Module, who: str) -> None:

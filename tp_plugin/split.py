@@ -16,7 +16,7 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor
 
-from . import copies, hf_methods, policies, rng, sequence  # noqa: F401  (importing policies registers the built-in families)
+from . import copies, hf_methods, policies, rng, sequence, state_dicts  # noqa: F401  (importing policies registers the built-in families)
 from .auto import auto_policy  # the model's own base_model_tp_plan, translated, else its structure
 from .checks import install_input_checks
 from .comm import all_equal, broadcast_from_rank0, fingerprint, sum_grad_over_tp
@@ -68,6 +68,7 @@ def split_model(model: nn.Module, tp_size: int | None = None, *, mesh: DeviceMes
     if tp_mesh is not None and tp_size > 1:
         hf_methods.bind(model)  # save_pretrained / generate / resize_token_embeddings that know the split
         copies.bind(model)  # copy.deepcopy gives an independent split model on the same groups
+        state_dicts.install(model, tp_mesh)  # state dicts say whose shards they hold; full tensors are sliced
         note_split(model)  # Accelerate's split_between_processes divides over its replicas (tp_plugin.state)
         install_input_checks(model, tp_mesh.tp_group)  # same inputs (and RNG state) on every rank of the TP group
     return model
@@ -99,7 +100,15 @@ def _policy_for(model: nn.Module, tp_size: int) -> Policy:
 
 
 def check_not_split(model: nn.Module) -> None:
-    """Refuse a model that is already split (by us, DeepSpeed AutoTP or transformers' tp_plan) or has adapters."""
+    """Refuse a model that is already split (by us, DeepSpeed AutoTP or transformers' tp_plan), has adapters, or
+    is wrapped by a data-parallel engine."""
+    wrapper = _data_parallel_wrapper(model)
+    if wrapper is not None:
+        raise TPSplitError(f"parallelize got a {wrapper}: split the model before wrapping it. The wrapper holds "
+                           f"the unsplit parameters (and DDP averages them over every rank, TP ranks included). "
+                           f"Fix: model = tp_plugin.parallelize(model) first, then let accelerator.prepare, "
+                           f"tp_plugin.TPTrainer or deepspeed.initialize wrap it, or wrap it yourself over the "
+                           f"data-parallel group: DDP(model, process_group=tp_plugin.tp_state(model).mesh.dp_group)")
     if hasattr(model, "tp_plugin_state"):
         raise TPSplitError(f"{type(model).__name__} is already split by tp_plugin "
                            f"(tp_size={model.tp_plugin_state.plan.tp_size}); call parallelize once per model")
@@ -118,6 +127,17 @@ def check_not_split(model: nn.Module) -> None:
         if isinstance(param, DTensor):
             raise TPSplitError(f"{name} is a DTensor: the model is already sharded (transformers tp_plan / "
                                f"torch tensor parallel). Load it without tp_plan/distributed_config.")
+
+
+def _data_parallel_wrapper(model: nn.Module) -> str | None:
+    """The name of the data-parallel engine `model` is (DDP, DataParallel, FSDP1, a DeepSpeed engine), if any."""
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel, FullyShardedDataParallel)):
+        return type(model).__name__
+    if any(c.__name__ == "DeepSpeedEngine" for c in type(model).__mro__):
+        return "DeepSpeedEngine"
+    return None
 
 
 def sync_from_tp_rank0(model: nn.Module, group: dist.ProcessGroup) -> None:
