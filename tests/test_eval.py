@@ -211,3 +211,33 @@ def test_accelerate_gather_for_metrics_counts_each_sample_once():
             assert len(got["losses"]) == N and got["preds"] == ref["preds"], (world, got)
             assert max(abs(a - b) for a, b in zip(got["losses"], ref["losses"])) <= ATOL
             assert got["rows"] == _Samples().data.tolist()  # every sample once, in order, the padding dropped
+
+
+def _loss_parallel_eval(rank, world, out):
+    model = tp_plugin.parallelize(build("llama", 2), tp_size=2, loss_parallel=True)
+    runs = _evaluations(model, out)
+    with torch.no_grad():  # generate reads the full logits of an eval-mode forward
+        runs["generate"] = {"tokens": model.generate(_Samples().data[:2, :5], max_new_tokens=4,
+                                                     do_sample=False).tolist()}
+    model.train()
+    ids = _Samples().data[:2]
+    runs["training"] = {"logits_width": model(ids, labels=ids).logits.shape[-1]}  # training: the shard
+    return runs
+
+
+def _unsplit_loss_parallel_reference(rank, world, out):
+    model = build("llama", 2)
+    runs = _evaluations(model, out)
+    with torch.no_grad():
+        runs["generate"] = {"tokens": model.generate(_Samples().data[:2, :5], max_new_tokens=4,
+                                                     do_sample=False).tolist()}
+    return runs
+
+
+def test_loss_parallel_evaluates_and_generates_with_the_full_vocabulary(tmp_path):
+    """With loss_parallel=True the training forward returns vocabulary shards; evaluation, prediction and generate
+    (eval mode) see the full logits, so metrics, predictions and tokens are the unsplit model's."""
+    ref = run_ranks(1, _unsplit_loss_parallel_reference, tmp_path / "ref")[0]
+    for got in run_ranks(2, _loss_parallel_eval, tmp_path / "split"):
+        assert got.pop("training") == {"logits_width": 51}  # 101 padded to 102, half of it
+        _assert_same_evaluations(got, ref)

@@ -63,14 +63,17 @@ def _install_loss(model: nn.Module, head, group, *, loss_parallel: bool) -> None
     transformers' causal-LM loss, the one whose backward stays on the shard. Other losses are left as they are."""
     if not hasattr(model, "loss_function"):
         return
-    if loss_parallel:
-        model.loss_function = VocabParallelCausalLMLoss(head.vocab_start, head.vocab_stop, group)
-        return
     own = getattr(model.loss_function, "fallback", None) or model.loss_function  # again after a resize
     from transformers.loss.loss_utils import ForCausalLMLoss
 
-    if own is ForCausalLMLoss:
-        model.loss_function = GatheredLogitsCausalLMLoss(head.vocab_start, head.vocab_stop, own)
+    if own is not ForCausalLMLoss and not loss_parallel:
+        return
+    gathered = GatheredLogitsCausalLMLoss(head.vocab_start, head.vocab_stop, own)  # full logits (eval mode too)
+    if loss_parallel:
+        model.loss_function = VocabParallelCausalLMLoss(head.vocab_start, head.vocab_stop, group,
+                                                        head.spec.full_size, gathered)
+    else:
+        model.loss_function = gathered
 
 
 def split_vocab(model: nn.Module, state: TPState, *, embed_scale=None) -> None:

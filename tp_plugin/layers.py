@@ -200,7 +200,9 @@ class VocabParallelEmbedding(_ParallelLayer):
 
 class VocabParallelLMHead(_ParallelLayer):
     """LM head split by vocabulary rows. Returns full logits (all-gathered, padding stripped) unless
-    `gather_output` is False (loss_parallel), when `.logits` is this rank's vocabulary shard. Full logits
+    `gather_output` is False (loss_parallel) and the model trains, when `.logits` is this rank's vocabulary shard;
+    in eval mode (evaluation, prediction, `generate`) a loss-parallel head returns the full logits too, so metrics
+    and tokens are the unsplit model's. Full logits
     computed for training carry their shard (`tp_vocab_shard`): the loss sends its gradient there directly
     (`loss.GatheredLogitsCausalLMLoss`) instead of through a full-vocabulary gradient."""
 
@@ -217,7 +219,7 @@ class VocabParallelLMHead(_ParallelLayer):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         logits = F.linear(copy_to_tp(x, self.group), self.weight, self.bias)
-        if not self.gather_output:
+        if not self.gather_output and self.training:
             return logits
         full = gather_from_tp(logits, self.group)[..., : self.spec.full_size]
         if full.requires_grad:

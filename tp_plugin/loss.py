@@ -1,8 +1,9 @@
 """The causal-LM loss of a split model, computed so that nothing of the full `[tokens, vocabulary]` size is kept
 for backward.
 
-* `loss_parallel=True`: `.logits` is this rank's vocabulary shard and the loss is vocab-parallel (`VocabParallelCE`):
-  two small all-reduces (the max for a stable softmax, then the sum of exps stacked with the target logit).
+* `loss_parallel=True`: in training mode `.logits` is this rank's vocabulary shard and the loss is vocab-parallel
+  (`VocabParallelCE`): two small all-reduces (the max for a stable softmax, then the sum of exps stacked with the
+  target logit). In eval mode the head returns the full logits, and the loss is the default mode's.
 * The default: `.logits` are the full logits, all-gathered as before, and they carry their shard
   (`tp_vocab_shard`). The loss takes its value from the full logits (no extra collective) and sends its gradient
   straight to the shard (`GatheredLogitsCE`), so it keeps only the shard and one number per token for backward,
@@ -111,13 +112,22 @@ def _causal_lm_loss(per_token, labels, device, *, num_items_in_batch, ignore_ind
 
 
 class VocabParallelCausalLMLoss:
-    """Drop-in for transformers' `ForCausalLMLoss` (set as `model.loss_function`) on sharded logits."""
+    """Drop-in for transformers' `ForCausalLMLoss` (set as `model.loss_function`) on sharded logits; the full logits
+    an eval-mode forward returns go to `full` (the default mode's loss)."""
 
-    def __init__(self, vocab_start: int, vocab_stop: int, group: ProcessGroup):
+    def __init__(self, vocab_start: int, vocab_stop: int, group: ProcessGroup, vocab_size: int, full):
         self.vocab_start, self.vocab_stop, self.group = vocab_start, vocab_stop, group
+        self.vocab_size, self.full = vocab_size, full
+
+    @property
+    def fallback(self):  # the model's own loss function (kept through a resize, like the default mode's)
+        return self.full.fallback
 
     def __call__(self, logits, labels, vocab_size=None, num_items_in_batch=None, ignore_index: int = -100,
                  shift_labels=None, **kwargs) -> torch.Tensor:
+        if logits.shape[-1] == self.vocab_size:  # a shard is narrower than the vocabulary whenever tp > 1
+            return self.full(logits, labels, vocab_size=vocab_size, num_items_in_batch=num_items_in_batch,
+                             ignore_index=ignore_index, shift_labels=shift_labels, **kwargs)
         logits = logits.float()
         flat = logits.reshape(-1, logits.shape[-1])
         return _causal_lm_loss(
