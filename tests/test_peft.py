@@ -263,14 +263,19 @@ def _unsupported(rank, world):
 
     from tp_plugin import TPSplitError
 
+    # (DoRA, LoRA on the embedding, trainable tokens and IA3 on the linears are supported: tests/test_peft_variants.py)
     cases = {
-        "embedding": lambda: peft.LoraConfig(target_modules=["embed_tokens", "q_proj"]),
+        "dora_embedding": lambda: peft.LoraConfig(target_modules=["embed_tokens", "q_proj"], use_dora=True),
+        "tied_head": lambda: peft.LoraConfig(target_modules=["embed_tokens"], ensure_weight_tying=True),
         "lm_head": lambda: peft.LoraConfig(target_modules=["lm_head"]),
-        "ia3": lambda: peft.IA3Config(target_modules=["q_proj", "down_proj"], feedforward_modules=["down_proj"]),
+        "ia3_embedding": lambda: peft.IA3Config(target_modules=["embed_tokens", "down_proj"],
+                                                feedforward_modules=["down_proj"]),
         "loha": lambda: peft.LoHaConfig(target_modules=["q_proj"]),
         "prompt": lambda: peft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4),
-        "dora": lambda: peft.LoraConfig(target_modules=["q_proj"], use_dora=True),
+        "variant": lambda: peft.LoraConfig(target_modules=["q_proj"], alora_invocation_tokens=[5]),
         "pissa": lambda: peft.LoraConfig(target_modules=["q_proj"], init_lora_weights="pissa"),
+        "tokens_on_linear": lambda: peft.LoraConfig(target_modules=["q_proj"],
+                                                    trainable_token_indices={"down_proj": [1, 2]}),
     }
     model = tp_plugin.parallelize(build("llama", 2), tp_size=2)
     messages = {}
@@ -288,9 +293,13 @@ def _unsupported(rank, world):
 
 
 def test_unsupported_targets_and_methods_fail_clearly():
-    expected = {"embedding": ["model.embed_tokens", "VocabParallelEmbedding"],
-                "lm_head": ["lm_head", "VocabParallelLMHead"], "ia3": ["IA3"], "loha": ["LOHA"], "prompt": ["PROMPT_TUNING"], "dora": ["use_dora"],
-                "pissa": ["pissa"], "order": ["split the base model first", "get_peft_model"]}
+    expected = {"dora_embedding": ["use_dora", "model.embed_tokens", "VocabParallelEmbedding"],
+                "tied_head": ["ensure_weight_tying", "VocabParallelLMHead"],
+                "lm_head": ["lm_head", "VocabParallelLMHead"],
+                "ia3_embedding": ["IA3Config", "model.embed_tokens", "VocabParallelEmbedding"],
+                "loha": ["LOHA"], "prompt": ["PROMPT_TUNING"], "variant": ["alora_invocation_tokens"],
+                "pissa": ["pissa"], "tokens_on_linear": ["trainable_token_indices", "down_proj", "RowParallelLinear"],
+                "order": ["split the base model first", "get_peft_model"]}
     for messages in run_ranks(2, _unsupported):  # every rank raises, before any collective: no hang
         for case, words in expected.items():
             if case != "order":

@@ -187,12 +187,18 @@ class VocabParallelEmbedding(_ParallelLayer):
             self.embed_scale = None
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        out, = self.lookup(ids, [self.weight])
+        return out if self.embed_scale is None else out * self.embed_scale.to(out.dtype)
+
+    def lookup(self, ids: torch.Tensor, tables: list[torch.Tensor]) -> list[torch.Tensor]:
+        """The rows of `ids` in each table split like the weight ([V_local, d]: the weight, a LoRA factor), zeros
+        for ids outside this rank's range, summed over the TP group in one all-reduce; before `embed_scale`."""
         outside = (ids < self.vocab_start) | (ids >= self.vocab_stop)
         local_ids = (ids - self.vocab_start).masked_fill(outside, 0)
-        out = F.embedding(local_ids, self.weight, self.padding_idx)
-        out = out.masked_fill(outside.unsqueeze(-1), 0.0)
-        out = reduce_from_tp(out, self.group)
-        return out if self.embed_scale is None else out * self.embed_scale.to(out.dtype)
+        rows = [F.embedding(local_ids, table, self.padding_idx) for table in tables]
+        local = rows[0] if len(rows) == 1 else torch.cat(rows, dim=-1)
+        full = reduce_from_tp(local.masked_fill(outside.unsqueeze(-1), 0.0), self.group)
+        return [full] if len(rows) == 1 else list(full.split([t.shape[1] for t in tables], dim=-1))
 
     def extra_repr(self) -> str:
         return f"vocab=[{self.vocab_start}, {self.vocab_stop}) of {self.num_embeddings}, dim={self.embedding_dim}"

@@ -11,12 +11,14 @@ The split model therefore marks its state dict and checks what it loads (`instal
   unmarked state dict (the unsplit model's `state_dict()`, a hand-made dict), is cut to this rank's slice on the
   fly, so `split.load_state_dict(unsplit.state_dict())` loads the unsplit weights. Unmarked tensors of the
   shard's shape are taken as this rank's (a dict comprehension drops the metadata; DCP loads them so).
+  `load_state_dict(assign=True)` replaces the parameters: the new ones get the old ones' TP tags and gradient hooks.
 
 The ordinary roundtrip, each rank loading its own `state_dict()`, keeps working unchanged.
 """
 
 from __future__ import annotations
 
+import torch
 import torch.distributed as dist
 from torch import nn
 
@@ -36,13 +38,31 @@ class _MarkRank:
         local_metadata[KEY] = {"tp_rank": self.mesh.tp_rank, "tp_size": self.mesh.tp_size}
 
 
-class _CheckAndSlice:
-    """Load-state-dict pre-hook: refuse another rank's shards, slice full tensors (see the module docstring)."""
+class _LoadHooks:
+    """`before`, a load-state-dict pre-hook: refuse another rank's shards, slice full tensors (see the module
+    docstring), and note every tensor's tags; `after`, a post-hook: a tensor that the load replaced
+    (`load_state_dict(assign=True)`, PEFT's low_cpu_mem_usage path) gets the tags and gradient hooks back."""
 
     def __init__(self, mesh: TPMesh):
         self.mesh = mesh
+        self.tagged: dict[str, torch.Tensor] = {}
 
-    def __call__(self, module, state_dict, prefix, local_metadata, strict, missing, unexpected, errors) -> None:
+    def after(self, module, incompatible_keys) -> None:
+        tagged, self.tagged = self.tagged, {}
+        current = dict(_named_tensors(module))
+        sequence = getattr(getattr(module, "tp_plugin_state", None), "sequence", None)
+        for name, old in tagged.items():
+            new = current.get(name)
+            if new is None or new is old or vars(new):
+                continue
+            vars(new).update(vars(old))
+            for hook in getattr(old, "tp_grad_hooks", ()):
+                new.register_hook(hook)
+            if sequence is not None:
+                sequence.adopt(old, new)
+
+    def before(self, module, state_dict, prefix, local_metadata, strict, missing, unexpected, errors) -> None:
+        self.tagged = {name: t for name, t in _named_tensors(module) if vars(t)}
         mine = {"tp_rank": self.mesh.tp_rank, "tp_size": self.mesh.tp_size}
         theirs = local_metadata.get(KEY)
         if theirs is not None and theirs != mine:
@@ -68,12 +88,19 @@ class _CheckAndSlice:
                 state_dict[key] = shard_tensor(value, spec)  # a full tensor: this rank's slice of it
 
 
+def _named_tensors(model: nn.Module):
+    yield from model.named_parameters(remove_duplicate=False)
+    yield from model.named_buffers()
+
+
 def _sharded_tensors(model: nn.Module):
-    for name, tensor in list(model.named_parameters(remove_duplicate=False)) + list(model.named_buffers()):
+    for name, tensor in _named_tensors(model):
         if getattr(tensor, "tp_shard", None) is not None:
             yield name, tensor
 
 
 def install(model: nn.Module, mesh: TPMesh) -> None:
+    hooks = _LoadHooks(mesh)
     model.register_state_dict_post_hook(_MarkRank(mesh))
-    model.register_load_state_dict_pre_hook(_CheckAndSlice(mesh))
+    model.register_load_state_dict_pre_hook(hooks.before)
+    model.register_load_state_dict_post_hook(hooks.after)

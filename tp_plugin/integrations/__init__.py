@@ -13,7 +13,7 @@ own code unless a model split by tp_plugin is involved.
 | accelerate | `accelerate.accelerator.fsdp2_prepare_model`, `save_fsdp_model`, `load_fsdp_model`, `save_fsdp_optimizer`, `load_fsdp_optimizer` (wrapped, in that module's namespace) | accelerate_fsdp.py | FSDP2 over the DP dim only; each TP rank's resumable state kept |
 | accelerate | `Accelerator.gather_for_metrics`, `PartialState.split_between_processes` (wrapped) | accelerate_data.py | each sample counted once in evaluation and metrics; inference inputs divided over DP replicas |
 | accelerate | env `ACCELERATE_USE_PARALLELISM_CONFIG=false` and, without a GPU, Accelerate's `PartialState` on gloo (under `accelerate launch` only, before the split) | accelerate.py `prepare_launch` | the yaml's TP degree is ours; CPU launches get a backend |
-| peft | `BaseTuner.inject_adapter`, `PeftModel.__init__`, `PeftModel.save_pretrained`, `get_peft_model_state_dict` (4 modules) | peft/patches.py | TP LoRA layers, refusals, unsplit adapters |
+| peft | `BaseTuner.inject_adapter`, `PeftModel.__init__`, `PeftModel.save_pretrained`, `get_peft_model_state_dict` (4 modules), `IA3Model._create_new_module`, `TrainableTokensWrapper.init_modules`, `peft.utils.save_and_load.has_valid_embedding_base_layer` | peft/patches.py | TP LoRA / DoRA / IA3 / token layers, refusals, unsplit adapters |
 | trl | `trl.trainer.utils._ChunkedLogProbFunction` (a dispatcher) | trl.py | the fused LM head over the whole vocabulary |
 | deepspeed | nothing patched: the split model carries DeepSpeed's own hooks (`set_deepspeed_parallelism`, `ds_autotp_parsed`), which fill DeepSpeed's group registry during `initialize` | deepspeed.py | ZeRO over the DP group |
 

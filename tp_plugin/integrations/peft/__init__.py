@@ -1,4 +1,4 @@
-"""LoRA on split models with ordinary PEFT code.
+"""LoRA, DoRA, IA3 and trainable tokens on split models with ordinary PEFT code.
 
     model = tp_plugin.parallelize(model, tp_size=2)
     model = peft.get_peft_model(model, LoraConfig(target_modules=["q_proj", "v_proj"]))   # or "all-linear"
@@ -8,7 +8,14 @@
 
 Nothing to call: `tp_plugin.parallelize` activates the integrations, which patch PEFT as soon as it is imported
 (now, if it already is; otherwise from an import hook, so scripts that never use PEFT never pay for importing it).
-See `layers.py` for the TP LoRA rules and `patches.py` for what is patched and why.
+
+    checks.py            what may be adapted on a split model (refusals name the module and the fix)
+    layers.py            LoRA on the column- / row-parallel linears
+    dora.py              DoRA on them (use_dora=True)
+    embedding.py         LoRA on the vocabulary-parallel embedding
+    trainable_tokens.py  trainable_token_indices on the vocabulary-parallel embedding / tied LM head
+    ia3.py               IA3 on the parallel linears
+    patches.py           what is patched in PEFT and why
 """
 
 from __future__ import annotations

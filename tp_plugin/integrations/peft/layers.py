@@ -9,6 +9,9 @@ adapter bookkeeping are PEFT's; only the shapes of the factors and the forward's
 A GPT-2 `Conv1D` base (`transposed=True`, weight [in, out]) has the same factor shapes; only the merged delta
 is transposed (PEFT's `fan_in_fan_out`).
 
+DoRA (`use_dora=True`, see `dora.py`) adds the magnitude vector m: split with the rows on a column-parallel base,
+replicated on a row-parallel one (its weight norm then summed over the TP group).
+
 Initialisation: the factors are first created at their *full* size with PEFT's own init (so a given RNG state
 gives the adapter an unsplit model would get), broadcast from TP rank 0, and then sliced. Replicated factors are
 therefore identical across the TP group, and every replicated factor's gradient is made complete (summed over
@@ -28,10 +31,12 @@ from torch import nn
 from ...comm import broadcast_from_rank0, copy_to_tp, sum_grad_over_sharers
 from ...layers import ColumnParallelLinear, RowParallelLinear, tag_param
 from ...sharding import ShardSpec, TPSplitError, shard_tensor
+from . import dora
 
 
 class TPLoraLinear(lora.Linear):
-    """What the column and row variants share: sharded init, PEFT-compatible state-dict loading, forward gate."""
+    """What the column and row variants share: sharded init and the forward gate. (Loading an ordinary adapter is
+    sliced for each rank by the split model's own state-dict hooks, `tp_plugin.state_dicts`.)"""
 
     def __init__(self, base_layer: nn.Module, adapter_name: str, config, r: int = 0, lora_alpha: int = 1,
                  **kwargs: Any) -> None:
@@ -39,8 +44,6 @@ class TPLoraLinear(lora.Linear):
         super().__init__(base_layer, adapter_name, config, r=r, lora_alpha=lora_alpha, **kwargs)
         # PEFT reads fan_in_fan_out from the config; ours follows the base layer's own layout instead.
         self.fan_in_fan_out = self.get_base_layer().transposed
-        self.register_load_state_dict_pre_hook(_slice_full_tensors)
-        self.register_load_state_dict_post_hook(_restore_tags)
 
     # --- shapes -------------------------------------------------------------------------------------------------
     def _get_in_out_features(self, module: nn.Module) -> tuple[int, int]:
@@ -51,10 +54,18 @@ class TPLoraLinear(lora.Linear):
         """ShardSpec of `A.weight`, `B.weight`, `B.bias` (None = replicated)."""
         raise NotImplementedError
 
+    @property
+    def lora_variants(self):
+        """DoRA is the one LoRA variant with TP layers (the config check refuses the others first)."""
+        return {(): None, ("use_dora",): dora.TPDoraVariant}
+
     # --- adapters -----------------------------------------------------------------------------------------------
     def update_layer(self, adapter_name: str, r: int, lora_alpha: int, config, **kwargs: Any) -> None:
         super().update_layer(adapter_name, r, lora_alpha, config, **kwargs)
         self._shard_adapter(adapter_name)
+        if adapter_name in self.lora_variant:  # DoRA: its magnitude comes from the sliced factors
+            self.lora_variant[adapter_name].init_split(self, adapter_name, row=isinstance(self, TPLoraRowLinear))
+            self.set_adapter(self.active_adapters, inference_mode=config.inference_mode)  # m trainable iff active
 
     def _shard_adapter(self, adapter_name: str) -> None:
         base = self.get_base_layer()
@@ -131,6 +142,9 @@ class TPLoraColumnLinear(TPLoraLinear):
         result = base._project(x)
         result_dtype = result.dtype
         for name in adapters:
+            if name in self.lora_variant:  # DoRA, adapters applied one after the other as PEFT does
+                result = dora.column_forward(self, name, x, result)
+                continue
             lora_a, lora_b = self.lora_A[name], self.lora_B[name]
             xa = self.lora_dropout[name](self._cast_input_dtype(x, lora_a.weight.dtype))
             h = F.linear(xa, copy_to_tp(lora_a.weight, base.group))        # weight grad all-reduced
@@ -169,6 +183,11 @@ class TPLoraRowLinear(TPLoraLinear):
 
     def _forward_with_adapters(self, x: torch.Tensor, adapters: list[str]) -> torch.Tensor:
         base: RowParallelLinear = self.get_base_layer()
+        if any(name in self.lora_variant for name in adapters):
+            if len(adapters) > 1:
+                raise TPSplitError(f"unsupported: {len(adapters)} active adapters {adapters} with DoRA on the "
+                                   f"tensor-parallel row layer ({base.extra_repr()}); activate one at a time")
+            return dora.row_forward(self, adapters[0], x)
         partial = base.partial_output(x)                                     # [..., out], partial over ranks
         result_dtype = partial.dtype
         lora_bias = None
@@ -212,34 +231,6 @@ class ShardedInputDropout(nn.Dropout):
 
     def extra_repr(self) -> str:
         return f"p={self.p}, columns={list(self.ranges)} of {self.full_size}"
-
-
-def _slice_full_tensors(module: nn.Module, state_dict: dict, prefix: str, *args: Any) -> None:
-    """Load-time: an ordinary (unsplit) adapter's full tensor is cut to this rank's shard; a shard loads as is.
-
-    Also remembers every parameter's tags, because `load_state_dict(assign=True)` (PEFT's low_cpu_mem_usage
-    path) replaces the Parameter objects.
-    """
-    module._tp_tags = {}
-    for name, param in module.named_parameters():
-        if not hasattr(param, "tp_shard"):
-            continue
-        spec = param.tp_shard
-        module._tp_tags[name] = (spec, getattr(param, "tp_replicas", 1))
-        key = prefix + name
-        value = state_dict.get(key)
-        if spec is None or value is None or value.dim() != param.dim():
-            continue
-        if value.shape[spec.dim] == spec.full_size and value.shape != param.shape:
-            state_dict[key] = shard_tensor(value, spec)
-
-
-def _restore_tags(module: nn.Module, incompatible_keys) -> None:
-    for name, (spec, replicas) in getattr(module, "_tp_tags", {}).items():
-        param = module.get_parameter(name)
-        if not hasattr(param, "tp_shard"):
-            tag_param(param, spec, replicas=replicas)
-    module._tp_tags = {}
 
 
 LORA_LAYERS = {ColumnParallelLinear: TPLoraColumnLinear, RowParallelLinear: TPLoraRowLinear}

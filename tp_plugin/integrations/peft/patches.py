@@ -1,36 +1,44 @@
 """The few places where PEFT is taught about split models. Each wrapper does nothing for an unsplit model.
 
 * `BaseTuner.inject_adapter` (every way an adapter gets added: get_peft_model, PeftModel.from_pretrained,
-  add_adapter, inject_adapter_in_model): on a split model, refuse what cannot be split (a non-LoRA method, a
-  LoRA variant, a vocabulary-parallel target) before any collective, register the TP LoRA layers on the
-  config (`LoraConfig._register_custom_module`) and resolve "all-linear" to include the parallel linears.
+  add_adapter, inject_adapter_in_model): on a split model, refuse what cannot be split (`checks.py`) before any
+  collective, register the TP LoRA layers on the config (`LoraConfig._register_custom_module`) and resolve
+  "all-linear" to include the parallel linears.
+* `IA3Model._create_new_module`: IA3 has no custom-module hook; the TP IA3 layers are dispatched first (only a
+  parallel linear matches them, so unsplit models never see them).
 * `PeftModel.__init__`: refuse prompt-learning methods (they never reach inject_adapter).
+* `TrainableTokensWrapper.init_modules`: `trainable_token_indices` on a vocabulary-split embedding (and the LM head
+  tied to it) gets the TP token adapter (`trainable_tokens.py`).
+* `save_and_load.has_valid_embedding_base_layer`: a LoRA embedding's base weight is saved with the adapter (as
+  PEFT saves it for an `nn.Embedding` base), also for a `VocabParallelEmbedding` base (gathered like the rest).
 * `get_peft_model_state_dict`: gather each TP-sharded tensor of the adapter to its full, ordinary shape.
 * `PeftModel.save_pretrained`: only global rank 0 writes, into a temp dir whose files are renamed into place.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import functools
+import inspect
 import os
 import shutil
 import sys
 import tempfile
 
 import torch.distributed as dist
-from peft import PeftModel, PeftType
-from peft.tuners.tuners_utils import BaseTuner, _maybe_include_all_linear_layers, check_target_module_exists
-from peft.utils.constants import INCLUDE_LINEAR_LAYERS_SHORTHAND
+from peft import PeftModel
+from peft.tuners.ia3 import IA3Model
+from peft.tuners.tuners_utils import BaseTuner
+from peft.utils.other import TrainableTokensWrapper
 from torch import nn
 
 from ...checks import arrive_together
-from ...layers import PARALLEL_LAYERS, ColumnParallelLinear, RowParallelLinear
-from ...sharding import TPSplitError, unshard_tensor
+from ...layers import VocabParallelEmbedding
+from ...sharding import unshard_tensor
 from ...state import tp_state as tp_state_of
-from .layers import LORA_LAYERS
+from .checks import check_method, prepare
+from .ia3 import create_ia3_module
+from .trainable_tokens import make_token_adapter
 
-_SUPPORTED_INITS = (True, False, "gaussian")
 _STATE_DICT_MODULES = ("peft", "peft.utils", "peft.utils.save_and_load", "peft.peft_model")
 
 
@@ -41,76 +49,6 @@ def tp_state(model: nn.Module):
     return state if mesh is not None and mesh.tp_size > 1 else None
 
 
-def _unsupported(what: str, fix: str) -> TPSplitError:
-    return TPSplitError(f"unsupported on a tensor-parallel model (tp_plugin): {what}. {fix}")
-
-
-def check_method(model: nn.Module, config) -> None:
-    """Only LoRA has TP-aware layers; anything else would train with wrong gradients or fail obscurely."""
-    peft_type = getattr(config, "peft_type", None)
-    if peft_type != PeftType.LORA:
-        name = getattr(peft_type, "value", peft_type)
-        split = [n for n, m in model.named_modules() if isinstance(m, PARALLEL_LAYERS)]
-        has_targets = bool(getattr(config, "target_modules", None))
-        targeted = [n for n in split if has_targets and check_target_module_exists(config, n)]
-        where = f"the split layers {targeted}" if targeted else f"a split model ({len(split)} split layers)"
-        raise _unsupported(f"PEFT method {name} ({type(config).__name__}) on {where}",
-                           "tp_plugin supports LoRA (peft.LoraConfig) on split models; use LoRA, or apply "
-                           f"{name} to the unsplit model without tp_plugin.parallelize")
-
-
-def _check_lora_options(config) -> None:
-    variants = [f.name for f in dataclasses.fields(config)
-                if f.metadata.get("is_lora_variant") and getattr(config, f.name)]
-    if variants:
-        raise _unsupported(f"LoRA variant option(s) {variants} (e.g. DoRA)",
-                           "plain LoRA (with lora_alpha, use_rslora, lora_dropout, lora_bias) is supported; "
-                           "unset those options")
-    if config.init_lora_weights not in _SUPPORTED_INITS:
-        raise _unsupported(f"init_lora_weights={config.init_lora_weights!r} (it needs the full base weight "
-                           f"or data)", f"use one of {list(_SUPPORTED_INITS)}")
-    for option in ("target_parameters", "trainable_token_indices", "layer_replication"):
-        if getattr(config, option, None):
-            raise _unsupported(f"LoraConfig.{option}={getattr(config, option)!r}", f"leave {option} unset")
-
-
-def _check_targets(model: nn.Module, config) -> None:
-    """Every module the config targets (or keeps trainable) must be one we can adapt split."""
-    saved = list(config.modules_to_save or [])
-    for name, module in model.named_modules():
-        if not name or not isinstance(module, PARALLEL_LAYERS):
-            continue
-        if isinstance(module, (ColumnParallelLinear, RowParallelLinear)):
-            continue
-        if check_target_module_exists(config, name):
-            raise _unsupported(f"LoRA on {name} ({type(module).__name__}, split by vocabulary)",
-                               "target the attention/MLP projections (q_proj, v_proj, ..., or 'all-linear'); "
-                               "remove this module from target_modules")
-        if any(name == s or name.endswith("." + s) for s in saved):
-            raise _unsupported(f"modules_to_save containing {name} ({type(module).__name__}, a split layer)",
-                               "remove it from modules_to_save")
-
-
-def _resolve_all_linear(model: nn.Module, config) -> None:
-    """PEFT's 'all-linear' picks nn.Linear/Conv1D by type; add the parallel linears (the LM head is a
-    VocabParallelLMHead, so it stays excluded as PEFT excludes it)."""
-    if not (isinstance(config.target_modules, str)
-            and config.target_modules.lower() == INCLUDE_LINEAR_LAYERS_SHORTHAND):
-        return
-    _maybe_include_all_linear_layers(config, model)  # nn.Linear/Conv1D left in the model, minus the heads
-    config.target_modules = set(config.target_modules) | {
-        name for name, m in model.named_modules() if isinstance(m, (ColumnParallelLinear, RowParallelLinear))}
-
-
-def prepare(model: nn.Module, config) -> None:
-    """Checks (identical on every rank, no collective) and registration, before PEFT touches the model."""
-    check_method(model, config)
-    _check_lora_options(config)
-    _resolve_all_linear(model, config)
-    _check_targets(model, config)
-    config._register_custom_module(LORA_LAYERS)
-
-
 def _wrap_inject_adapter(original):
     @functools.wraps(original)
     def inject_adapter(self, model, adapter_name, *args, **kwargs):
@@ -118,6 +56,31 @@ def _wrap_inject_adapter(original):
             prepare(model, self.peft_config[adapter_name])
         return original(self, model, adapter_name, *args, **kwargs)
     return inject_adapter
+
+
+def _wrap_ia3_create_new_module(original):
+    @functools.wraps(original)
+    def _create_new_module(ia3_config, adapter_name, target, **kwargs):
+        module = create_ia3_module(target, adapter_name, ia3_config, is_feedforward=kwargs.get("is_feedforward", False))
+        return module if module is not None else original(ia3_config, adapter_name, target, **kwargs)
+    return staticmethod(_create_new_module)
+
+
+def _wrap_init_modules(original):
+    @functools.wraps(original)
+    def init_modules(self, adapter_name, token_indices, tied_adapter):
+        layer = make_token_adapter(self.original_module, adapter_name, token_indices, tied_adapter)
+        if layer is None:
+            return original(self, adapter_name, token_indices, tied_adapter)
+        self.token_adapter = layer
+    return init_modules
+
+
+def _wrap_has_valid_embedding_base_layer(original):
+    @functools.wraps(original)
+    def has_valid_embedding_base_layer(layer):
+        return original(layer) or isinstance(getattr(layer, "base_layer", None), VocabParallelEmbedding)
+    return has_valid_embedding_base_layer
 
 
 def _wrap_peft_model_init(original):
@@ -219,7 +182,8 @@ _ORIGINALS: list[tuple[object, str, object]] = []  # (owner, attribute, original
 
 
 def _replace(owner, name: str, wrapper) -> None:
-    _ORIGINALS.append((owner, name, getattr(owner, name)))
+    # getattr_static keeps a staticmethod a staticmethod when it is put back
+    _ORIGINALS.append((owner, name, inspect.getattr_static(owner, name)))
     setattr(owner, name, wrapper(getattr(owner, name)))
 
 
@@ -228,8 +192,12 @@ def install() -> None:
     if _ORIGINALS:
         return
     _replace(BaseTuner, "inject_adapter", _wrap_inject_adapter)
+    _replace(IA3Model, "_create_new_module", _wrap_ia3_create_new_module)
+    _replace(TrainableTokensWrapper, "init_modules", _wrap_init_modules)
     _replace(PeftModel, "__init__", _wrap_peft_model_init)
     _replace(PeftModel, "save_pretrained", _wrap_save_pretrained)
+    save_and_load = sys.modules["peft.utils.save_and_load"]
+    _replace(save_and_load, "has_valid_embedding_base_layer", _wrap_has_valid_embedding_base_layer)
     for module_name in _STATE_DICT_MODULES:
         module = sys.modules.get(module_name)
         if module is not None and hasattr(module, "get_peft_model_state_dict"):
@@ -237,7 +205,7 @@ def install() -> None:
 
 
 def uninstall() -> None:
-    """Put PEFT's own functions back (LoRA layers already built on a split model keep working)."""
+    """Put PEFT's own functions back (adapter layers already built on a split model keep working)."""
     while _ORIGINALS:
         owner, name, original = _ORIGINALS.pop()
         setattr(owner, name, original)
