@@ -276,6 +276,8 @@ def _unsupported(rank, world):
         "pissa": lambda: peft.LoraConfig(target_modules=["q_proj"], init_lora_weights="pissa"),
         "tokens_on_linear": lambda: peft.LoraConfig(target_modules=["q_proj"],
                                                     trainable_token_indices={"down_proj": [1, 2]}),
+        # (modules_to_save of a split layer is supported; of a module holding split layers, refused)
+        "save_mlp": lambda: peft.LoraConfig(target_modules=["q_proj"], modules_to_save=["layers.0.mlp"]),
     }
     model = tp_plugin.parallelize(build("llama", 2), tp_size=2)
     messages = {}
@@ -299,6 +301,7 @@ def test_unsupported_targets_and_methods_fail_clearly():
                 "ia3_embedding": ["IA3Config", "model.embed_tokens", "VocabParallelEmbedding"],
                 "loha": ["LOHA"], "prompt": ["PROMPT_TUNING"], "variant": ["alora_invocation_tokens"],
                 "pissa": ["pissa"], "tokens_on_linear": ["trainable_token_indices", "down_proj", "RowParallelLinear"],
+                "save_mlp": ["modules_to_save", "model.layers.0.mlp", "gate_proj"],
                 "order": ["split the base model first", "get_peft_model"]}
     for messages in run_ranks(2, _unsupported):  # every rank raises, before any collective: no hang
         for case, words in expected.items():
