@@ -96,11 +96,12 @@ def _grad_error(split, ref, group, grads: dict | None = None) -> float:
     return worst
 
 
-def _replicated_identical(model, group) -> float:
-    """Max difference, over the TP group, of every replicated LoRA factor and its gradient (must be 0)."""
+def _replicated_identical(model, group, params=None) -> float:
+    """Max difference, over the TP group, of every replicated LoRA factor (or of `params`) and its gradient (must
+    be 0)."""
     worst = 0.0
-    for name, param in _lora_params(model):
-        if param.tp_shard is not None:
+    for name, param in params if params is not None else _lora_params(model):
+        if getattr(param, "tp_shard", None) is not None:
             continue
         for tensor in (param.detach(), param.grad):
             if tensor is None:

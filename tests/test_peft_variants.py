@@ -36,7 +36,7 @@ import tests.dist
 import tp_plugin
 from tests.dist import run_ranks
 from tests.models import batch, build, full_param
-from tests.test_peft import _grad_error
+from tests.test_peft import _grad_error, _replicated_identical
 
 for _module in ("peft", "deepspeed"):  # imported once in the forkserver, not once per rank
     if _module not in tests.dist.PRELOAD:
@@ -63,17 +63,7 @@ def _adapter_params(model):
 
 def _replica_error(model, group) -> float:
     """Max difference over the TP group of every replicated trainable weight and its gradient (must be 0)."""
-    worst = 0.0
-    for _, param in _adapter_params(model):
-        if getattr(param, "tp_shard", None) is not None:
-            continue
-        for tensor in (param.detach(), param.grad):
-            if tensor is None:
-                continue
-            copies = [torch.empty_like(tensor) for _ in range(dist.get_world_size(group))]
-            dist.all_gather(copies, tensor.contiguous(), group=group)
-            worst = max(worst, max((c - copies[0]).abs().max().item() for c in copies))
-    return worst
+    return _replicated_identical(model, group, _adapter_params(model))
 
 
 def _logits(model, ids):

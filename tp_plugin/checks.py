@@ -10,6 +10,7 @@
   the TP group): the ranks meet in the process group's key-value store, not in a collective, so a call made on
   fewer ranks fails with a clear error after a bounded wait instead of hanging in the first gather.
 """
+
 from __future__ import annotations
 
 import hashlib

@@ -16,7 +16,8 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor
 
-from . import copies, hf_methods, policies, rng, sequence, state_dicts  # noqa: F401  (importing policies registers the built-in families)
+from . import copies, hf_methods, rng, sequence, state_dicts
+from . import policies  # noqa: F401  (importing it registers the built-in families)
 from .auto import auto_policy  # the model's own base_model_tp_plan, translated, else its structure
 from .checks import install_input_checks
 from .comm import all_equal, broadcast_from_rank0, fingerprint, sum_grad_over_tp

@@ -26,9 +26,9 @@ each a method that defers to `Trainer` when the model is not split by tp_plugin 
 * resume: `_load_from_checkpoint` reads each rank's slices of the consolidated weights in place, and the
   optimizer state of this TP rank, so a resumed run continues the uninterrupted one's losses.
 * TRL (`class MyTrainer(TPTrainerMixin, SFTTrainer)`, likewise DPO, GRPO): TRL counts tokens and metrics with
-  `gather_for_metrics` (one copy per replica, so its `_tp_size` stays 1); GRPO and RLOO gather rewards and
-  counts over every process with `gather`, so around
-  their generation, scoring and loss the accelerator counts data-parallel replicas instead (`trl.replica_view`).
+  `gather_for_metrics` (one copy per replica, so its `_tp_size` stays 1); GRPO and RLOO gather rewards and counts
+  over every process with `gather`, so around their generation, scoring and loss the accelerator counts
+  data-parallel replicas instead (`trl.replica_view`).
   Their fused LM head is made vocab-parallel by the TRL integration (`tp_plugin/integrations/trl.py`).
 """
 
