@@ -115,3 +115,60 @@ def test_the_arrival_check_waits_for_the_tp_group_only():
     assert results[2] == results[3] == "generated", results  # the other group is not held up
     message = results[0]
     assert "1 of 2 ranks of tensor-parallel group [0, 1]" in message and "generate" in message, message
+
+
+def _generate_clients(rank, world):
+    """What calls `generate` around a split model, each against the same call on the unsplit model."""
+    from transformers import pipeline
+    from transformers.generation.streamers import BaseStreamer
+
+    from tests.test_trl import _tokenizer
+
+    class Collect(BaseStreamer):
+        def __init__(self):
+            self.tokens = []
+
+        def put(self, value):
+            self.tokens.append(value.tolist())
+
+        def end(self):
+            pass
+
+    tokenizer = _tokenizer()
+    tokenizer.padding_side = "left"
+    ref = build("llama", 2).eval()
+    model = tp_plugin.parallelize(copy.deepcopy(ref), tp_size=2).eval()
+    padded = tokenizer(["t5 t6 t7 t8", "t9 t10"], return_tensors="pt", padding=True)
+    calls = {"beams": dict(input_ids=PROMPTS[:2], num_beams=3, max_new_tokens=4, do_sample=False),
+             "left_padding": dict(**padded, max_new_tokens=4, do_sample=False),
+             "static_cache": dict(input_ids=PROMPTS[:2], max_new_tokens=4, do_sample=False,
+                                  cache_implementation="static"),
+             "sampling": dict(input_ids=PROMPTS[:2], max_new_tokens=4, do_sample=True, top_k=5)}
+    results = {}
+    for name, kwargs in calls.items():
+        outs = []
+        for m in (model, ref):
+            torch.manual_seed(7)
+            with torch.no_grad():
+                outs.append(m.generate(**kwargs).tolist())
+        results[name] = outs
+    streamed = []
+    for m in (model, ref):
+        streamer = Collect()
+        with torch.no_grad():
+            m.generate(PROMPTS[:1], max_new_tokens=4, do_sample=False, streamer=streamer)
+        streamed.append(streamer.tokens)
+    results["streamer"] = streamed
+    with torch.no_grad():  # assisted decoding: the unsplit model drafts, the split one verifies
+        results["assisted"] = [m.generate(PROMPTS[:1], assistant_model=copy.deepcopy(ref), max_new_tokens=5,
+                                          do_sample=False).tolist() for m in (model, ref)]
+    results["pipeline"] = [pipeline("text-generation", model=m, tokenizer=tokenizer)(
+        "t5 t6 t7", max_new_tokens=4, do_sample=False)[0]["generated_text"] for m in (model, ref)]
+    return results
+
+
+def test_generate_clients_give_the_unsplit_tokens():
+    """Beams, left padding, a static cache, seeded sampling, streamers, assisted decoding and HF's pipeline."""
+    for results in run_ranks(2, _generate_clients):
+        for name, (split, unsplit) in results.items():
+            assert split == unsplit, (name, split, unsplit)
