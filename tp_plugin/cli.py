@@ -3,6 +3,7 @@
     tp-plugin consolidate SHARDED_DIR OUT_DIR [--max-shard-size 5GB]
     tp-plugin verify MODEL_OR_CONFIG [--tp N] | --all-architectures [--tp 2 --tp 4] [--markdown FILE]
     tp-plugin plan MODEL_OR_CONFIG --gpus N --gpu-memory GIB [--nodes K] [--seq S] [--lora] [--json] ...
+    tp-plugin launch [--tp N] [--sequence-parallel] [--loss-parallel] [--print-env] -- COMMAND [ARGS ...]
 
 Adding a subcommand: write `_configure_x(parser)` and `_run_x(args) -> int`, then
 `register("x", "one-line help", _configure_x, _run_x)`.
@@ -130,6 +131,32 @@ def _run_plan(args: argparse.Namespace) -> int:
 
 register("plan", "which TP degree, data parallelism and ZeRO stage fit a model on N GPUs (no weights read)",
          _configure_plan, _run_plan)
+
+
+def _configure_launch(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--tp", type=int, default=None,
+                        help="tensor-parallel degree (default: the launch config's, else the world size)")
+    parser.add_argument("--sequence-parallel", action="store_true", help="split activations along the sequence")
+    parser.add_argument("--loss-parallel", action="store_true", help="the LM loss from vocabulary shards")
+    parser.add_argument("--print-env", action="store_true",
+                        help="print the environment to export instead of running a command (for schedulers)")
+    parser.add_argument("cmd", metavar="COMMAND", nargs=argparse.REMAINDER, help="the launch command, after `--`")
+
+
+def _run_launch(args: argparse.Namespace) -> int:
+    from . import launch
+
+    options = dict(sequence_parallel=args.sequence_parallel, loss_parallel=args.loss_parallel)
+    if args.print_env:
+        print(launch.print_env(args.tp, **options))
+        return 0
+    command = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd
+    launch.run(command, args.tp, **options)  # replaces this process; returns only by raising
+    return 1
+
+
+register("launch", "run a training or inference command (torchrun, accelerate launch, deepspeed, python) with "
+         "every model it loads split, without changing the script", _configure_launch, _run_launch)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -129,3 +129,12 @@ def configured_sequence_parallel() -> bool:
     if value:
         return value in ("1", "true", "yes", "on")
     return any(bool((cfg.get("tp_plugin") or {}).get("sequence_parallel")) for cfg in _ds_config_sources())
+
+
+ENV_LOSS_PARALLEL = "TP_PLUGIN_LOSS_PARALLEL"
+
+
+def configured_loss_parallel() -> bool:
+    """`loss_parallel` asked for by the launch (`tp-plugin launch --loss-parallel`): the models that the zero-code
+    route splits compute their loss from vocabulary shards."""
+    return os.environ.get(ENV_LOSS_PARALLEL, "").strip().lower() in ("1", "true", "yes", "on")

@@ -125,6 +125,12 @@ def check_not_split(model: nn.Module) -> None:
                                f"first, then add adapters: model = tp_plugin.parallelize(model); "
                                f"model = peft.get_peft_model(model, config)")
     for name, param in model.named_parameters():
+        if hasattr(param, "ds_id"):
+            raise TPSplitError(f"{name} is partitioned by DeepSpeed ZeRO-3 (the model was built under zero.Init: an "
+                               f"Accelerator or TrainingArguments with a ZeRO-3 config existed when it was loaded). "
+                               f"Load it with tp_plugin.from_pretrained(path) (whole on meta, this rank's slices, "
+                               f"partitioned later over the data-parallel group), or set zero3_init_flag: false in "
+                               f"the Accelerate config, or split it before creating the Accelerator")
         if isinstance(param, DTensor):
             raise TPSplitError(f"{name} is a DTensor: the model is already sharded (transformers tp_plan / "
                                f"torch tensor parallel). Load it without tp_plan/distributed_config.")

@@ -7,6 +7,7 @@ has run on the meta model each parameter says exactly which rows of which checkp
 from __future__ import annotations
 
 from collections import defaultdict
+from contextlib import contextmanager
 
 import torch
 import transformers
@@ -16,12 +17,37 @@ from tqdm.auto import tqdm
 from .io import CheckpointError
 
 
+@contextmanager
+def zero3_init_off():
+    """Build and load whole models (each rank its slices) even when a ZeRO-3 config is registered with transformers.
+
+    An `Accelerator()` or `TrainingArguments` with a ZeRO-3 config registers it (`HfDeepSpeedConfig`), and from then
+    on transformers builds every model under `deepspeed.zero.Init`, partitioned over all ranks: a TP split cannot
+    start from that, and a meta model cannot be initialised by it. The split model is partitioned later, over its
+    data-parallel group, by `deepspeed.initialize`. For the duration, transformers' registry reads as empty."""
+    try:
+        from transformers.integrations import deepspeed as hf_deepspeed
+    except ImportError:
+        yield
+        return
+    saved = getattr(hf_deepspeed, "_hf_deepspeed_config_weak_ref", None)
+    hf_deepspeed._hf_deepspeed_config_weak_ref = None
+    try:
+        yield
+    finally:
+        hf_deepspeed._hf_deepspeed_config_weak_ref = saved
+
+
 def build_on_meta(config, dtype: torch.dtype, auto_class=None, **model_kwargs) -> nn.Module:
     """The model for `config` with every parameter on the meta device (no memory, no init cost)."""
     auto_class = auto_class or transformers.AutoModelForCausalLM
     dtype_key = "dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype"  # (4.x's name)
+    make = getattr(auto_class, "from_config", None)  # an Auto class
+    if make is None:  # a model class: its code is already imported (trust_remote_code is the Auto classes' option)
+        make = auto_class._from_config
+        model_kwargs.pop("trust_remote_code", None)
     with torch.device("meta"):
-        model = auto_class.from_config(config, **{dtype_key: dtype}, **model_kwargs)
+        model = make(config, **{dtype_key: dtype}, **model_kwargs)
     _init_non_persistent_buffers(model)
     return model
 

@@ -21,7 +21,7 @@ from ..parallelize import parallelize
 from ..split import _policy_for, _resolve_tp_size
 from ..plan import resolve_plan
 from ..sharding import TPSplitError
-from .build import build_on_meta, check_source, materialize
+from .build import build_on_meta, check_source, materialize, zero3_init_off
 from .io import CheckpointError
 from .sources import SAFE_INDEX, SAFE_WEIGHTS, SHARDED_INDEX, SafetensorsSource, ShardedSource
 
@@ -78,12 +78,22 @@ def from_pretrained(path: str | os.PathLike, tp_size: int | None = None, *, torc
     checkpoint from `save_sharded` saved at any TP degree (resharded on the fly), or a hub id in the offline
     cache. Other formats (GGUF via `gguf_file=`, `.bin`) are loaded whole by transformers, then split.
     At tp=1 the result is an ordinary, unsplit transformers model. Extra kwargs go to the config
-    (`AutoConfig.from_pretrained`), except `attn_implementation` / `trust_remote_code` (to the model).
+    (`AutoConfig.from_pretrained`), except `attn_implementation` / `trust_remote_code` (to the model) and `config`
+    (a config object to use instead). `auto_class`: an Auto class (default `AutoModelForCausalLM`) or a model
+    class.
 
     `pp_size=P` returns a `tp_plugin.Pipeline` instead (in eval mode): the world forms a ("pp", "dp", "tp") mesh of
     P stages x (world / (P x tp)) replicas x tp, each rank's stage is carved on the meta device and only its
     layers' slices are read. `pipeline_kwargs` go to `tp_plugin.pipeline` (microbatches, schedule, split)."""
     prepare_launch()  # `accelerate launch` without GPU: the process group first (integrations/accelerate.py)
+    with zero3_init_off():  # under a registered ZeRO-3 config too: whole on meta, partitioned later over DP
+        return _from_pretrained(path, tp_size, torch_dtype=torch_dtype, policy=policy, loss_parallel=loss_parallel,
+                                auto_class=auto_class, revision=revision, pp_size=pp_size,
+                                pipeline_kwargs=pipeline_kwargs, **kwargs)
+
+
+def _from_pretrained(path, tp_size, *, torch_dtype, policy, loss_parallel, auto_class, revision, pp_size,
+                     pipeline_kwargs, **kwargs):
     auto_class = auto_class or transformers.AutoModelForCausalLM
     dtype = torch_dtype if torch_dtype is not None else kwargs.pop("dtype", None)
     directory = resolve_dir(path, revision, kwargs.pop("cache_dir", None))
@@ -92,7 +102,7 @@ def from_pretrained(path: str | os.PathLike, tp_size: int | None = None, *, torc
         return _load_then_split(directory, tp_size, dtype, policy, loss_parallel, auto_class, kwargs)
 
     model_kwargs = {k: kwargs.pop(k) for k in _MODEL_KWARGS if k in kwargs}
-    config = transformers.AutoConfig.from_pretrained(directory, **kwargs)
+    config = kwargs.pop("config", None) or transformers.AutoConfig.from_pretrained(directory, **kwargs)
     dtype = _resolve_dtype(dtype, config, source)
     model = build_on_meta(config, dtype, auto_class, **model_kwargs)
     check_source(model, source)

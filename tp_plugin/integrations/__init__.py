@@ -15,6 +15,8 @@ own code unless a model split by tp_plugin is involved.
 | accelerate | env `ACCELERATE_USE_PARALLELISM_CONFIG=false` and, without a GPU, Accelerate's `PartialState` on gloo (under `accelerate launch` only, before the split) | accelerate.py `prepare_launch` | the yaml's TP degree is ours; CPU launches get a backend |
 | peft | `BaseTuner.inject_adapter`, `PeftModel.__init__`, `PeftModel.save_pretrained`, `get_peft_model_state_dict` (4 modules), `IA3Model._create_new_module`, `TrainableTokensWrapper.init_modules`, `peft.utils.save_and_load.has_valid_embedding_base_layer` | peft/patches.py | TP LoRA / DoRA / IA3 / token layers, refusals, unsplit adapters |
 | trl | `trl.trainer.utils._ChunkedLogProbFunction` (a dispatcher) | trl.py | the fused LM head over the whole vocabulary |
+| transformers | `PreTrainedModel.from_pretrained` (wrapped), `Trainer.__new__` (added); under `tp-plugin launch` only | auto.py | zero code: loaded models come out split, every Trainer is a TP Trainer |
+| python | `sitecustomize` (`tp_plugin/_site`, first on PYTHONPATH), which calls `tp_plugin.launch.activate()` once transformers or accelerate is imported; under `tp-plugin launch` only (`TP_PLUGIN_AUTO=1`) | ../_site/sitecustomize.py | every process the launch command starts splits |
 | deepspeed | nothing patched: the split model carries DeepSpeed's own hooks (`set_deepspeed_parallelism`, `ds_autotp_parsed`), which fill DeepSpeed's group registry during `initialize` | deepspeed.py | ZeRO over the DP group |
 
 Turn them off: `TP_PLUGIN_PATCHES=none` (or a comma-separated subset to keep, e.g. `peft,trl`) before the
@@ -77,6 +79,9 @@ def uninstall() -> None:
     sys.meta_path[:] = [f for f in sys.meta_path if not isinstance(f, RunAfterImport)]
     for _, integration in PATCHES.values():
         integration().uninstall()
+    from . import auto
+
+    auto.uninstall()
 
 
 def when_imported(name: str, callback: Callable[[], None]) -> None:

@@ -64,18 +64,54 @@ def _has_gpu() -> bool:
     return torch.cuda.is_available()
 
 
+def _yaml_sizes() -> dict[str, int]:
+    return {k: int(os.environ.get(f"PARALLELISM_CONFIG_{k.upper()}_SIZE", "1") or 1)
+            for k in ("dp_replicate", "dp_shard", "cp", "sp")}
+
+
+def check_parallelism_sizes(tp: int, sizes: dict[str, int], world: int, where: str) -> None:
+    """Accelerate's parallelism sizes next to tp_plugin's TP degree: the data-parallel ones must make up the rest
+    of the world (that is what Accelerate validates too); cp and sp are not tp_plugin's (error before any split)."""
+    busy = {k: v for k, v in sizes.items() if k in ("cp", "sp") and v != 1}
+    if busy:
+        raise ValueError(f"tp_plugin: {where} sets tp_size={tp} together with {busy}; tp_plugin provides TP with "
+                         f"DDP, DeepSpeed ZeRO or FSDP2 as the data-parallel axis and cannot combine with "
+                         f"Accelerate's cp / sp. Keep parallelism_config_tp_size and the dp sizes only.")
+    dp = sizes["dp_replicate"] * sizes["dp_shard"]
+    if dp > 1 and tp * dp != world:
+        raise ValueError(f"tp_plugin: {where}: tp_size {tp} x dp_replicate_size {sizes['dp_replicate']} x "
+                         f"dp_shard_size {sizes['dp_shard']} = {tp * dp}, but there are {world} processes. Make "
+                         f"their product the number of processes (e.g. dp_replicate_size {world // tp}).")
+
+
 def take_over_parallelism_config() -> None:
     """Keep `Accelerator()` from building its own TP from the yaml key that tp_plugin reads (step 1)."""
     size = yaml_tp_size()
     if size is None or not _flag("ACCELERATE_USE_PARALLELISM_CONFIG"):
         return
-    others = {k: os.environ.get(f"PARALLELISM_CONFIG_{k}", "1") for k in ("CP_SIZE", "SP_SIZE", "DP_SHARD_SIZE")}
-    busy = {k: v for k, v in others.items() if v not in ("", "1")}
-    if busy:
-        raise ValueError(f"tp_plugin: the Accelerate yaml sets parallelism_config_tp_size={size} together with "
-                         f"{busy}; tp_plugin provides TP with DDP or DeepSpeed ZeRO as the data-parallel axis and "
-                         f"cannot combine with Accelerate's cp/sp/dp_shard. Keep only parallelism_config_tp_size.")
+    check_parallelism_sizes(size, _yaml_sizes(), int(os.environ.get("WORLD_SIZE", "1")), "the Accelerate yaml")
     os.environ["ACCELERATE_USE_PARALLELISM_CONFIG"] = "false"
+
+
+def release_parallelism_config(accelerator, mesh: TPMesh) -> None:
+    """An `Accelerator()` made before the split (the usual order) validated the yaml's parallelism sizes and keeps
+    a `ParallelismConfig` with tp_size > 1, which would send `prepare` down Accelerate's own DTensor TP path. Once
+    it prepares a model split by tp_plugin, tp_plugin is the TP: the config is checked against the split's layout
+    and dropped, and Accelerate runs DDP / FSDP2 over the split model's data-parallel group, as when the
+    Accelerator is made after the split."""
+    state = accelerator.state
+    config = getattr(state, "parallelism_config", None)
+    if config is None:
+        return
+    sizes = {k: getattr(config, f"{k}_size", 1) for k in ("dp_replicate", "dp_shard", "cp", "sp")}
+    if config.tp_size not in (1, mesh.tp_size):
+        raise ValueError(f"tp_plugin: the Accelerator's parallelism config says tp_size={config.tp_size}, but the "
+                         f"model was split with tp_size={mesh.tp_size}; make them agree (drop the tp_size argument "
+                         f"of parallelize to take the launch configuration's)")
+    check_parallelism_sizes(mesh.tp_size, sizes if config.tp_size > 1 else {**sizes, "dp_replicate": 1},
+                            mesh.tp_size * mesh.dp_size, "the Accelerator's parallelism config")
+    state.parallelism_config = None
+    state.device_mesh = None
 
 
 def prepare_cpu_launch() -> None:
@@ -156,7 +192,8 @@ def data_mesh(mesh: TPMesh, distributed_type) -> DeviceMesh:
     return cached
 
 
-def _register(accelerator, model) -> None:
+def register(accelerator, model) -> None:
+    """Tell `accelerator` about the split model it prepares (its mesh drives DDP, data sharding and gathers)."""
     mesh = mesh_of(model)
     if mesh is None:
         return
@@ -165,6 +202,7 @@ def _register(accelerator, model) -> None:
         raise ValueError(f"tp_plugin: one Accelerator got two split models with different layouts "
                          f"({known.mesh} and {mesh.mesh}); split every model it prepares (policy, reference model) "
                          f"with the same tp_size")
+    release_parallelism_config(accelerator, mesh)
     accelerator._tp_plugin_mesh = known or mesh
 
 
@@ -173,7 +211,7 @@ def _wrap_prepare(original):
     def prepare(self, *args, **kwargs):
         for obj in args:  # before any data loader in the same call is prepared
             if isinstance(obj, nn.Module):
-                _register(self, obj)
+                register(self, obj)
         return original(self, *args, **kwargs)
     return prepare
 
@@ -186,7 +224,7 @@ def _wrap_prepare_model(original):
         mesh = mesh_of(model)
         if mesh is None:
             return original(self, model, device_placement, evaluation_mode)
-        _register(self, model)
+        register(self, model)
         if self.distributed_type == DistributedType.FSDP and self.state.fsdp_plugin.fsdp_version != 2:
             raise ValueError("tp_plugin: FSDP1 flattens every parameter of a wrapped module into one over all "
                              "ranks, tensor-parallel shards included; use `fsdp_version: 2` in the Accelerate "

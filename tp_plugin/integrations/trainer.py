@@ -42,7 +42,7 @@ import torch
 from transformers import Trainer
 from transformers.trainer import SCHEDULER_NAME, TRAINING_ARGS_NAME
 
-from .accelerate import install, mesh_of
+from .accelerate import install, mesh_of, register
 
 
 def prepare_cpu_deepspeed() -> dict:
@@ -108,7 +108,9 @@ class TPTrainerMixin:
         install()
         self._tp_mesh = mesh_of(self.model)
         if self._tp_mesh is not None:
-            self.accelerator._tp_plugin_mesh = self._tp_mesh  # before get_train_dataloader prepares a loader
+            register(self.accelerator, self.model)  # before get_train_dataloader prepares a loader
+            if hasattr(self, "_tp_size"):  # TRL reads it from Accelerate's parallelism config; its counts go
+                self._tp_size = 1  # through gather_for_metrics, which counts each replica once
 
     # -- batch accounting ------------------------------------------------------------------------------------
     def get_tp_size(self) -> int:
