@@ -7,6 +7,9 @@ ZeRO / FSDP2 reduce-scatter), i.e. in the order of fp32 sums: 1e-5 on losses of 
 replica) sees half the global batch, so it only has to run. Every run's final save must load in plain
 transformers.
 
+The same configs also run a plain Accelerate script in the usual order (`Accelerator()` first, no tp_plugin in it)
+under `tp-plugin launch`, against the unsplit model.
+
 These are the slow tests of the Accelerate integration: each launch starts 2 or 4 Python processes that import
 torch, transformers, accelerate (and DeepSpeed) on this machine's cores.
 """
@@ -15,7 +18,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -25,26 +27,6 @@ import torch
 
 REPO = Path(__file__).resolve().parent.parent
 CONFIGS = ["cpu_tp2", "cpu_tp2_dp2", "cpu_tp2_dp2_zero2", "cpu_tp2_dp2_zero3", "cpu_tp2_fsdp2"]
-_RESULTS: dict[str, dict] = {}
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory) -> Path:
-    """A tiny random Llama with the demo model's tokenizer (its vocabulary: the corpus tokenises the same)."""
-    import transformers
-
-    sys.path.insert(0, str(REPO / "examples"))
-    from demo_model import default_model_dir
-
-    out = tmp_path_factory.mktemp("tiny-llama")
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(vocab_size=49152, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2, head_dim=8,
-                                      max_position_embeddings=128, tie_word_embeddings=True)
-    transformers.LlamaForCausalLM(config).save_pretrained(out)
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(default_model_dir() / name, out / name)
-    return out
 
 
 def _launch(config: str, model: Path, out: Path, *extra: str, steps: int = 2, script: str = "finetune.py") -> dict:
@@ -60,8 +42,10 @@ def _launch(config: str, model: Path, out: Path, *extra: str, steps: int = 2, sc
     return json.loads((out / "losses.json").read_text())
 
 
-@pytest.mark.parametrize("config", CONFIGS)
+@pytest.mark.parametrize("config", ["cpu_tp2", "cpu_tp2_dp2_zero3"])
 def test_config_runs_through_accelerate_launch(config, tiny_model, tmp_path):
+    """The README's explicit route (`parallelize` before `Accelerator()`); the other configs run this route in the
+    resume tests below and the usual order in `test_usual_order_under_tp_plugin_launch`."""
     from transformers import AutoModelForCausalLM
 
     result = _launch(config, tiny_model, tmp_path)
@@ -71,11 +55,49 @@ def test_config_runs_through_accelerate_launch(config, tiny_model, tmp_path):
     assert len(result["losses"]) == 2 and all(5 < x < 15 for x in result["losses"]), result
     saved = AutoModelForCausalLM.from_pretrained(tmp_path / "final", dtype=torch.float32)
     assert saved.config.num_attention_heads == 4 and saved.model.embed_tokens.weight.shape == (49152, 32)
-    _RESULTS[config] = result
-    dp2 = [c for c in CONFIGS[1:] if c in _RESULTS]
-    for other in dp2:
-        diffs = [abs(a - b) for a, b in zip(_RESULTS[other]["losses"], _RESULTS[dp2[0]]["losses"])]
-        assert max(diffs) <= 1e-5, (other, _RESULTS[other]["losses"], dp2[0], _RESULTS[dp2[0]]["losses"])
+
+
+def _loop(out: Path, model: Path, *launch: str) -> list[dict]:
+    """examples/accelerate_loop.py (plain Accelerate, `Accelerator()` first, no tp_plugin) under `launch`."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1",
+           "TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions"))}
+    env.pop("ACCELERATE_USE_CPU", None)
+    out.mkdir(parents=True)
+    bin_dir = Path(sys.executable).parent
+    cmd = [*(str(bin_dir / c) if i == 0 else c for i, c in enumerate(launch)), "examples/accelerate_loop.py",
+           "--model", str(model), "--text", "examples/data/corpus.txt", "--output-dir", str(out / "final"),
+           "--report", str(out)]
+    if launch[0] == "accelerate" and "--config_file" not in launch:  # the unsplit reference: DDP on 2 CPU ranks
+        env["ACCELERATE_USE_CPU"] = "true"
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=280)
+    assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}"
+    return [json.loads(p.read_text()) for p in sorted(out.glob("report-*.json"))]
+
+
+def test_usual_order_under_tp_plugin_launch(tiny_model, tmp_path):
+    """A plain Accelerate script in the usual order (`Accelerator()`, `from_pretrained`, `prepare`), unchanged, under
+    `tp-plugin launch -- accelerate launch --config_file X`: every TP=2 x DP=2 CPU config (DDP, ZeRO-2, ZeRO-3,
+    FSDP2) against the unsplit model under DDP on 2 ranks (the same global batch of 4). Losses: only the order of
+    fp32 sums differs (1e-5 on losses of order 10); each rank holds half the model (the vocabulary and the layers
+    split, norms replicated); the saved checkpoint is the unsplit run's after 3 AdamW steps of lr 1e-3 (2e-5: AdamW
+    moves a weight by ~lr whatever its gradient's size, so ulp-level differences of near-zero gradient components
+    show up to ~7e-6, seen under ZeRO-3)."""
+    from transformers import AutoModelForCausalLM
+
+    ref = _loop(tmp_path / "ref", tiny_model, "accelerate", "launch", "--multi_gpu", "--num_processes", "2",
+                "--main_process_port", "0")
+    ref_model = AutoModelForCausalLM.from_pretrained(tmp_path / "ref" / "final", dtype=torch.float32)
+    for config in CONFIGS[1:]:
+        runs = _loop(tmp_path / config, tiny_model, "tp-plugin", "launch", "--", str(Path(sys.executable).parent /
+                     "accelerate"), "launch", "--config_file", f"configs/accelerate/{config}.yaml")
+        assert len(runs) == 4, runs
+        for run in runs:
+            assert run["processes"] == 4 and max(abs(a - b) for a, b in zip(run["losses"], ref[0]["losses"])) <= 1e-5, \
+                (config, run, ref[0])
+            assert 0.49 < run["params"] / ref[0]["params"] < 0.51, (config, run["params"], ref[0]["params"])
+        saved = AutoModelForCausalLM.from_pretrained(tmp_path / config / "final", dtype=torch.float32)
+        err = max((a - b).abs().max().item() for a, b in zip(saved.parameters(), ref_model.parameters()))
+        assert err <= 2e-5, (config, err)
 
 
 def test_lora_demo_runs_through_accelerate_launch(tiny_model, tmp_path):

@@ -38,8 +38,16 @@ def _bad_world(rank, world):
 
 
 def _twice(rank, world):
+    """Split again another way (here: with loss_parallel) is refused; the same split again is a no-op (what a
+    script that calls parallelize does under `tp-plugin launch`, which split the model at from_pretrained)."""
     model = tp_plugin.parallelize(build("llama", 2), tp_size=2)
-    return _expect_error(lambda: model, 2)
+    assert tp_plugin.parallelize(model, tp_size=2) is model and tp_plugin.parallelize(model) is model
+    with CollectiveCounter() as counter:
+        try:
+            tp_plugin.parallelize(model, tp_size=2, loss_parallel=True)
+        except tp_plugin.TPSplitError as exc:
+            return str(exc), sum(counter.counts.values())
+    return None, sum(counter.counts.values())
 
 
 def _deepspeed_split(rank, world):

@@ -416,9 +416,16 @@ def test_peft_imported_after_parallelize_still_gets_patched(tmp_path, monkeypatc
     (tmp_path / "tp_plugin_fake_peft.py").write_text("VALUE = 41\n")
     monkeypatch.syspath_prepend(str(tmp_path))
     seen = []
-    hook = RunAfterImport("tp_plugin_fake_peft", lambda: seen.append(sys.modules["tp_plugin_fake_peft"].VALUE))
+    hook = RunAfterImport("tp_plugin_fake_peft")
+    hook.add(lambda: seen.append(sys.modules["tp_plugin_fake_peft"].VALUE), "first")
+    hook.add(lambda: seen.append("second"), "second")
+    hook.add(lambda: seen.append("again"), "first")  # the same key: registered once
     monkeypatch.setattr(sys, "meta_path", [hook, *sys.meta_path])
+    import importlib.util
+
+    assert importlib.util.find_spec("tp_plugin_fake_peft") is not None  # an availability probe, not an import
+    assert seen == [] and hook in sys.meta_path
     import tp_plugin_fake_peft  # noqa: F401
 
-    assert seen == [41] and hook not in sys.meta_path  # ran once, after the module body, and removed itself
+    assert seen == [41, "second"] and hook not in sys.meta_path  # once, after the module body, then removed
     monkeypatch.delitem(sys.modules, "tp_plugin_fake_peft")

@@ -41,6 +41,10 @@ def split_model(model: nn.Module, tp_size: int | None = None, *, mesh: DeviceMes
                 policy: Policy | None = None, loss_parallel: bool = False,
                 sequence_parallel: bool = False, overlap_comm: bool = True) -> nn.Module:
     """Split `model` in place across the tensor-parallel group and return it (see `tp_plugin.parallelize`)."""
+    state = getattr(model, "tp_plugin_state", None)
+    if state is not None and mesh is None and tp_size in (None, state.plan.tp_size) \
+            and loss_parallel == state.loss_parallel and sequence_parallel == (state.sequence is not None):
+        return model  # split already, the same way (`tp-plugin launch` split it at from_pretrained)
     tp_size = tp_size_of(mesh, tp_size) if mesh is not None else _resolve_tp_size(tp_size)
     check_not_split(model)
     if mesh is None:

@@ -23,7 +23,6 @@ class _ActivateAfterImport(importlib.abc.MetaPathFinder):
     def find_spec(self, fullname, path=None, target=None):
         if fullname not in _TRIGGERS:
             return None
-        sys.meta_path.remove(self)  # once per process
         spec = importlib.machinery.PathFinder.find_spec(fullname, path)
         if spec is None or spec.loader is None:
             return spec
@@ -31,9 +30,11 @@ class _ActivateAfterImport(importlib.abc.MetaPathFinder):
 
         def exec_then_activate(module):
             exec_module(module)
-            import tp_plugin.launch
+            if self in sys.meta_path:  # once per process (a mere find_spec, e.g. an availability probe, is not it)
+                sys.meta_path.remove(self)
+                import tp_plugin.launch
 
-            tp_plugin.launch.activate()
+                tp_plugin.launch.activate()
 
         spec.loader.exec_module = exec_then_activate
         return spec

@@ -71,7 +71,7 @@ def activate() -> None:
     """Install every enabled patch as soon as its library is imported (idempotent)."""
     for name in enabled():
         module, integration = PATCHES[name]
-        when_imported(module, lambda integration=integration: integration().install())
+        when_imported(module, lambda integration=integration: integration().install(), key=f"integration:{name}")
 
 
 def uninstall() -> None:
@@ -84,34 +84,50 @@ def uninstall() -> None:
     auto.uninstall()
 
 
-def when_imported(name: str, callback: Callable[[], None]) -> None:
+def when_imported(name: str, callback: Callable[[], None], *, key=None) -> None:
     """Run `callback` now if module `name` is imported, else right after its first import (scripts that never
-    use the library never pay for importing it)."""
+    use the library never pay for importing it). Callbacks with the same `key` (default: the callback itself)
+    are registered once per module."""
     if name in sys.modules:
         callback()
-    elif importlib.util.find_spec(name.partition(".")[0]) is not None and not any(
-            isinstance(f, RunAfterImport) and f.name == name for f in sys.meta_path):
-        sys.meta_path.insert(0, RunAfterImport(name, callback))
+        return
+    if importlib.util.find_spec(name.partition(".")[0]) is None:
+        return
+    finder = next((f for f in sys.meta_path if isinstance(f, RunAfterImport) and f.name == name), None)
+    if finder is None:
+        finder = RunAfterImport(name)
+        sys.meta_path.insert(0, finder)
+    finder.add(callback, callback if key is None else key)
 
 
 class RunAfterImport(importlib.abc.MetaPathFinder):
-    """Finds nothing itself; when module `name` is being imported, runs `callback` right after it executes."""
+    """Finds nothing itself; when module `name` is being imported, runs its callbacks right after it executes."""
 
-    def __init__(self, name: str, callback) -> None:
-        self.name, self.callback = name, callback
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.callbacks: dict = {}  # key -> callback, in registration order
+
+    def add(self, callback: Callable[[], None], key) -> None:
+        self.callbacks.setdefault(key, callback)
 
     def find_spec(self, fullname, path=None, target=None):
         if fullname != self.name:
             return None
-        sys.meta_path.remove(self)  # one shot; let the normal finders locate the module
-        spec = importlib.util.find_spec(fullname)
+        sys.meta_path.remove(self)  # let the normal finders locate the module
+        try:
+            spec = importlib.util.find_spec(fullname)
+        finally:
+            sys.meta_path.insert(0, self)  # until the module really runs (a find_spec probe is not an import)
         if spec is None or spec.loader is None:
             return spec
-        exec_module, callback = spec.loader.exec_module, self.callback
+        exec_module = spec.loader.exec_module
 
-        def exec_then_callback(module):
+        def exec_then_callbacks(module):
             exec_module(module)
-            callback()
+            if self in sys.meta_path:  # one shot
+                sys.meta_path.remove(self)
+                for callback in self.callbacks.values():
+                    callback()
 
-        spec.loader.exec_module = exec_then_callback
+        spec.loader.exec_module = exec_then_callbacks
         return spec

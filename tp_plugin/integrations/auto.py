@@ -13,6 +13,10 @@ and every Trainer is a TP Trainer. Installed by `tp_plugin.launch.activate()` on
 
 Before a load, the process group is started if the launcher has not (torchrun leaves that to the script): with
 Accelerate's `PartialState`, which the Trainer and Accelerator then use (gloo on a machine without GPU).
+
+* On a machine without GPU only, `PartialState.__init__`: a DeepSpeed state asked for without a backend (what
+  `TrainingArguments(deepspeed=...)` does) gets gloo, so a `--deepspeed` Trainer script sees its processes (the
+  zero-code form of `tp_plugin.integrations.trainer.prepare_cpu_deepspeed`).
 """
 
 from __future__ import annotations
@@ -123,6 +127,26 @@ def _trainer_new(cls, *args, **kwargs):
     return object.__new__(cls if issubclass(cls, TPTrainerMixin) else _with_mixin(cls))
 
 
+def _wrap_partial_state_init(original):
+    @functools.wraps(original)
+    def __init__(self, cpu: bool = False, **kwargs):
+        deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true"
+        if deepspeed and not cpu and kwargs.get("backend") is None and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            kwargs["backend"] = "gloo"
+        original(self, cpu, **kwargs)
+    return __init__
+
+
+def _patch_cpu_deepspeed_backend() -> None:
+    from accelerate import PartialState
+
+    from .accelerate import _has_gpu
+
+    if _has_gpu() or any(owner is PartialState for owner, _, _ in _ORIGINALS):
+        return
+    _replace(PartialState, "__init__", _wrap_partial_state_init(PartialState.__init__))
+
+
 def _replace(owner, name: str, value) -> None:
     _ORIGINALS.append((owner, name, owner.__dict__.get(name)))
     setattr(owner, name, value)
@@ -146,11 +170,12 @@ def _patch_trainer() -> None:
 
 
 def install() -> None:
-    """Both patches, each as soon as its module is imported (idempotent)."""
+    """The patches, each as soon as its module is imported (idempotent)."""
     from . import when_imported
 
     when_imported("transformers.modeling_utils", _patch_from_pretrained)
     when_imported("transformers.trainer", _patch_trainer)
+    when_imported("accelerate", _patch_cpu_deepspeed_backend)
 
 
 def uninstall() -> None:
