@@ -1,6 +1,6 @@
 # make venv   build .venv with the pinned dev stack (no-op when already up to date)
 # make test   run the test suite
-# make demo   fine-tune SmolLM2-135M split over 2 CPU ranks (extra flags: make demo ARGS=--loss-parallel)
+# make demo   fine-tune SmolLM2-135M split over 2 CPU ranks, zero code (extra Trainer flags: make demo ARGS="--max_steps 50")
 # make bench  benchmarks: tp_plugin vs DeepSpeed AutoTP and transformers TP, training and generate() (bench/results/)
 # make test-versions  the core parity tests against the lowest declared and the newest transformers
 # make gpu-check  the checks that need a GPU (bench/gpu_check.py; on a CPU-only machine: a smoke run)
@@ -53,14 +53,19 @@ test-versions: venv
 	    tests/test_pipeline.py tests/test_fsdp.py; \
 	done
 
-# The gguf is converted once (about 45 s) before torchrun, so the two ranks do not race to do it.
-# The main job: the embedded SmolLM2-135M split over 2 CPU ranks (TP=2, degree from the yaml), fully fine-tuned
-# through `accelerate launch`, then LoRA-fine-tuned with PEFT and its ordinary adapter re-checked in plain PEFT.
+# The gguf is converted once (about 45 s) before the launch, so the two ranks do not race to do it.
+# The main job: an unmodified Trainer script (examples/train_clm.py, no tp_plugin in it) run by `tp-plugin launch`
+# through `accelerate launch`: the embedded SmolLM2-135M comes out of from_pretrained split over 2 CPU ranks (TP=2,
+# degree from the yaml) and is fully fine-tuned; then LoRA with PEFT, its ordinary adapter re-checked in plain PEFT.
 ACCEL := $(RUN_ENV) $(VENV)/bin/accelerate launch --config_file configs/accelerate/cpu_tp2.yaml
+DEMO_MODEL = $${TP_PLUGIN_CACHE:-$(CURDIR)/.cache}/smollm2-135m
 demo: venv
 	mkdir -p .tmp
 	$(RUN_ENV) $(PY) examples/demo_model.py
-	$(ACCEL) examples/finetune.py $(ARGS)
+	$(RUN_ENV) $(VENV)/bin/tp-plugin launch -- $(VENV)/bin/accelerate launch --config_file configs/accelerate/cpu_tp2.yaml \
+	  examples/train_clm.py --model_name_or_path $(DEMO_MODEL) --train_file examples/data/corpus.txt --use_cpu \
+	  --max_steps 30 --per_device_train_batch_size 4 --block_size 64 --learning_rate 1e-4 --logging_steps 5 \
+	  --save_strategy no --report_to none --output_dir .tmp/finetune-out $(ARGS)
 	$(ACCEL) examples/lora_finetune.py --max-steps 20 --check
 
 # tp_plugin vs DeepSpeed AutoTP vs transformers' TP vs unsplit, one run (~35 min on 2 cores);

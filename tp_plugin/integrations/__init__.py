@@ -16,6 +16,8 @@ own code unless a model split by tp_plugin is involved.
 | peft | `BaseTuner.inject_adapter`, `PeftModel.__init__`, `PeftModel.save_pretrained`, `get_peft_model_state_dict` (4 modules), `IA3Model._create_new_module`, `TrainableTokensWrapper.init_modules`, `peft.utils.save_and_load.has_valid_embedding_base_layer` | peft/patches.py | TP LoRA / DoRA / IA3 / token layers, refusals, unsplit adapters |
 | trl | `trl.trainer.utils._ChunkedLogProbFunction` (a dispatcher) | trl.py | the fused LM head over the whole vocabulary |
 | transformers | `PreTrainedModel.from_pretrained` (wrapped), `Trainer.__new__` (added); under `tp-plugin launch` only | auto.py | zero code: loaded models come out split, every Trainer is a TP Trainer |
+| transformers | `transformers.integrations.deepspeed._hf_deepspeed_config_weak_ref` read as empty for the duration of a `tp_plugin.from_pretrained` load | ../checkpoint/build.py `zero3_init_off` | a registered ZeRO-3 config would build the model under zero.Init, which a split cannot start from |
+| accelerate | without a GPU, `PartialState.__init__` (a DeepSpeed state asked for without a backend gets gloo); under `tp-plugin launch` only | auto.py | `--deepspeed` Trainer scripts see their processes on CPU |
 | python | `sitecustomize` (`tp_plugin/_site`, first on PYTHONPATH), which calls `tp_plugin.launch.activate()` once transformers or accelerate is imported; under `tp-plugin launch` only (`TP_PLUGIN_AUTO=1`) | ../_site/sitecustomize.py | every process the launch command starts splits |
 | deepspeed | nothing patched: the split model carries DeepSpeed's own hooks (`set_deepspeed_parallelism`, `ds_autotp_parsed`), which fill DeepSpeed's group registry during `initialize` | deepspeed.py | ZeRO over the DP group |
 
