@@ -196,6 +196,7 @@ def test_every_accelerate_config_says_what_its_name_says():
     from pathlib import Path
 
     from accelerate.commands.config.config_args import load_config_from_file
+    from accelerate.parallelism_config import ParallelismConfig
 
     root = Path(__file__).resolve().parent.parent
     files = sorted((root / "configs" / "accelerate").glob("*.yaml"))
@@ -209,12 +210,16 @@ def test_every_accelerate_config_says_what_its_name_says():
         zero = int(m.group(1)) if (m := re.search(r"zero(\d)", name)) else None
         assert config.num_processes == tp * dp, (name, config.num_processes)
         assert tp <= config.num_processes // config.num_machines, f"{name}: a TP group would span nodes"
-        if fsdp:
-            assert config.distributed_type.value == "FSDP" and config.fsdp_config["fsdp_version"] == 2, name
-            assert config.parallelism_config == {"parallelism_config_tp_size": tp}, name
-        elif zero is None:
-            assert config.distributed_type.value == "MULTI_GPU", name
-            assert config.parallelism_config == {"parallelism_config_tp_size": tp}, name
+        if zero is None:
+            if fsdp:
+                assert config.distributed_type.value == "FSDP" and config.fsdp_config["fsdp_version"] == 2, name
+            else:
+                assert config.distributed_type.value == "MULTI_GPU", name
+            sizes = {"parallelism_config_tp_size": tp, **({"parallelism_config_dp_shard_size": dp} if dp > 1 else {})}
+            assert config.parallelism_config == sizes, (name, config.parallelism_config)
+            # what an Accelerator() made before the split builds from them, and checks (tp x dp = processes)
+            parallelism = ParallelismConfig(**{k.removeprefix("parallelism_config_"): v for k, v in sizes.items()})
+            assert parallelism.total_size == config.num_processes, name
         else:
             assert config.distributed_type.value == "DEEPSPEED", name
             ds = json.loads((root / config.deepspeed_config["deepspeed_config_file"]).read_text())
@@ -222,3 +227,46 @@ def test_every_accelerate_config_says_what_its_name_says():
             assert "train_batch_size" not in ds, f"{name}: DeepSpeed derives it from micro x accum x DP"
             if zero == 3:
                 assert config.deepspeed_config.get("zero3_init_flag") is False, f"{name}: load, split, then ZeRO-3"
+
+
+def _usual_order_with_parallelism_config(rank, world, tp_in_config):
+    """`Accelerator()` first, as on a GPU machine with the TP yaml: Accelerate validated the yaml's sizes (tp x
+    dp = processes) and holds a `ParallelismConfig` with tp_size 2 (emulated here: Accelerate refuses one on CPU
+    processes). Then the model is loaded and split, and `prepare` gets it."""
+    from accelerate import Accelerator
+    from accelerate.parallelism_config import ParallelismConfig
+
+    accelerator = Accelerator(cpu=True)
+    config = ParallelismConfig(dp_shard_size=world // tp_in_config, tp_size=tp_in_config)  # (the yamls' sizes)
+    accelerator.state.parallelism_config = config
+    accelerator.state.device_mesh = config.get_device_mesh("cpu")
+    data = _data(STEPS * MICRO * 2)
+    model = build("llama", 2)
+    ref = copy.deepcopy(model)
+    tp_plugin.parallelize(model, tp_size=2)
+    loader = DataLoader(data, batch_size=MICRO, shuffle=False)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=LR)
+    try:
+        model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+    except ValueError as exc:
+        return {"error": str(exc)}
+    losses = []
+    for batch in loader:
+        loss = model(batch, labels=batch).loss
+        accelerator.backward(loss)
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(accelerator.reduce(loss.detach(), "mean").item())
+    return {"losses": losses, "ref": _reference(ref, data, 2, 0.0) if rank == 0 else None,
+            "released": accelerator.parallelism_config is None,
+            "dp_ranks": torch.distributed.get_process_group_ranks(model.process_group)}
+
+
+def test_usual_order_releases_accelerates_parallelism_config():
+    results = run_ranks(4, _usual_order_with_parallelism_config, 2)
+    for rank, r in enumerate(results):
+        assert r["released"] and r["dp_ranks"] == [rank % 2, rank % 2 + 2], r
+        assert max(abs(a - b) for a, b in zip(r["losses"], results[0]["ref"])) <= ATOL, (r["losses"], results[0])
+    # a config whose TP degree is not the split's: refused on every rank, before DDP is built
+    for r in run_ranks(4, _usual_order_with_parallelism_config, 4):
+        assert "tp_size=4" in r["error"] and "tp_size=2" in r["error"], r
