@@ -10,13 +10,12 @@ and every Trainer is a TP Trainer. Installed by `tp_plugin.launch.activate()` on
 * `Trainer.__new__`: an instance of any Trainer class (transformers', TRL's, a user's subclass) is made from
   `TPTrainerMixin` in front of that class (one derived class per class, cached), exactly as
   `class MyTrainer(TPTrainerMixin, SFTTrainer)` would; the mixin defers to the class when the model is not split.
-
-Before a load, the process group is started if the launcher has not (torchrun leaves that to the script): with
-Accelerate's `PartialState`, which the Trainer and Accelerator then use (gloo on a machine without GPU).
-
 * On a machine without GPU only, `PartialState.__init__`: a DeepSpeed state asked for without a backend (what
   `TrainingArguments(deepspeed=...)` does) gets gloo, so a `--deepspeed` Trainer script sees its processes (the
   zero-code form of `tp_plugin.integrations.trainer.prepare_cpu_deepspeed`).
+
+Before a load, the process group is started if the launcher has not (torchrun leaves that to the script): with
+Accelerate's `PartialState`, which the Trainer and Accelerator then use (gloo on a machine without GPU).
 """
 
 from __future__ import annotations
