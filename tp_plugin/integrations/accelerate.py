@@ -81,7 +81,7 @@ def check_parallelism_sizes(tp: int, sizes: dict[str, int], world: int, where: s
     if dp > 1 and tp * dp != world:
         raise ValueError(f"tp_plugin: {where}: tp_size {tp} x dp_replicate_size {sizes['dp_replicate']} x "
                          f"dp_shard_size {sizes['dp_shard']} = {tp * dp}, but there are {world} processes. Make "
-                         f"their product the number of processes (e.g. dp_replicate_size {world // tp}).")
+                         f"their product the number of processes (e.g. dp_shard_size {world // tp}).")
 
 
 def take_over_parallelism_config() -> None:
@@ -129,7 +129,9 @@ def prepare_cpu_launch() -> None:
         if AcceleratorState._shared_state:
             raise RuntimeError("tp_plugin: an Accelerator was created before tp_plugin.parallelize on a machine "
                                "without GPU, and runs every launched process as a single process (no backend). "
-                               "Split the model first, then create the Accelerator.")
+                               "Run the command under `tp-plugin launch -- accelerate launch ...` (it gives the "
+                               "processes gloo before the script starts), or split the model first, then create "
+                               "the Accelerator.")
         PartialState._reset_state()
 
     # The shared state made now is what PartialState() / Accelerator() find later, so the script may also
