@@ -79,7 +79,8 @@ class StreamingWriter:
         got = (name, tensor.dtype, tuple(tensor.shape))
         if got != want:
             raise CheckpointError(f"{self.path}: writing {got}, but the header promised {want} next")
-        self._file.write(tensor.detach().contiguous().reshape(-1).view(torch.uint8).numpy())
+        # .cpu(): the gathered tensors are on the model's device (CUDA after GPU training); a no-op on CPU
+        self._file.write(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
 
     def close(self) -> None:
         if self._pending:
