@@ -42,9 +42,7 @@ def bind(model: nn.Module) -> None:
 
 
 def deepcopy_model(self: nn.Module, memo: dict) -> nn.Module:
-    from .state import tp_state
-
-    state = tp_state(self)
+    state = getattr(self, "tp_plugin_state", None)  # bound on the split model itself
     if state is not None and state.fsdp:
         raise TPSplitError(f"copy.deepcopy of a split {type(self).__name__} sharded by FSDP2: its parameters are "
                            f"FSDP2's DTensors over the data-parallel group. Make the copy before "

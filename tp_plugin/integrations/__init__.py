@@ -81,9 +81,17 @@ def uninstall() -> None:
     sys.meta_path[:] = [f for f in sys.meta_path if not isinstance(f, RunAfterImport)]
     for _, integration in PATCHES.values():
         integration().uninstall()
-    from . import auto
+    for undo in list(_UNDO):
+        undo()
 
-    auto.uninstall()
+
+_UNDO: list[Callable[[], None]] = []  # uninstallers of patches installed outside PATCHES (the zero-code ones)
+
+
+def on_uninstall(undo: Callable[[], None]) -> None:
+    """Have `uninstall()` also run `undo` (once per function)."""
+    if undo not in _UNDO:
+        _UNDO.append(undo)
 
 
 def when_imported(name: str, callback: Callable[[], None], *, key=None) -> None:

@@ -170,8 +170,9 @@ def _patch_trainer() -> None:
 
 def install() -> None:
     """The patches, each as soon as its module is imported (idempotent)."""
-    from . import when_imported
+    from . import on_uninstall, when_imported
 
+    on_uninstall(uninstall)
     when_imported("transformers.modeling_utils", _patch_from_pretrained)
     when_imported("transformers.trainer", _patch_trainer)
     when_imported("accelerate", _patch_cpu_deepspeed_backend)
