@@ -144,3 +144,13 @@ def test_plain_trl_sft_trainer_with_a_model_path_runs_split(tiny_model, tmp_path
                 "--max_length", "32", "--save_strategy", "no", "--dataset_text_field", "text", "--logging_steps", "1"])
     assert "'num_tokens': '64'" in cli.stdout + cli.stderr  # one replica of 2 x 32 tokens: both ranks one model
     assert _same_checkpoint(tmp_path / "cli", tiny_model) > 0  # trained, saved, loads in plain transformers
+
+
+def test_uninstall_undoes_the_zero_code_patches():
+    code = ("import transformers, transformers.modeling_utils as m, tp_plugin.integrations as i\n"
+            "from transformers import Trainer\n"
+            "f = lambda: hasattr(m.PreTrainedModel.__dict__['from_pretrained'].__func__, '__wrapped__')\n"
+            "g = lambda: '__new__' in vars(Trainer)\n"
+            "before = (f(), g()); i.uninstall(); print(*before, f(), g())")
+    out = _run([str(BIN / "tp-plugin"), "launch", "--", "python", "-c", code]).stdout.split()
+    assert out == ["True", "True", "False", "False"], out
