@@ -29,7 +29,8 @@ def parallelize(model: nn.Module, tp_size: int | None = None, *, mesh: DeviceMes
     the ranks form W/T data-parallel replicas of T consecutive ranks (a ("dp", "tp") `DeviceMesh`). With
     `mesh`, a `DeviceMesh` you built: its "tp" dim is the TP group and its one other non-"pp" dim the
     data-parallel one (e.g. ("pp", "dp", "tp") or ("dp_shard", "tp")). `loss_parallel=True` computes the LM
-    loss from vocabulary shards and leaves `.logits` as this rank's vocabulary shard.
+    loss from vocabulary shards and, in training mode, leaves `.logits` as this rank's vocabulary shard (eval-mode
+    forwards, `generate` included, return the full logits).
 
     `sequence_parallel=True` (default: the launch configuration's `TP_PLUGIN_SEQUENCE_PARALLEL`, or a DeepSpeed
     config's `"tp_plugin": {"sequence_parallel": true}`) splits the activations between tensor-parallel regions
