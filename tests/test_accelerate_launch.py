@@ -44,7 +44,7 @@ def _launch(config: str, model: Path, out: Path, *extra: str, steps: int = 2, sc
 
 @pytest.mark.parametrize("config", ["cpu_tp2", "cpu_tp2_dp2_zero3"])
 def test_config_runs_through_accelerate_launch(config, tiny_model, tmp_path):
-    """The README's explicit route (`parallelize` before `Accelerator()`); the other configs run this route in the
+    """The explicit route of docs/engines.md (`parallelize` before `Accelerator()`); the other configs run this route in the
     resume tests below and the usual order in `test_usual_order_under_tp_plugin_launch`."""
     from transformers import AutoModelForCausalLM
 

@@ -1,4 +1,4 @@
-"""TRL's trainers on a split model, through the README's route (`class MyTrainer(TPTrainerMixin, SFTTrainer)`),
+"""TRL's trainers on a split model, through the documented route (`class MyTrainer(TPTrainerMixin, SFTTrainer)`),
 against the same TRL trainer on the unsplit model in one process: per-step losses and every logged metric
 (`num_tokens`, `entropy`, `mean_token_accuracy`, DPO's rewards, GRPO's rewards), replicated parameters
 identical across the TP ranks afterwards, and the saved model. A plain `SFTTrainer(model=split_model)` fails

@@ -188,7 +188,7 @@ def start_reduce_scatter(x: torch.Tensor, dim: int, group: ProcessGroup, *, own:
     size = x.shape[dim] // world
     if GLOO_REDUCE_SCATTER_BY_ALL_REDUCE and str(dist.get_backend(group)) == "gloo":
         # gloo's reduce-scatter takes 1.5-3x as long as an all-reduce of the same tensor (measured on 2 CPU
-        # ranks, 0.6-9 MiB: README, sequence parallelism); the all-reduce gives every rank the sum, of which
+        # ranks, 0.6-9 MiB: docs/how-it-splits.md, sequence parallelism); the all-reduce gives every rank the sum, of which
         # each keeps its chunk. NCCL's ring all-reduce *is* a reduce-scatter plus an all-gather: it keeps the real one.
         x = x.contiguous() if own else x.clone(memory_format=torch.contiguous_format)
         rank = dist.get_rank(group)

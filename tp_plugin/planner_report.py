@@ -19,7 +19,7 @@ def write_configs(best: dict, work: Workload, directory: str | Path) -> list[Pat
     tp, dp, zero = best["tp"], best["dp"], best["zero_stage"]
     ds = {"train_micro_batch_size_per_gpu": work.micro_batch, "gradient_accumulation_steps": 1,
           "gradient_clipping": 1.0, "zero_optimization": {"stage": zero}}
-    if tp > 1:  # the key tp_plugin reads as its TP degree (see README, DeepSpeed)
+    if tp > 1:  # the key tp_plugin reads as its TP degree (see docs/engines.md, DeepSpeed)
         ds["tensor_parallel"] = {"autotp_size": tp}
     if best.get("sequence_parallel"):  # read by parallelize (DeepSpeed ignores the section)
         ds["tp_plugin"] = {"sequence_parallel": True}
