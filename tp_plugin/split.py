@@ -16,7 +16,7 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor
 
-from . import copies, hf_methods, rng, sequence, state_dicts
+from . import copies, hf_methods, rng, sequence_hooks, state_dicts
 from . import policies  # noqa: F401  (importing it registers the built-in families)
 from .auto import auto_policy  # the model's own base_model_tp_plan, translated, else its structure
 from .checks import install_input_checks
@@ -171,7 +171,7 @@ def apply_plan(model: nn.Module, plan: Plan, rank: int, group, *, loss_parallel:
     the regions (and sequence parallelism). Returns the sequence-parallel state, if asked for."""
     streams = RankStreams(rank) if rng.has_dropout(model) else None
     layers_path = _sequence_layers(model, plan) if sequence_parallel else None
-    sp = SequenceParallel(sequence.base_of(model, layers_path), group, streams) if sequence_parallel else None
+    sp = SequenceParallel(sequence_hooks.base_of(model, layers_path), group, streams) if sequence_parallel else None
     install_layers(model, plan.entries, rank, group, loss_parallel=loss_parallel)
     if plan.attention is not None:
         shard = plan.attention.heads[rank]
@@ -207,7 +207,7 @@ def apply_plan(model: nn.Module, plan: Plan, rank: int, group, *, loss_parallel:
 
 def _sequence_layers(model: nn.Module, plan: Plan) -> str:
     """The decoder layers sequence parallelism splits by tokens (checked before anything is communicated)."""
-    return sequence.decoder_layers(model, [e.path for e in plan.entries
+    return sequence_hooks.decoder_layers(model, [e.path for e in plan.entries
                                            if not isinstance(e.style, (VocabEmbedding, VocabLMHead))], plan.regions)
 
 
@@ -215,6 +215,6 @@ def _install_sequence_parallel(model: nn.Module, sp: SequenceParallel, layers_pa
     for module in model.modules():  # a row-parallel bias is added to this rank's tokens only
         if isinstance(module, RowParallelLinear) and module.bias is not None:
             sp.add_partial(module.bias)
-    replicated = [m for m in sequence.base_of(model, layers_path).modules() if not isinstance(m, PARALLEL_LAYERS)
+    replicated = [m for m in sequence_hooks.base_of(model, layers_path).modules() if not isinstance(m, PARALLEL_LAYERS)
                   and any(not hasattr(p, "tp_partial_grad") for p in m.parameters(recurse=False))]
-    sequence.install(model, sp, layers_path, replicated)
+    sequence_hooks.install(model, sp, layers_path, replicated)
