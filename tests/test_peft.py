@@ -18,6 +18,7 @@ import tests.dist
 import tp_plugin
 from tests.dist import run_ranks
 from tests.models import batch, build, full_param
+from tests.peft_parity import grad_error, replicated_identical
 
 # Import peft and deepspeed once in the forkserver (pytest imports every test module before the first test
 # starts it) instead of once per rank per test: about 4 s and 2 s each on this machine.
@@ -77,41 +78,6 @@ def _randomize_lora(split, ref, group, seed: int = 7):
             param.copy_(full if spec is None else shard_tensor(full, spec))
 
 
-def _grad_error(split, ref, group, grads: dict | None = None) -> float:
-    """Max |gathered split gradient - unsplit gradient| over the trainable parameters (one collective).
-
-    `grads` overrides `param.grad` (ZeRO-2 keeps the averaged gradient partitioned elsewhere)."""
-    from tp_plugin.sharding import unshard_tensor
-
-    mine = {n: ((grads or {}).get(n, p.grad).detach(), p.tp_shard) for n, p in split.named_parameters()
-            if p.requires_grad}
-    everyone = [None] * dist.get_world_size(group)
-    dist.all_gather_object(everyone, mine, group=group)
-    ref_params = dict(ref.named_parameters())
-    worst = 0.0
-    for name, (grad, spec) in mine.items():
-        if spec is not None:
-            grad = unshard_tensor([r[name][0] for r in everyone], [r[name][1] for r in everyone])
-        worst = max(worst, (grad - ref_params[name].grad).abs().max().item())
-    return worst
-
-
-def _replicated_identical(model, group, params=None) -> float:
-    """Max difference, over the TP group, of every replicated LoRA factor (or of `params`) and its gradient (must
-    be 0)."""
-    worst = 0.0
-    for name, param in params if params is not None else _lora_params(model):
-        if getattr(param, "tp_shard", None) is not None:
-            continue
-        for tensor in (param.detach(), param.grad):
-            if tensor is None:
-                continue
-            copies = [torch.empty_like(tensor) for _ in range(dist.get_world_size(group))]
-            dist.all_gather(copies, tensor.contiguous(), group=group)
-            worst = max(worst, max((c - copies[0]).abs().max().item() for c in copies))
-    return worst
-
-
 def _train(rank, world, arch, tp, lora_kwargs, dropout_seeded):
     split, ref, mesh = _split_and_ref(arch, tp, lora_kwargs)
     group = mesh.tp_group
@@ -139,15 +105,15 @@ def _train(rank, world, arch, tp, lora_kwargs, dropout_seeded):
             loss = m(input_ids=ids, labels=ids).loss
             loss.backward()
             pair.append(loss.item())
-        grad_err = max(grad_err, _grad_error(split, ref, group))
+        grad_err = max(grad_err, grad_error(split, ref, group))
         # the LoRA factors' tags make tp_plugin's clipping norm the unsplit model's
         ref_norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in ref.parameters() if p.requires_grad]))
         norm_err = max(norm_err, abs(grad_norm(split).item() - ref_norm.item()))
-        replica_err = max(replica_err, _replicated_identical(split, group))
+        replica_err = max(replica_err, replicated_identical(split, group, _lora_params(split)))
         for opt in opts:
             opt.step()
             opt.zero_grad()
-        replica_err = max(replica_err, _replicated_identical(split, group))
+        replica_err = max(replica_err, replicated_identical(split, group, _lora_params(split)))
         losses.append(pair)
     return {"init_err": init_err, "losses": losses, "grad_err": grad_err, "replica_err": replica_err,
             "norm_err": norm_err, "n_lora": len(names)}

@@ -12,7 +12,8 @@ import torch.distributed as dist
 
 from tests.dist import run_ranks
 from tests.models import batch
-from tests.test_peft import (ATOL, GRAD_ATOL, STEPS, _grad_error, _randomize_lora, _replicated_identical,
+from tests.peft_parity import grad_error, replicated_identical
+from tests.test_peft import (ATOL, GRAD_ATOL, STEPS, _lora_params, _randomize_lora,
                              _split_and_ref)
 
 
@@ -42,7 +43,7 @@ def _zero(rank, world, steps, stage, out_dir):
         ref_loss.backward()
         # The DP-averaged gradient (ZeRO-2 holds it partitioned; this assembles it), then gathered over TP.
         grads = {n: safe_get_full_grad(p) for n, p in split.named_parameters() if p.requires_grad}
-        result["grad_err"] = max(result["grad_err"], _grad_error(split, ref, group, grads))
+        result["grad_err"] = max(result["grad_err"], grad_error(split, ref, group, grads))
         engine.step()
         ref_opt.step()
         ref_opt.zero_grad()
@@ -50,7 +51,7 @@ def _zero(rank, world, steps, stage, out_dir):
         dist.all_reduce(mean, group=mesh.dp_group)
         result["losses"].append((mean.item() / mesh.dp_size, ref_loss.item()))
         with deepspeed.zero.GatheredParameters(trainable, enabled=stage == 3):
-            result["replica_err"] = max(result["replica_err"], _replicated_identical(split, group))
+            result["replica_err"] = max(result["replica_err"], replicated_identical(split, group, _lora_params(split)))
     # The trained adapter, saved from the engine's model on every rank: the ordinary unsplit adapter.
     import os
 
@@ -101,7 +102,7 @@ def _trainer(rank, world, out_dir):
         opt.zero_grad()
         ref_losses.append(loss.item())
     trainer.save_model(out_dir)  # TPTrainer saves a LoRA model as the ordinary adapter (every rank joins)
-    return {"losses": list(zip(losses, ref_losses)), "replica_err": _replicated_identical(split, mesh.tp_group)}
+    return {"losses": list(zip(losses, ref_losses)), "replica_err": replicated_identical(split, mesh.tp_group, _lora_params(split))}
 
 
 def test_trainer_trains_split_lora_like_unsplit(tmp_path):
