@@ -95,7 +95,8 @@ def test_save_pretrained_of_a_split_model_is_the_unsplit_checkpoint(name, tmp_pa
 def _lora_vlm(rank, world):
     from peft import LoraConfig, get_peft_model
 
-    from tests.test_peft import _grad_error, _lora_params, _randomize_lora
+    from tests.peft_parity import grad_error
+    from tests.test_peft import _lora_params, _randomize_lora
     from tp_plugin.tiny_vlms import build_tiny_vlm, vlm_inputs
 
     model = build_tiny_vlm("llava", tp=world)
@@ -112,7 +113,7 @@ def _lora_vlm(rank, world):
     out, ref_out = split(**inputs), ref(**inputs)
     out.loss.backward()
     ref_out.loss.backward()
-    return (out.loss - ref_out.loss).abs().item(), _grad_error(split, ref, group), len(_lora_params(split))
+    return (out.loss - ref_out.loss).abs().item(), grad_error(split, ref, group), len(_lora_params(split))
 
 
 def test_lora_on_the_language_model_of_a_split_vlm():

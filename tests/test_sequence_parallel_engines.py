@@ -47,7 +47,8 @@ def test_deepspeed_zero2_zero3_tp2_dp2():
 def _lora(rank, world, arch):
     from peft import get_peft_model
 
-    from tests.test_peft import _grad_error, _lora, _randomize_lora, _replicated_identical
+    from tests.peft_parity import grad_error, replicated_identical
+    from tests.test_peft import _lora, _lora_params, _randomize_lora
 
     model = build(arch, 2)
     ref = copy.deepcopy(model)
@@ -68,8 +69,8 @@ def _lora(rank, world, arch):
             loss = m(input_ids=ids, labels=ids).loss
             loss.backward()
             pair.append(loss.item())
-        grad_err = max(grad_err, _grad_error(split, ref, group))
-        replica_err = max(replica_err, _replicated_identical(split, group))
+        grad_err = max(grad_err, grad_error(split, ref, group))
+        replica_err = max(replica_err, replicated_identical(split, group, _lora_params(split)))
         for opt in opts:
             opt.step()
             opt.zero_grad()
