@@ -49,6 +49,22 @@ def _reference(model, data, dp: int, clip: float) -> list[float]:
     return losses
 
 
+def _train(accelerator, model, optimizer, loader, clip: float, seen: list | None = None) -> list[float]:
+    """The usual Accelerate loop over `loader`: the mean loss over the replicas of every step."""
+    losses = []
+    for batch in loader:
+        loss = model(batch, labels=batch).loss
+        accelerator.backward(loss)
+        if clip:
+            accelerator.clip_grad_norm_(model.parameters(), clip)
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(accelerator.reduce(loss.detach(), "mean").item())
+        if seen is not None:
+            seen.append(batch.clone())
+    return losses
+
+
 def _accelerate_run(rank, world, tp, clip):
     from accelerate import Accelerator
 
@@ -65,16 +81,8 @@ def _accelerate_run(rank, world, tp, clip):
     assert isinstance(model, torch.nn.parallel.DistributedDataParallel)
     assert model.process_group is not None
     dp_ranks = torch.distributed.get_process_group_ranks(model.process_group)
-    losses, seen = [], []
-    for batch in loader:
-        loss = model(batch, labels=batch).loss
-        accelerator.backward(loss)
-        if clip:
-            accelerator.clip_grad_norm_(model.parameters(), clip)
-        optimizer.step()
-        optimizer.zero_grad()
-        losses.append(accelerator.reduce(loss.detach(), "mean").item())
-        seen.append(batch.clone())
+    seen = []
+    losses = _train(accelerator, model, optimizer, loader, clip, seen)
     ref_losses = _reference(ref, data, dp, clip) if rank == 0 else None
     return {"losses": losses, "ref": ref_losses, "dp_ranks": dp_ranks, "batches": len(loader),
             "first": seen[0].tolist()}  # plain lists: a tensor would travel as shared memory the rank frees
@@ -250,13 +258,7 @@ def _usual_order_with_parallelism_config(rank, world, tp_in_config):
         model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
     except ValueError as exc:
         return {"error": str(exc)}
-    losses = []
-    for batch in loader:
-        loss = model(batch, labels=batch).loss
-        accelerator.backward(loss)
-        optimizer.step()
-        optimizer.zero_grad()
-        losses.append(accelerator.reduce(loss.detach(), "mean").item())
+    losses = _train(accelerator, model, optimizer, loader, 0.0)
     return {"losses": losses, "ref": _reference(ref, data, 2, 0.0) if rank == 0 else None,
             "released": accelerator.parallelism_config is None,
             "dp_ranks": torch.distributed.get_process_group_ranks(model.process_group)}

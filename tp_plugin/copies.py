@@ -52,8 +52,8 @@ def deepcopy_model(self: nn.Module, memo: dict) -> nn.Module:
         memo.setdefault(id(state.mesh), state.mesh)
     memo[id(_IN_MODEL_COPY)] = True
     new = _plain_copy(self, memo)
-    originals = dict(_named_tensors(self))
-    for name, tensor in _named_tensors(new):
+    originals = dict(named_tensors(self))
+    for name, tensor in named_tensors(new):
         _carry_tensor_state(originals[name], tensor, memo)
     for module in new.modules():
         _point_into_copy(vars(module), memo)
@@ -76,8 +76,8 @@ def deepcopy_layer(self: nn.Module, memo: dict) -> nn.Module:
             if _is_plain_object(value) or isinstance(value, weakref.ref):
                 memo.setdefault(id(value), value)
     new = _plain_copy(self, memo)
-    originals = dict(_named_tensors(self))
-    for name, tensor in _named_tensors(new):
+    originals = dict(named_tensors(self))
+    for name, tensor in named_tensors(new):
         _carry_tensor_state(originals[name], tensor, memo)
         sequence = getattr(self, "sequence", None)
         if sequence is not None:
@@ -100,14 +100,10 @@ def _share_groups(model: nn.Module, memo: dict) -> None:
         for value in vars(module).values():
             if isinstance(value, (dist.ProcessGroup, DeviceMesh)):
                 memo.setdefault(id(value), value)
-    for param in model.parameters():
-        spec = getattr(param, "tp_vocab_head", None)
-        head = spec() if spec is not None else None
-        if head is not None:
-            memo.setdefault(id(head.group), head.group)
 
 
-def _named_tensors(model: nn.Module):
+def named_tensors(model: nn.Module):
+    """Every parameter (tied ones under each of their names) and buffer, by name."""
     yield from model.named_parameters(remove_duplicate=False)
     yield from model.named_buffers(remove_duplicate=False)
 

@@ -22,6 +22,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from .copies import named_tensors
 from .mesh import TPMesh
 from .sharding import TPSplitError, shard_tensor
 
@@ -49,7 +50,7 @@ class _LoadHooks:
 
     def after(self, module, incompatible_keys) -> None:
         tagged, self.tagged = self.tagged, {}
-        current = dict(_named_tensors(module))
+        current = dict(named_tensors(module))
         sequence = getattr(getattr(module, "tp_plugin_state", None), "sequence", None)
         for name, old in tagged.items():
             new = current.get(name)
@@ -62,7 +63,7 @@ class _LoadHooks:
                 sequence.adopt(old, new)
 
     def before(self, module, state_dict, prefix, local_metadata, strict, missing, unexpected, errors) -> None:
-        self.tagged = {name: t for name, t in _named_tensors(module) if vars(t)}
+        self.tagged = {name: t for name, t in named_tensors(module) if vars(t)}
         mine = {"tp_rank": self.mesh.tp_rank, "tp_size": self.mesh.tp_size}
         theirs = local_metadata.get(KEY)
         if theirs is not None and theirs != mine:
@@ -88,13 +89,8 @@ class _LoadHooks:
                 state_dict[key] = shard_tensor(value, spec)  # a full tensor: this rank's slice of it
 
 
-def _named_tensors(model: nn.Module):
-    yield from model.named_parameters(remove_duplicate=False)
-    yield from model.named_buffers()
-
-
 def _sharded_tensors(model: nn.Module):
-    for name, tensor in _named_tensors(model):
+    for name, tensor in named_tensors(model):
         if getattr(tensor, "tp_shard", None) is not None:
             yield name, tensor
 
