@@ -76,11 +76,10 @@ def deepcopy_layer(self: nn.Module, memo: dict) -> nn.Module:
             if _is_plain_object(value) or isinstance(value, weakref.ref):
                 memo.setdefault(id(value), value)
     new = _plain_copy(self, memo)
-    originals = dict(named_tensors(self))
+    originals, sequence = dict(named_tensors(self)), getattr(self, "sequence", None)
     for name, tensor in named_tensors(new):
         _carry_tensor_state(originals[name], tensor, memo)
-        sequence = getattr(self, "sequence", None)
-        if sequence is not None:
+        if sequence is not None:  # partial (token-local) gradients are summed for the copy too
             sequence.adopt(originals[name], tensor)
     return new
 
