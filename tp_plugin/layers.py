@@ -149,13 +149,14 @@ class RowParallelLinear(_ParallelLayer):
             return (x.reshape(-1, x.shape[-1]) @ self.weight).view(*x.shape[:-1], self.weight.shape[1])
         return F.linear(x, self.weight)
 
-    def reduce(self, partial: torch.Tensor) -> torch.Tensor:
-        """Sum the partial outputs over the group (the one forward all-reduce), then add the bias once."""
+    def reduce(self, partial: torch.Tensor, *, add_bias: bool = True) -> torch.Tensor:
+        """Sum the partial outputs over the group (the one forward all-reduce), then add the bias once (unless the
+        caller adds it later itself: DoRA scales the sum first)."""
         if self.sequence is not None and self.sequence.active():
             out = scatter_tokens(self.sequence, partial)
         else:
             out = reduce_from_tp(partial, self.group)
-        return out if self.bias is None else out + self.bias
+        return out if self.bias is None or not add_bias else out + self.bias
 
     def extra_repr(self) -> str:
         return f"local_in={self.spec.local_size}, full_in={self.spec.full_size}, transposed={self.transposed}"

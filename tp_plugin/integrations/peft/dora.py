@@ -28,9 +28,8 @@ from peft.tuners.lora.variants import DoraLinearVariant
 from peft.utils.other import transpose
 from torch import nn
 
-from ...comm import all_reduce, copy_to_tp, reduce_from_tp, sum_grad_over_sharers
+from ...comm import all_reduce, copy_to_tp, sum_grad_over_sharers
 from ...layers import tag_param
-from ...sequence import scatter_tokens
 from ...sharding import ShardSpec
 
 
@@ -124,7 +123,7 @@ def row_forward(module, name: str, x: torch.Tensor) -> torch.Tensor:
     d = x if clean else dropout(x)
     adapted = base.partial_output(d) + F.linear(lora_a(d), b_weight) * scaling          # [..., out], partial
     partial = adapted if clean else torch.cat([base.partial_output(x - d), adapted], dim=-1)
-    reduced = _reduce(base, partial)
+    reduced = base.reduce(partial, add_bias=False)  # the bias is added after the DoRA scaling
     lora_weight = dora.get_lora_weight(lora_A=lora_a, lora_B=lora_b, adapter_name=name).to(x.dtype)
     norm = dora.get_weight_norm(weight=base.weight.to(x.dtype), lora_weight=lora_weight.detach(), scaling=scaling,
                                 adapter_name=name).detach()                           # [out], summed over the group
@@ -132,11 +131,3 @@ def row_forward(module, name: str, x: torch.Tensor) -> torch.Tensor:
     rest, adapted = (None, reduced) if clean else reduced.split(reduced.shape[-1] // 2, dim=-1)
     out = scale * adapted if rest is None else rest + scale * adapted
     return out if base.bias is None else out + base.bias
-
-
-def _reduce(base, partial: torch.Tensor) -> torch.Tensor:
-    """`RowParallelLinear.reduce` without its bias (added after the DoRA scaling): all-reduce, or under sequence
-    parallelism reduce-scatter over the tokens."""
-    if base.sequence is not None and base.sequence.active():
-        return scatter_tokens(base.sequence, partial)
-    return reduce_from_tp(partial, base.group)
