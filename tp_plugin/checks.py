@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import datetime
 import hashlib
 import logging
 import os
@@ -25,7 +26,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from . import rng
+from . import devices, rng
+from .comm import all_gather_stacked
 from .sharding import TPSplitError
 from .state import tp_state
 
@@ -49,16 +51,9 @@ def _inputs_digest(args, kwargs) -> int:
     return int.from_bytes(h.digest(), "little", signed=True)
 
 
-def _device_for(group) -> torch.device:
-    return torch.device("cuda", torch.cuda.current_device()) if "nccl" in str(dist.get_backend(group)) \
-        else torch.device("cpu")  # NCCL gathers CUDA tensors only
-
-
 def _gather(values: list[int], group) -> list[tuple[int, ...]]:
-    mine = torch.tensor(values, dtype=torch.int64, device=_device_for(group))
-    everyone = [torch.zeros_like(mine) for _ in range(dist.get_world_size(group))]
-    dist.all_gather(everyone, mine, group=group)
-    return [tuple(int(v) for v in t.tolist()) for t in everyone]
+    mine = torch.tensor(values, dtype=torch.int64, device=devices.collective_device(group))
+    return [tuple(v) for v in all_gather_stacked(mine, group).tolist()]
 
 
 def _who_agrees(values: list[int], group) -> list[list[int]]:
@@ -119,10 +114,12 @@ class InputChecks:
             return None
         if training and not self.trained:
             self.trained = True
+            devices.bind_current_device(self.model, "the first training forward")  # moved since the split?
             check_tagged(self.model, "the first training forward")  # FSDP2 applied without tp_plugin: no collective
             check_ddp_wrapper(self.model, self.group)
             check_first_training_forward(args, kwargs, self.group)
         elif not training and self.last_training is not False:
+            devices.bind_current_device(self.model, "an evaluation forward")
             check_same_inputs(args, kwargs, self.group, "an evaluation forward (the first after model.eval())")
         self.last_training = training
         return None
@@ -130,6 +127,7 @@ class InputChecks:
     @contextmanager
     def generate(self, args, kwargs):
         """Around `generate`: its prompt checked once, its forwards not again."""
+        devices.bind_current_device(self.model, "generate()")
         check_same_inputs(args, kwargs, self.group, "generate()")
         self.generating += 1
         try:
@@ -248,3 +246,43 @@ def arrive_together(what: str, fix: str, *, group: dist.ProcessGroup | None = No
         raise TPSplitError(f"tp_plugin: {what} must be called on every rank{where} (each holds part of the model), "
                            f"but only {arrived} of {size} ranks{where} called it within {timeout_s:g} s (rank "
                            f"{dist.get_rank()} did and waited); nothing was done. Fix: {fix}")
+
+
+def exchange_over_store(what: str, value: str, *, timeout_s: float | None = None) -> list[str]:
+    """Every rank's `value` (rank order), through the default process group's store rather than a collective
+    (for what must be known before the first collective can run); a clear error when a rank has not posted its
+    value within `timeout_s`."""
+    timeout_s = float(os.environ.get(TIMEOUT_ENV, 60)) if timeout_s is None else timeout_s
+    store, world = dist.distributed_c10d._get_default_store(), dist.get_world_size()
+    _calls[(what, "exchange")] += 1
+    key = f"tp_plugin/exchange/{what}/{_calls[(what, 'exchange')]}"
+    store.set(f"{key}/{dist.get_rank()}", value)
+    keys = [f"{key}/{r}" for r in range(world)]
+    try:
+        store.wait(keys, datetime.timedelta(seconds=timeout_s))
+    except (RuntimeError, dist.DistError):
+        missing = [r for r, k in enumerate(keys) if not store.check([k])]
+        raise TPSplitError(f"tp_plugin: {what}: ranks {missing} of {world} did not arrive within {timeout_s:g} s "
+                           f"(rank {dist.get_rank()} did and waited); call it on every rank") from None
+    return [store.get(k).decode() for k in keys]
+
+
+def check_one_gpu_per_rank(where: str) -> None:
+    """Under NCCL: no two ranks on one host share the current CUDA device (NCCL refuses them, and would only say
+    so inside the first collective). Each rank posts its host and device to the store; a clash is the same error
+    on every rank."""
+    if not devices.uses_nccl() or not torch.cuda.is_available():
+        return
+    everyone = exchange_over_store(f"devices-{where}", f"{devices.host_name()}|{torch.cuda.current_device()}")
+    holders: dict[str, list[int]] = {}
+    for rank, value in enumerate(everyone):
+        holders.setdefault(value, []).append(rank)
+    shared = {value: ranks for value, ranks in holders.items() if len(ranks) > 1}
+    if shared:
+        value, ranks = next(iter(shared.items()))
+        host, index = value.rsplit("|", 1)
+        raise TPSplitError(
+            f"tp_plugin ({where}): ranks {ranks} all use cuda:{index} on host {host}; NCCL needs one GPU per rank "
+            f"(and each rank's split model on it). Fix: torch.cuda.set_device(int(os.environ['LOCAL_RANK'])) "
+            f"before moving the model, or model.to(f\"cuda:{{os.environ['LOCAL_RANK']}}\") instead of "
+            f"model.to('cuda'); `accelerate launch` and `deepspeed` choose it the same way")

@@ -9,6 +9,8 @@ import torch
 import torch.distributed as dist
 from torch.distributed import ProcessGroup
 
+from .devices import collective_device, to_collective
+
 
 def _world(group: ProcessGroup | None) -> int:
     return 1 if group is None else dist.get_world_size(group)
@@ -56,10 +58,7 @@ class _GatherFromTP(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, group):
         ctx.group, ctx.size = group, x.shape[-1]
-        x = x.contiguous()
-        parts = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
-        dist.all_gather(parts, x, group=group)
-        return torch.cat(parts, dim=-1)
+        return all_gather_along(x, -1, group)
 
     @staticmethod
     def backward(ctx, grad):
@@ -104,11 +103,36 @@ class _AllReduceBothWays(torch.autograd.Function):
         return all_reduce(grad.clone(), ctx.group), None
 
 
+def all_gather_stacked(x: torch.Tensor, group: ProcessGroup) -> torch.Tensor:
+    """A plain (non-autograd) all-gather into one new tensor `[world, *x.shape]` (rank order).
+
+    Into one flat buffer, not a list of tensors: NCCL's list form gathers into a flat buffer of its own and
+    copies it out to the list, and concatenating the list copies it again."""
+    # (detached: gloo copies into views of the output on its own thread, which autograd refuses for an input
+    # that requires grad; no gradient flows through a plain collective anyway)
+    world, flat = dist.get_world_size(group), x.detach().contiguous().reshape(-1)
+    out = flat.new_empty(world * flat.numel())
+    _one_buffer("all_gather")(out, flat, group=group)
+    return out.view(world, *x.shape)
+
+
+def _one_buffer(kind: str):
+    """torch's one-buffer all-gather / reduce-scatter: `*_single` since torch 2.13, which deprecates the older
+    names (looked up at each call, so that a collective counter's wrappers see it)."""
+    new, old = {"all_gather": ("all_gather_single", "all_gather_into_tensor"),
+                "reduce_scatter": ("reduce_scatter_single", "reduce_scatter_tensor")}[kind]
+    return getattr(dist, new, None) or getattr(dist, old)
+
+
 def all_gather_along(x: torch.Tensor, dim: int, group: ProcessGroup) -> torch.Tensor:
-    """A plain (non-autograd) all-gather of equal chunks, concatenated along `dim`."""
-    parts = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
-    dist.all_gather(parts, x.contiguous(), group=group)
-    return torch.cat(parts, dim=dim)
+    """A plain (non-autograd) all-gather of equal chunks, concatenated along `dim`: the gathered buffer itself
+    along dim 0, one copy (the concatenation's) along any other."""
+    world, dim = dist.get_world_size(group), dim % x.ndim
+    stacked = all_gather_stacked(x, group)
+    if dim == 0:
+        return stacked.view(world * x.shape[0], *x.shape[1:])
+    shape = (*x.shape[:dim], world * x.shape[dim], *x.shape[dim + 1:])
+    return stacked.movedim(0, dim).reshape(shape)
 
 
 class _GatherAlong(torch.autograd.Function):
@@ -194,9 +218,12 @@ def start_reduce_scatter(x: torch.Tensor, dim: int, group: ProcessGroup, *, own:
         rank = dist.get_rank(group)
         return Pending(dist.all_reduce(x, group=group, async_op=True),
                        lambda: x.narrow(dim, rank * size, size).contiguous())
-    chunks = [c.contiguous() for c in x.chunk(world, dim=dim)]
-    out = torch.empty_like(chunks[0])
-    return Pending(dist.reduce_scatter(out, chunks, group=group, async_op=True), lambda: out)
+    # One buffer in, one out (split along dim 0): no copy at all along dim 0, else one of the
+    # input and one of this rank's chunk, where the list form costs a copy per chunk and NCCL's own flattening.
+    moved = x.detach().movedim(dim, 0).contiguous()
+    out = moved.new_empty((size, *moved.shape[1:]))
+    return Pending(_one_buffer("reduce_scatter")(out, moved, group=group, async_op=True),
+                   lambda: out.movedim(0, dim).contiguous())
 
 
 def _reduce_scatter(x: torch.Tensor, dim: int, group: ProcessGroup) -> torch.Tensor:
@@ -256,23 +283,38 @@ def reduce_scatter_along(x: torch.Tensor, dim: int, group: ProcessGroup) -> torc
 
 # ---- outside autograd: weights, gradients, fingerprints -------------------------------------------------------
 
-def _backend_device(group: ProcessGroup, like: torch.Tensor) -> torch.device:
-    """Where a collective on `group` can run for a tensor living on `like.device` (NCCL: CUDA only)."""
-    if "nccl" in str(dist.get_backend(group)) and like.device.type != "cuda":
-        return torch.device("cuda", torch.cuda.current_device())
-    return like.device
+BROADCAST_BUCKET_BYTES = 64 << 20  # the most `broadcast_from_rank0` copies at once
+
+
+def _buckets(tensors: list[torch.Tensor], limit: int) -> list[list[torch.Tensor]]:
+    """`tensors` in order, grouped by dtype into runs of at most `limit` bytes (a larger tensor alone)."""
+    buckets, sizes = {}, {}
+    out = []
+    for t in tensors:
+        nbytes = t.numel() * t.element_size()
+        bucket = buckets.get(t.dtype)
+        if bucket is None or sizes[t.dtype] + nbytes > limit:
+            bucket = buckets[t.dtype] = []
+            sizes[t.dtype] = 0
+            out.append(bucket)
+        bucket.append(t)
+        sizes[t.dtype] += nbytes
+    return out
 
 
 def broadcast_from_rank0(tensors: list[torch.Tensor], group: ProcessGroup) -> None:
-    """Overwrite `tensors` (in place) with rank 0 of `group`'s, one flat broadcast per dtype, on a device the
-    backend supports."""
-    for dtype in sorted({t.dtype for t in tensors}, key=str):
-        same = [t for t in tensors if t.dtype == dtype]
-        flat = torch._utils._flatten_dense_tensors(same)
-        device = _backend_device(group, flat)
-        moved = flat.to(device)
+    """Overwrite `tensors` (in place) with rank 0 of `group`'s, on a device the backend takes. Small tensors go
+    in flat buckets of at most `BROADCAST_BUCKET_BYTES` (one collective each), a large one in place when the
+    backend takes it where it is, so the extra memory is one bucket, never a copy of the whole model."""
+    for bucket in _buckets(tensors, BROADCAST_BUCKET_BYTES):
+        alone = bucket[0] if len(bucket) == 1 and bucket[0].is_contiguous() else None
+        if alone is not None and collective_device(group, alone) == alone.device:
+            dist.broadcast(alone, group=group, group_src=0)
+            continue
+        flat = torch._utils._flatten_dense_tensors(bucket) if alone is None else alone
+        moved = to_collective(flat, group)
         dist.broadcast(moved, group=group, group_src=0)
-        for t, synced in zip(same, torch._utils._unflatten_dense_tensors(moved.to(flat.device), same)):
+        for t, synced in zip(bucket, torch._utils._unflatten_dense_tensors(moved, bucket)):
             t.copy_(synced)
 
 
@@ -304,7 +346,5 @@ def fingerprint(tensors: list[torch.Tensor], chunk: int = 1 << 22) -> torch.Tens
 def all_equal(tensor: torch.Tensor, group: ProcessGroup) -> bool:
     """Whether every rank of `group` holds the same (small) tensor: one all-gather, on a device the backend
     supports."""
-    mine = tensor.to(_backend_device(group, tensor))
-    everyone = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
-    dist.all_gather(everyone, mine, group=group)
+    everyone = all_gather_stacked(to_collective(tensor, group), group)
     return all(torch.equal(everyone[0], other) for other in everyone[1:])

@@ -31,6 +31,7 @@ from . import rng
 from .apply import split_vocab
 from .checkpoint.save import save_pretrained as save_consolidated
 from .checks import arrive_together, install_input_checks
+from .comm import all_gather_stacked
 from .layers import VocabParallelEmbedding, VocabParallelLMHead
 from .sharding import TPSplitError, unshard_tensor
 from .state import tp_state
@@ -79,8 +80,7 @@ def _gather_full(param: torch.Tensor, group) -> torch.Tensor:
     import torch.distributed as dist
 
     spec = param.tp_shard
-    shards = [torch.empty_like(param.data) for _ in range(dist.get_world_size(group))]
-    dist.all_gather(shards, param.data.contiguous(), group=group)
+    shards = all_gather_stacked(param.data, group).unbind(0)
     specs = [None] * len(shards)
     dist.all_gather_object(specs, spec, group=group)
     return unshard_tensor([s.narrow(spec.dim, 0, sp.local_size - sp.pad) for s, sp in zip(shards, specs)],

@@ -7,14 +7,13 @@ node where the fast links are. Nothing here is global: the mesh lives on the spl
 from __future__ import annotations
 
 import logging
-import os
-import socket
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
+from .devices import host_name
 from .sharding import TPSplitError
 
 logger = logging.getLogger("tp_plugin")
@@ -78,13 +77,10 @@ def build_mesh(tp_size: int, device_type: str) -> TPMesh:
     return TPMesh(mesh)
 
 
-HOSTNAME_ENV = "TP_PLUGIN_HOSTNAME"  # overrides the host name (to simulate several hosts on one machine)
-
-
 def topology_warning(tp_mesh: TPMesh) -> str | None:
     """A warning when the TP group spans hosts, or its GPUs on one host cannot reach each other directly (no
     NVLink / P2P); None when the layout is right. One small object all-gather over the TP group."""
-    here = os.environ.get(HOSTNAME_ENV) or socket.gethostname()
+    here = host_name()
     device = torch.cuda.current_device() if torch.cuda.is_available() and torch.cuda.is_initialized() else -1
     everyone = [None] * tp_mesh.tp_size
     dist.all_gather_object(everyone, (here, device), group=tp_mesh.tp_group)
@@ -143,12 +139,3 @@ def mesh_from(mesh: DeviceMesh) -> TPMesh:
         raise TPSplitError(f"parallelize(mesh=...): the mesh {mesh.mesh_dim_names} has no data-parallel dim and "
                            f"its 'tp' dim ({tp.size()} ranks) is not the whole world ({world_size()}); add a 'dp' dim")
     return build_mesh(tp.size(), mesh.device_type)  # one data-parallel replica
-
-
-def mesh_device_type(model) -> str:
-    """The device type of the model's parameters; for a model on the meta device, the one its backend uses."""
-    device_type = next(model.parameters()).device.type
-    if device_type != "meta":
-        return device_type
-    backend = str(dist.get_backend()) if dist.is_initialized() else ""
-    return "cuda" if "nccl" in backend else "cpu"

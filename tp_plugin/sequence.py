@@ -106,6 +106,11 @@ class SequenceParallel:
 
 # ---- entering and leaving a tensor-parallel region ---------------------------------------------------------------
 
+def _root(t: torch.Tensor) -> torch.Tensor:
+    """The tensor that owns `t`'s memory (`t` itself unless it is a view)."""
+    return t if t._base is None else t._base
+
+
 class _RegatherInBackward:
     """Saved-tensor hooks for one region's forward: whatever autograd saves of the gathered input (the input
     of q/k/v or of the MLP's up-projections, or a view of it) is saved as this rank's chunk instead, and
@@ -122,7 +127,8 @@ class _RegatherInBackward:
 
     def pack(self, t: torch.Tensor):
         full = self.full_ref()
-        if full is not None and (t is full or t._base is full):
+        # the gathered tensor or a view of it (views point at the root: `full` may itself view the gather's buffer)
+        if full is not None and (t is full or (t._base is not None and t._base is _root(full))):
             if self.packed == 0 and self.outer:  # the chunk is saved once, through the hooks already in place
                 self.local = self.outer[0](self.local)
             self.packed += 1

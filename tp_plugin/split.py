@@ -16,17 +16,16 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor
 
-from . import copies, hf_methods, rng, sequence_hooks, state_dicts
+from . import copies, devices, hf_methods, rng, sequence_hooks, state_dicts
 from . import policies  # noqa: F401  (importing it registers the built-in families)
 from .auto import auto_policy  # the model's own base_model_tp_plan, translated, else its structure
-from .checks import install_input_checks
+from .checks import check_one_gpu_per_rank, install_input_checks
 from .comm import all_equal, broadcast_from_rank0, fingerprint, sum_grad_over_tp
 from .config import configured_tp_size
 from .grad_hooks import add_grad_hook
 from .apply import install_layers
 from .layers import PARALLEL_LAYERS, ColumnParallelLinear, RowParallelLinear, tag_param
-from .mesh import (build_mesh, check_layout, mesh_device_type, mesh_from, tp_size_of, warn_on_topology,
-                   world_size)
+from .mesh import build_mesh, check_layout, mesh_from, tp_size_of, warn_on_topology, world_size
 from .plan import Plan, resolve_plan
 from .policy import Policy, get_policy, registered_model_types
 from .regions import install_region, install_row_exit
@@ -57,10 +56,13 @@ def split_model(model: nn.Module, tp_size: int | None = None, *, mesh: DeviceMes
         raise TPSplitError(f"loss_parallel=True needs an LM head, and {type(model).__name__} has none")
 
     tp_mesh = None
+    if world_size() > 1:
+        devices.bind_current_device(model, "parallelize")  # NCCL: the current CUDA device is the model's, or LOCAL_RANK's
+        check_one_gpu_per_rank("parallelize")  # ... and no two ranks share one (before the first collective)
     if mesh is not None:
         tp_mesh = mesh_from(mesh)
     elif world_size() > 1:
-        tp_mesh = build_mesh(tp_size, mesh_device_type(model))
+        tp_mesh = build_mesh(tp_size, devices.mesh_device_type(model))
     if tp_mesh is not None and tp_size > 1:
         if str(dist.get_backend(tp_mesh.tp_group)) != "fake":  # a fake group (memory models) has no peers to ask
             warn_on_topology(tp_mesh)  # a TP group across hosts or unlinked GPUs: one clear warning

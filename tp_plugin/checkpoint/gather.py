@@ -17,6 +17,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.tensor import DTensor
 
+from ..devices import to_collective
 from ..mesh import TPMesh
 from ..sharding import ShardSpec, unshard_tensor
 from ..state import tp_state
@@ -123,8 +124,9 @@ def gather_full(entry: Entry, local: torch.Tensor, mesh: TPMesh | None) -> torch
         pad = list(local.shape)
         pad[dim] = longest - local.shape[dim]
         local = torch.cat([local, local.new_zeros(pad)], dim=dim)
+    local = to_collective(local.contiguous(), mesh.tp_group)  # NCCL: a model still on the CPU gathers on its GPU
     bucket = [torch.empty_like(local) for _ in specs] if mesh.tp_rank == 0 else None
-    dist.gather(local.contiguous(), bucket, group=mesh.tp_group, group_dst=0)
+    dist.gather(local, bucket, group=mesh.tp_group, group_dst=0)
     if mesh.tp_rank != 0:
         return None
     return unshard_tensor([g.narrow(dim, 0, s.local_size) for g, s in zip(bucket, specs)], specs)

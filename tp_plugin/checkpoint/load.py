@@ -15,6 +15,8 @@ import torch
 import transformers
 from torch import nn
 
+from .. import devices
+from ..checks import check_one_gpu_per_rank
 from ..mesh import check_layout, world_size
 from ..integrations.accelerate import prepare_launch
 from ..parallelize import parallelize
@@ -125,7 +127,6 @@ def _load_pipeline(model, source, directory: Path, tp: int, pp: int, loss_parall
     """Carve this rank's stages on the meta device (split over TP), then read only their tensors' slices."""
     from torch.distributed.device_mesh import init_device_mesh
 
-    from ..mesh import mesh_device_type
     from ..pipeline import pipeline
 
     world = world_size()
@@ -134,7 +135,9 @@ def _load_pipeline(model, source, directory: Path, tp: int, pp: int, loss_parall
                            f"{world}")
     if tp > 1:
         _check_degree(model, None, tp, source)
-    mesh = init_device_mesh(mesh_device_type(model), (pp, world // (pp * tp), tp), mesh_dim_names=("pp", "dp", "tp"))
+    devices.bind_current_device(model, "from_pretrained(pp_size=...)")  # NCCL: this rank's GPU current before the mesh
+    check_one_gpu_per_rank("from_pretrained(pp_size=...)")
+    mesh = init_device_mesh(devices.mesh_device_type(model), (pp, world // (pp * tp), tp), mesh_dim_names=("pp", "dp", "tp"))
     pipe = pipeline(model, mesh=mesh, loss_parallel=loss_parallel, **kwargs)
     try:
         for stage in pipe.stages:

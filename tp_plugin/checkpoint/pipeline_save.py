@@ -14,12 +14,14 @@ import os
 import torch
 import torch.distributed as dist
 
+from .. import devices
 from .gather import gather_full, gathered, mesh_of, tensor_entries
 from .save import check_target, write_checkpoint
 
 
 def save_pipeline(pipe, save_directory: str | os.PathLike, *, max_shard_size: int | str = "5GB") -> None:
     mesh = pipe.mesh
+    devices.bind_current_device(pipe.stages[0].model, "save_pretrained")  # NCCL: the sends run on this rank's GPU
     pp_rank, dp_rank = mesh.get_local_rank("pp"), mesh.get_local_rank("dp")
     target = check_target(save_directory)
     local = {}  # name -> (entry, the stage's TP mesh), first stage first
@@ -43,7 +45,7 @@ def save_pipeline(pipe, save_directory: str | os.PathLike, *, max_shard_size: in
         source = int(mesh.mesh[holder_pp, 0, 0])
         if pp_rank != holder_pp:
             if is_writer:  # (rank 0 is on stage 0's replica 0: only other stages' tensors arrive here)
-                full = torch.empty(shape, dtype=dtype)
+                full = devices.empty_for_collective(shape, dtype)  # NCCL: on this rank's GPU (the writer copies it out)
                 dist.recv(full, src=source)
                 return full
             return None
@@ -51,7 +53,7 @@ def save_pipeline(pipe, save_directory: str | os.PathLike, *, max_shard_size: in
         with gathered(entry.tensor) as shard:  # (FSDP2: a collective of the stage's data-parallel ranks)
             full = gather_full(entry, shard, tp_mesh) if dp_rank == 0 else None
         if full is not None and source != 0:
-            dist.send(full.contiguous().cpu(), dst=0)
+            dist.send(devices.to_collective(full.contiguous()), dst=0)
             return None
         return full
 

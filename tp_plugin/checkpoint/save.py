@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 from huggingface_hub import split_torch_state_dict_into_shards
 
+from .. import devices
 from ..checks import arrive_together, check_tagged
 from ..mesh import world_size
 from .gather import Entry, gather_full, gathered, mesh_of, tensor_entries, unwrap
@@ -115,6 +116,7 @@ def save_pretrained(model_or_engine, save_directory: str | os.PathLike, *, max_s
         return save_pipeline(model_or_engine, save_directory, max_shard_size=max_shard_size)
     model = unwrap(model_or_engine)
     check_tagged(model, "save_pretrained")
+    devices.bind_current_device(model, "save_pretrained")  # NCCL: the gathers run on this rank's GPU
     mesh = mesh_of(model)
     target = check_target(save_directory)
     entries = tensor_entries(model)

@@ -22,6 +22,7 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from ..mesh import world_size
+from .. import devices
 from .gather import gathered, mesh_of, specs_of, tensor_entries, unwrap
 from .io import CheckpointError, commit_dir, make_temp_dir, write_json
 from .save import carry_over, check_target, save_config, write_hf_files
@@ -31,6 +32,7 @@ from .sources import SHARDED_FORMAT, SHARDED_INDEX, ShardedSource, rank_file, sp
 def save_sharded(model_or_engine, save_directory: str | os.PathLike) -> None:
     """Write this rank's shards (the ranks of data-parallel replica 0 write; call on every rank)."""
     model = unwrap(model_or_engine)
+    devices.bind_current_device(model, "save_sharded")  # NCCL: its object broadcast runs on this rank's GPU
     mesh = mesh_of(model)
     target = check_target(save_directory)
     entries = tensor_entries(model)

@@ -27,6 +27,7 @@ from contextlib import contextmanager
 import torch
 import torch.distributed as dist
 
+from ..comm import all_gather_along
 from ..mesh import TPMesh
 from ..sharding import TPSplitError
 from ..state import split_meshes
@@ -40,10 +41,7 @@ def gather_replicas(data, mesh: TPMesh):
         return data
 
     def gather_one(tensor: torch.Tensor) -> torch.Tensor:
-        tensor = tensor.clone()[None] if tensor.ndim == 0 else tensor.contiguous()
-        parts = [torch.empty_like(tensor) for _ in range(mesh.dp_size)]
-        dist.all_gather(parts, tensor, group=mesh.dp_group)
-        return torch.cat(parts, dim=0)
+        return all_gather_along(tensor[None] if tensor.ndim == 0 else tensor, 0, mesh.dp_group)
 
     return recursively_apply(gather_one, data, error_on_other_type=True)
 

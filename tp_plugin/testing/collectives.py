@@ -6,8 +6,11 @@ import collections
 
 import torch.distributed as dist
 
-COLLECTIVES = ["all_reduce", "all_gather", "all_gather_into_tensor", "reduce_scatter", "reduce_scatter_tensor",
-               "broadcast", "all_to_all", "all_to_all_single", "all_gather_object", "broadcast_object_list", "barrier"]
+COLLECTIVES = [name for name in ["all_reduce", "all_gather", "all_gather_into_tensor", "all_gather_single",
+                                  "reduce_scatter", "reduce_scatter_tensor", "reduce_scatter_single", "broadcast",
+                                  "all_to_all", "all_to_all_single", "all_gather_object", "broadcast_object_list",
+                                  "barrier"]
+               if hasattr(dist, name)]  # (the *_single names: torch >= 2.13)
 
 
 def _ring_bytes(name: str, args, kwargs) -> float:
@@ -23,15 +26,24 @@ def _ring_bytes(name: str, args, kwargs) -> float:
         return share * sum(t.numel() * t.element_size() for t in args[0])
     if name == "reduce_scatter" and isinstance(args[1], list):
         return share * sum(t.numel() * t.element_size() for t in args[1])
+    if name in ("all_gather_into_tensor", "all_gather_single", "reduce_scatter_tensor", "reduce_scatter_single"):  # (output, input): the full one is the larger
+        return share * max(t.numel() * t.element_size() for t in args[:2])
     return 0.0
 
 
+# The one-buffer forms are the same collectives as the list forms: counted under one kind.
+KIND = {"all_gather_into_tensor": "all_gather", "all_gather_single": "all_gather",
+        "reduce_scatter_tensor": "reduce_scatter", "reduce_scatter_single": "reduce_scatter"}
+
+
 class CollectiveCounter:
-    """Wrap torch.distributed's collectives and count calls by name (whoever calls them), and the bytes each
-    rank sends in them (`ring_bytes`, by name)."""
+    """Wrap torch.distributed's collectives and count calls by kind (whoever calls them: `counts`, an
+    all-gather into one tensor counted as an "all_gather"), by the exact function called (`calls`), and the
+    bytes each rank sends in them (`ring_bytes`, by kind)."""
 
     def __init__(self):
         self.counts = collections.Counter()
+        self.calls = collections.Counter()
         self.ring_bytes = collections.Counter()
         self._saved = {}
 
@@ -40,8 +52,10 @@ class CollectiveCounter:
             original = self._saved[name] = getattr(dist, name)
 
             def counted(*args, _name=name, _original=original, **kwargs):
-                self.counts[_name] += 1
-                self.ring_bytes[_name] += _ring_bytes(_name, args, kwargs)
+                kind = KIND.get(_name, _name)
+                self.counts[kind] += 1
+                self.calls[_name] += 1
+                self.ring_bytes[kind] += _ring_bytes(_name, args, kwargs)
                 return _original(*args, **kwargs)
             setattr(dist, name, counted)
         return self
