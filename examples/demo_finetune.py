@@ -57,7 +57,7 @@ def batches(ids: torch.Tensor, seq_len: int, batch_size: int, seed: int):
 
 def complete(model, tokenizer, prompt: str) -> str:
     """Greedy completion. Every rank must call this: each holds only part of the model."""
-    inputs = tokenizer(prompt, return_tensors="pt")
+    inputs = tokenizer(prompt, return_tensors="pt").to(model.device)  # the model's device (a GPU after prepare)
     with torch.no_grad():
         out = model.generate(**inputs, max_new_tokens=20, do_sample=False, pad_token_id=tokenizer.pad_token_id)
     return tokenizer.decode(out[0], skip_special_tokens=True)

@@ -87,6 +87,20 @@ def default_model_dir() -> pathlib.Path:
     return final
 
 
+def load_dtype():
+    """The dtype the examples load weights in: fp32 on the CPU; on GPUs bf16, except under Accelerate's mixed
+    precision without DeepSpeed, which keeps fp32 master weights and computes in bf16 itself (autocast, FSDP2's
+    MixedPrecisionPolicy). DeepSpeed's bf16 casts the model to bf16 anyway and keeps its fp32 copy in the
+    optimizer."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return torch.float32
+    mixed = os.environ.get("ACCELERATE_MIXED_PRECISION", "no") in ("bf16", "fp16")
+    deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+    return torch.float32 if mixed and not deepspeed else torch.bfloat16
+
+
 def check(model_dir: pathlib.Path) -> None:
     """The converted checkpoint must give the gguf-loaded model's logits and round-trip text."""
     import torch

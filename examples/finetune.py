@@ -3,9 +3,10 @@
     accelerate launch --config_file configs/accelerate/cpu_tp2.yaml examples/finetune.py [--max-steps 30]
     accelerate launch --config_file configs/accelerate/cpu_tp2_dp2_zero2.yaml examples/finetune.py
 
-The TP degree and the data-parallel engine (DDP or DeepSpeed ZeRO) come from the config file; nothing below
-names them. The only tp_plugin lines are `parallelize` and `save_pretrained` (the split also adapts Accelerate:
-DDP and data sharding over the data-parallel group, gloo on a machine without GPU; so it comes before
+The TP degree and the data-parallel engine (DDP, DeepSpeed ZeRO or FSDP2) come from the config file; nothing
+below names them. The only tp_plugin lines are `from_pretrained` (each rank reads only its slices of the
+checkpoint, so no rank ever holds the whole model) and `save_pretrained` (the split also adapts Accelerate: DDP
+and data sharding over the data-parallel group, gloo on a machine without GPU; so it comes before
 `Accelerator()`).
 """
 
@@ -22,11 +23,11 @@ import transformers
 from accelerate import Accelerator, PartialState
 from torch.utils.data import DataLoader
 from tqdm import tqdm
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoTokenizer
 
 import tp_plugin
 from demo_finetune import CORPUS, PROMPT, complete  # examples/ is on sys.path: it is the script's directory
-from demo_model import REPO_ROOT, default_model_dir
+from demo_model import REPO_ROOT, default_model_dir, load_dtype
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -83,18 +84,19 @@ def main(argv=None) -> None:
         with state.main_process_first():  # the first use converts the gguf: once, not once per rank
             args.model = default_model_dir()
     tokenizer = AutoTokenizer.from_pretrained(args.model)
-    # Load and split before Accelerator(): under a ZeRO-3 config, Accelerator() makes from_pretrained partition
-    # the weights over all ranks as it loads them, which a TP split cannot start from.
-    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
-    model = tp_plugin.parallelize(model)  # TP degree from the launch config
-    mesh = model.tp_plugin_state.mesh
+    # Load split before Accelerator(): under a ZeRO-3 config, Accelerator() makes transformers' from_pretrained
+    # partition the weights over all ranks as it loads them, which a TP split cannot start from. The TP degree
+    # comes from the launch config; the model goes to this rank's device (cuda:LOCAL_RANK on GPUs).
+    model = tp_plugin.from_pretrained(args.model, dtype=load_dtype()).to(state.device)
+    split = tp_plugin.tp_state(model)  # None at tp=1: an ordinary model
+    mesh = split.mesh if split is not None else None
     accelerator = Accelerator(gradient_accumulation_steps=args.grad_accum)
     tp, dp = (mesh.tp_size, mesh.dp_size) if mesh is not None else (1, accelerator.num_processes)
-    log(tp_plugin.inspect(model))
-    if not args.no_generate:
-        model.eval()
+    if split is not None:
+        log(tp_plugin.inspect(model))
+    if not args.no_generate:  # (from_pretrained returns the model in eval mode, as transformers does)
         log(f"before: {complete(model, tokenizer, PROMPT)!r}")
-        model.train()
+    model.train()
 
     chunks = token_chunks(tokenizer, args.seq_len)
     loader = DataLoader(chunks, batch_size=args.batch_size, shuffle=not args.no_shuffle, drop_last=True,

@@ -27,7 +27,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import tp_plugin
 from demo_finetune import PROMPT, complete  # examples/ is on sys.path: it is the script's directory
-from demo_model import REPO_ROOT, default_model_dir
+from demo_model import REPO_ROOT, default_model_dir, load_dtype
 from finetune import token_chunks
 
 
@@ -57,18 +57,18 @@ def main(argv=None) -> None:
     if args.model is None:
         args.model = default_model_dir()  # `make demo` converts the gguf before launching
     tokenizer = AutoTokenizer.from_pretrained(args.model)
-    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
-    # Split before Accelerator(): the launch's TP degree is tp_plugin's, and on a machine without GPU the split
-    # gives Accelerate its gloo process group.
-    model = tp_plugin.parallelize(model)  # TP degree from the launch config (default: all processes)
+    # Load split before Accelerator(): the launch's TP degree is tp_plugin's (default: all processes), and on a
+    # machine without GPU the split gives Accelerate its gloo process group. Each rank reads only its slices.
+    model = tp_plugin.from_pretrained(args.model, dtype=load_dtype())
     accelerator = Accelerator()
+    model = model.to(accelerator.device).train()  # this rank's device (cuda:LOCAL_RANK on GPUs)
     log = accelerator.print
     if not accelerator.is_main_process:
         transformers.utils.logging.disable_progress_bar()
     targets = args.targets if args.targets == "all-linear" else args.targets.split(",")
     model = get_peft_model(model, LoraConfig(r=args.rank, lora_alpha=args.alpha, lora_dropout=args.dropout,
                                              target_modules=targets, task_type="CAUSAL_LM"))
-    mesh = model.tp_plugin_state.mesh
+    mesh = getattr(tp_plugin.tp_state(model), "mesh", None)  # None at tp=1 (an ordinary model)
     tp, dp = (mesh.tp_size, mesh.dp_size) if mesh is not None else (1, accelerator.num_processes)
     trainable = [p for p in model.parameters() if p.requires_grad]
     log(f"tp {tp} x dp {dp}; LoRA r={args.rank} on {len(model.targeted_module_names)} modules; "
@@ -123,9 +123,9 @@ def main(argv=None) -> None:
 def check_with_plain_peft(split_model, tokenizer, args, accelerator) -> None:
     """Rank 0 loads the saved adapter into the unsplit model with plain PEFT; logits must match the split model."""
     ids = tokenizer(PROMPT, return_tensors="pt").input_ids
-    with torch.no_grad():
-        split_logits = split_model(input_ids=ids).logits  # every rank: the split model needs all of them
-    if accelerator.is_main_process:
+    with torch.no_grad():  # every rank: the split model needs all of them
+        split_logits = split_model(input_ids=ids.to(split_model.device)).logits.float().cpu()
+    if accelerator.is_main_process:  # (the unsplit model whole, on rank 0's host: a check, not the training)
         base = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
         plain = PeftModel.from_pretrained(base, args.output_dir).eval()
         with torch.no_grad():

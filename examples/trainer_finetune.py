@@ -15,11 +15,11 @@ import argparse
 import pathlib
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, TrainingArguments
+from transformers import AutoTokenizer, TrainingArguments
 
 import tp_plugin
 from tp_plugin.integrations.trainer import TPTrainer, prepare_cpu_deepspeed
-from demo_model import REPO_ROOT, default_model_dir  # examples/ is on sys.path: it is the script's directory
+from demo_model import REPO_ROOT, default_model_dir, load_dtype  # examples/ is on sys.path: it is the script's directory
 from finetune import token_chunks
 
 
@@ -73,14 +73,13 @@ def main(argv=None) -> None:
         with training_args.main_process_first(desc="convert the demo model"):
             args.model = default_model_dir()
     tokenizer = AutoTokenizer.from_pretrained(args.model)
-    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
-    model = tp_plugin.parallelize(model, tp_size=args.tp_size)
+    model = tp_plugin.from_pretrained(args.model, args.tp_size, dtype=load_dtype())  # this rank's slices only
     chunks = token_chunks(tokenizer, args.seq_len)
     train, held_out = Chunks(chunks[: -args.eval_chunks]), Chunks(chunks[-args.eval_chunks:])
 
     trainer = TPTrainer(model=model, args=training_args, train_dataset=train, eval_dataset=held_out,
                         processing_class=tokenizer)
-    mesh = model.tp_plugin_state.mesh
+    mesh = getattr(tp_plugin.tp_state(model), "mesh", None)  # None at tp=1 (an ordinary model)
     if training_args.process_index == 0:
         tp, dp = (mesh.tp_size, mesh.dp_size) if mesh is not None else (1, training_args.world_size)
         print(f"tp {tp} x dp {dp}; total batch {trainer.get_total_train_batch_size(training_args)} "

@@ -79,12 +79,21 @@ def test_memory_model_on_meta_with_a_fake_process_group():
 
 
 def test_gpu_check_correctness_section_runs_on_the_cpu():
-    """`make gpu-check`'s first section, on the CPU with gloo (the GPU run uses the same code with CUDA tensors)."""
+    """`make gpu-check`'s first section, on the CPU with gloo (the GPU run uses the same code with CUDA tensors):
+    parity, generators drawn from after per-rank seeds and the split, sampling, a save and its reload."""
     from bench.gpu_check import correctness
 
     result = correctness("cpu")
-    assert result["ok"] and result["cpu_rng_equal_after_split"] and result["sampling_equal_after_per_rank_seeds"], \
-        result
+    assert result["ok"] and result["cpu_rng_draws_equal_after_split"] and \
+        result["sampling_equal_after_per_rank_seeds"] and result["save_reload_err"] < 1e-5, result
+
+
+def test_gpu_check_engines_section_runs_on_the_cpu():
+    """Its DDP and FSDP2 steps at tp 2 x dp 2 against the unsplit model's step."""
+    from bench.gpu_check import engines
+
+    result = engines("cpu")
+    assert result["ok"], result
 
 
 def test_breakdown_puts_the_step_into_buckets():
