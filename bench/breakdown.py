@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 COLLECTIVE_NAMES = ("all_reduce", "allreduce", "all_gather", "allgather", "reduce_scatter", "gloo:", "nccl:",
-                    "broadcast", "c10d::", "tp_plugin.overlap: wait")
+                    "broadcast", "c10d::", "tp_plugin.runtime.overlap: wait")
 BUCKETS = ["split linears", "LM head", "loss", "norms", "attention (the rest)", "MLP (the rest)", "embedding",
            "other", "collectives", "optimizer", "not in any op"]
 

@@ -36,7 +36,8 @@ def _rank(rank, world, shape, seq, batch, new_tokens):
     import transformers
 
     import tp_plugin
-    from tp_plugin import checks, rng
+    from tp_plugin import checks
+    from tp_plugin.runtime import rng
 
     from .shapes import config
 

@@ -15,7 +15,7 @@ CUDA device" and a toy planner run stands in for it:
    under FSDP2 (`tp_plugin.fully_shard`), each against the unsplit model's step on the same global batch;
 3. per-rank compute at tp = 1, 2, 4, 8 for Llama-3-8B-shaped blocks in bf16 with a fake process group (this
    process is rank 0 of tp; no communication): step time against the unsplit time / tp, and peak memory against
-   the planner's prediction for the same setup (`tp_plugin.planner`: parameters, gradients, AdamW states in the
+   the planner's prediction for the same setup (`tp_plugin.tools.planner`: parameters, gradients, AdamW states in the
    parameters' dtype, activations);
 4. `generate()` per-token latency at tp=2 (2 ranks on the GPU, gloo; greedy, KV cache, prompt 128, 64 new
    tokens, batch 1 and 8) next to the unsplit model in one process.
@@ -64,7 +64,7 @@ def _correctness_rank(rank, world, port, queue, timeout_s, device, out_dir):
     from transformers import AutoModelForCausalLM
 
     from tp_plugin import parallelize, save_pretrained, testing, tp_state
-    from tp_plugin.sharding import unshard_tensor
+    from tp_plugin.runtime.comm import gather_whole
 
     testing.init_rank(rank, world, port, timeout_s)
     try:
@@ -84,10 +84,7 @@ def _correctness_rank(rank, world, port, queue, timeout_s, device, out_dir):
             for name, p in split.named_parameters():
                 grad = p.grad
                 if getattr(p, "tp_shard", None) is not None:
-                    shards, specs = [None] * 2, [None] * 2
-                    dist.all_gather_object(shards, p.grad.cpu(), group=group)
-                    dist.all_gather_object(specs, p.tp_shard, group=group)
-                    grad = unshard_tensor(shards, specs).to(device)
+                    grad = gather_whole(p.grad, p.tp_shard, group)
                 err = max(err, (grad - ref_params[name].grad).abs().max().item())
             return err
 
@@ -213,7 +210,7 @@ def engines(device: str) -> dict:
 def _predicted_gib(shape: str, layers: int, tp: int, batch: int, seq: int) -> float:
     """The planner's numbers for what `_rank0_step` runs: bf16 weights, grads and AdamW states (torch keeps the
     states in the parameters' dtype), plus the activations measured on meta."""
-    from tp_plugin import planner
+    from tp_plugin.tools import planner
 
     cfg = config(shape, layers)
     acts = planner.activation_bytes(cfg, tp, batch, seq, torch.bfloat16)
@@ -301,7 +298,7 @@ NOT_COVERED = [
 def cpu_smoke() -> dict:
     """The compute section's code path on toy shapes on the CPU (no GPU here): planner prediction vs. the saved
     activations and parameters of a fake-process-group rank 0."""
-    from tp_plugin import planner
+    from tp_plugin.tools import planner
 
     cfg = config("toy-h4")
     rows = []

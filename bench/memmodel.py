@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from tp_plugin.planner import saved_bytes
+from tp_plugin.tools.planner import saved_bytes
 
 from .shapes import config
 

@@ -2,7 +2,7 @@
 
 2 gloo ranks, 1 thread each: the all-reduce of a region's input gradient ([tokens, hidden] fp32) next to the
 weight-gradient matmul of a column layer (`grad^T @ x`), one after the other vs. the all-reduce started
-asynchronously and waited for after the matmul (what `tp_plugin/overlap.py` does). Two alternating rounds each.
+asynchronously and waited for after the matmul (what `tp_plugin/runtime/overlap.py` does). Two alternating rounds each.
 """
 
 from __future__ import annotations

@@ -116,7 +116,7 @@ def test_lora_demo_runs_through_accelerate_launch(tiny_model, tmp_path):
 def test_interrupted_and_resumed_run_gives_the_uninterrupted_losses(config, tiny_model, tmp_path):
     """TP=2 x DP=2 (FSDP2, DDP): 4 steps in one go, against 2 steps + `accelerator.save_state` + a new launch
     that `load_state`s and runs steps 3 and 4. Each TP rank's model and optimizer shards are their own DCP
-    checkpoint over the DP group (`tp_plugin.integrations.accelerate_fsdp` / `accelerate_ddp_state`); the resumed
+    checkpoint over the DP group (`tp_plugin.integrations.accelerate.fsdp_state` / `accelerate_ddp_state`); the resumed
     losses and final weights are the uninterrupted ones (the same arithmetic on the same state: 1e-6). Before:
     under FSDP2, DCP kept one TP rank's shards under the names both ranks share; under DDP, Accelerate saved
     rank 0's model and optimizer only (resumed losses 10.8068 instead of 10.8075)."""

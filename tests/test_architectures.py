@@ -73,7 +73,7 @@ def test_falcon_multi_query_replicates_the_kv_head():
 # ---------------------------------------------------------------- the policy chain for unregistered models
 
 def _chain(rank, world, model_type, expect):
-    from tp_plugin.verify import check_one
+    from tp_plugin.tools.verify import check_one
 
     result = check_one(model_type, world)
     return result.status, result.how, result.detail, result.errors
@@ -96,7 +96,7 @@ def test_sweep_sample_matches(model_type, how):
 def test_translation_of_every_style_name():
     from tp_plugin.styles import Experts, HeadColwise, HeadRowwise
     from tp_plugin.auto import translate_tp_plan
-    from tp_plugin.verify import build_tiny
+    from tp_plugin.tools.verify import build_tiny
 
     model = build_tiny("qwen3_moe")
     policy = translate_tp_plan(model)

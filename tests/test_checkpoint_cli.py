@@ -11,7 +11,7 @@ import torch
 import transformers
 
 import tp_plugin
-from tp_plugin import cli
+from tp_plugin.tools import cli
 from tests.dist import run_ranks
 from tests.models import batch, build
 

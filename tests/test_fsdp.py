@@ -75,7 +75,7 @@ def _train_fsdp(rank, world, arch, out_dir, sequence_parallel=False):
 def test_tp2_fsdp2_dp2_matches_unsplit_and_saves(arch, sequence_parallel, tmp_path):
     """With sequence parallelism, GPT-2's row-parallel biases (added to this rank's tokens only) get their
     gradients summed over the TP group by hooks registered at the split, which FSDP2's parameter swap would drop
-    (`tp_plugin.grad_hooks` carries them): without that, the losses drift by 9e-4 at step 4."""
+    (`tp_plugin.runtime.grad_hooks` carries them): without that, the losses drift by 9e-4 at step 4."""
     import transformers
 
     results = run_ranks(4, _train_fsdp, arch, str(tmp_path / "out"), sequence_parallel, timeout_s=240)

@@ -3,7 +3,7 @@
 A tensor that is not in host memory cannot be turned into bytes with `.numpy()`: `_NotOnCPU` behaves like a CUDA
 tensor there (its `.numpy()` raises as CUDA's does, `.cpu()` gives the host copy), so a save whose gathered tensors
 live on the accelerator is exercised without one. The same stand-in plays "on the device NCCL takes": under
-`_nccl_like`, the library's way onto the collective device (`tp_plugin.devices.to_collective` /
+`_nccl_like`, the library's way onto the collective device (`tp_plugin.runtime.devices.to_collective` /
 `empty_for_collective`) hands out `_NotOnCPU` tensors, and send / recv refuse any other tensor, as NCCL refuses
 CPU tensors. The device rules themselves (`bind_current_device`, one GPU per rank, the mesh's device type) run
 for real with torch.cuda's answers replaced.
@@ -21,7 +21,7 @@ import torch.distributed as dist
 import tp_plugin
 from tests.dist import run_ranks
 from tests.models import batch, build
-from tp_plugin import devices
+from tp_plugin.runtime import devices
 from tp_plugin.sharding import TPSplitError
 
 
@@ -243,7 +243,7 @@ def test_all_gathers_go_into_one_buffer(sequence_parallel):
 
 
 def _weight_sync(rank, world, bucket):
-    from tp_plugin import comm
+    from tp_plugin.runtime import comm
     from tp_plugin.testing.collectives import CollectiveCounter
 
     comm.BROADCAST_BUCKET_BYTES = bucket

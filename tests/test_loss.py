@@ -14,7 +14,7 @@ import transformers
 import tp_plugin
 from tests.dist import run_ranks
 from tests.models import batch, max_errors
-from tp_plugin.loss import GatheredLogitsCausalLMLoss
+from tp_plugin.runtime.loss import GatheredLogitsCausalLMLoss
 
 VOCAB = 4001  # large next to the hidden size (72), so the logits dominate what a forward keeps; not a multiple of tp
 

@@ -1,4 +1,4 @@
-"""The input-gradient reductions overlapped with weight gradients (`tp_plugin.overlap`): the same numbers and
+"""The input-gradient reductions overlapped with weight gradients (`tp_plugin.runtime.overlap`): the same numbers and
 the same collectives as without, each region's reduction started asynchronously with a weight-gradient matmul
 between its start and its wait; synchronous where it must be (LoRA reading the face)."""
 

@@ -285,9 +285,9 @@ def _layer_parity(rank, world, sync_input_grad):
     (no policy here uses that today), or an enclosing region does (emulated by copy_to_tp on the input)."""
     from peft import LoraConfig, inject_adapter_in_model
 
-    from tp_plugin.comm import copy_to_tp
+    from tp_plugin.runtime.comm import copy_to_tp
     from tp_plugin.integrations.peft.layers import TPLoraColumnLinear, TPLoraRowLinear
-    from tp_plugin.layers import ColumnParallelLinear, RowParallelLinear
+    from tp_plugin.runtime.layers import ColumnParallelLinear, RowParallelLinear
     from tp_plugin.sharding import even_specs, shard_tensor, unshard_tensor
 
     torch.manual_seed(0)

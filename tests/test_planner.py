@@ -19,7 +19,7 @@ import transformers
 
 from bench.shapes import LLAMA3_8B, LLAMA3_70B, SMOLLM2_135M
 from tests.dist import run_ranks
-from tp_plugin import planner, planner_report
+from tp_plugin.tools import planner, planner_report
 
 QWEN25_32B = dict(vocab_size=152064, hidden_size=5120, intermediate_size=27648, num_hidden_layers=64,
                   num_attention_heads=40, num_key_value_heads=8, max_position_embeddings=32768)
@@ -75,7 +75,7 @@ def test_70b_full_fine_tuning_does_not_fit_on_8x80_but_lora_does(tmp_path):
 
 
 def test_multi_node_keeps_tp_inside_a_node_and_the_document_has_its_fields(tmp_path, capsys):
-    from tp_plugin.cli import main
+    from tp_plugin.tools.cli import main
 
     directory = _config_dir(tmp_path, "llama3-70b")
     # LoRA at sequence 32768: the activations need tensor parallelism, 2 nodes of 8 GPUs offer tp up to 16

@@ -90,7 +90,7 @@ def test_parity_moe_experts_and_router_logits():
 
 def _count(rank, world, arch, sequence_parallel, gloo_shortcut=False):
     from tests.collective_counter import CollectiveCounter
-    from tp_plugin import comm
+    from tp_plugin.runtime import comm
 
     comm.GLOO_REDUCE_SCATTER_BY_ALL_REDUCE = gloo_shortcut  # count the collectives NCCL would run
     model = build(arch, 2)
@@ -149,7 +149,7 @@ def test_activation_bytes_per_rank_are_unsplit_over_tp():
     # tokens, and the regions' gathered inputs are not kept (fetched again in backward).
     import transformers
 
-    from tp_plugin.planner import activation_bytes
+    from tp_plugin.tools.planner import activation_bytes
 
     config = transformers.LlamaConfig(hidden_size=512, intermediate_size=1408, num_attention_heads=16,
                                       num_key_value_heads=8, vocab_size=1024, num_hidden_layers=2)

@@ -22,7 +22,7 @@ def _compare(rank, world, softcap, bias, tied_pad):
     from trl.kernels import ChunkedLogProbFunction
 
     from tp_plugin.integrations.trl import VocabParallelLogProbs
-    from tp_plugin.layers import VocabParallelLMHead
+    from tp_plugin.runtime.layers import VocabParallelLMHead
     from tp_plugin.sharding import vocab_specs
 
     vocab = 101 if tied_pad else 100  # 101 does not divide by 2: the last shard has a padding row

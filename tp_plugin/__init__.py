@@ -8,12 +8,13 @@
     pipe = tp_plugin.pipeline(model, mesh=mesh)          # pipeline stages x TP x DP, on ("pp", "dp", "tp")
 """
 
-from .checkpoint import from_pretrained, save_pretrained, save_sharded
+from .checkpoint import save_pretrained, save_sharded
+from .loading import from_pretrained
 from .grad_norm import clip_grad_norm_
 from .integrations.deepspeed import mpu
-from .integrations.fsdp import fully_shard
+from .parallel.fsdp import fully_shard
 from .parallelize import inspect, parallelize
-from .pipeline import Pipeline, pipeline
+from .parallel.pipeline import Pipeline, pipeline
 from .policy import AttentionSpec, Colwise, Policy, Rowwise, register_policy
 from .sharding import TPSplitError
 from .state import tp_state

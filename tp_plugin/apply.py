@@ -7,8 +7,8 @@ import math
 
 from torch import nn
 
-from .entry import PlanEntry
-from .loss import GatheredLogitsCausalLMLoss, VocabParallelCausalLMLoss
+from .styles.base import PlanEntry
+from .runtime.loss import GatheredLogitsCausalLMLoss, VocabParallelCausalLMLoss
 from .plan import vocab_entries
 from .state import TPState
 from .styles import VocabEmbedding, VocabLMHead

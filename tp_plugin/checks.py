@@ -26,8 +26,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from . import devices, rng
-from .comm import all_gather_stacked
+from .runtime import devices, rng
+from .runtime.comm import all_gather_stacked
 from .sharding import TPSplitError
 from .state import tp_state
 

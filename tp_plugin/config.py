@@ -88,7 +88,7 @@ def yaml_tp_size() -> int | None:
 
 def _from_accelerate_yaml() -> tuple[str, int] | None:
     """`parallelism_config: {parallelism_config_tp_size: N}` in the `accelerate launch` yaml (see
-    integrations/accelerate.py: tp_plugin takes that key over from Accelerate's own TP)."""
+    integrations/accelerate/__init__.py: tp_plugin takes that key over from Accelerate's own TP)."""
     size = yaml_tp_size()
     return ("accelerate yaml parallelism_config_tp_size", size) if size else None
 

@@ -16,7 +16,7 @@ calls them, a user, the Trainer or TRL, gets the unsplit model's behaviour or a 
 
 `num_parameters()` is left alone: it counts this rank's parameters, which is what the Trainer's FLOP count
 (summed over ranks) needs; `tp_plugin.inspect(model)` prints the unsplit count next to every rank's.
-`copy.deepcopy` rebinds these methods to the copy (the copy itself: `tp_plugin.copies`).
+`copy.deepcopy` rebinds these methods to the copy (the copy itself: `tp_plugin.runtime.copies`).
 """
 
 from __future__ import annotations
@@ -24,16 +24,15 @@ from __future__ import annotations
 import contextlib
 import types
 
-import torch
 from torch import nn
 
-from . import rng
+from .runtime import rng
 from .apply import split_vocab
 from .checkpoint.save import save_pretrained as save_consolidated
 from .checks import arrive_together, install_input_checks
-from .comm import all_gather_stacked
-from .layers import VocabParallelEmbedding, VocabParallelLMHead
-from .sharding import TPSplitError, unshard_tensor
+from .runtime.comm import gather_whole
+from .runtime.layers import VocabParallelEmbedding, VocabParallelLMHead
+from .sharding import TPSplitError
 from .state import tp_state
 
 
@@ -75,18 +74,6 @@ def generate(self, *args, **kwargs):
         return type(self).generate(self, *args, **kwargs)
 
 
-def _gather_full(param: torch.Tensor, group) -> torch.Tensor:
-    """The whole vocabulary-split tensor on every rank of `group` (padding rows dropped)."""
-    import torch.distributed as dist
-
-    spec = param.tp_shard
-    shards = all_gather_stacked(param.data, group).unbind(0)
-    specs = [None] * len(shards)
-    dist.all_gather_object(specs, spec, group=group)
-    return unshard_tensor([s.narrow(spec.dim, 0, sp.local_size - sp.pad) for s, sp in zip(shards, specs)],
-                          [type(sp)(sp.dim, sp.full_size, sp.ranges) for sp in specs])
-
-
 def resize_token_embeddings(self, new_num_tokens: int | None = None, pad_to_multiple_of: int | None = None,
                             mean_resizing: bool = True):
     """`PreTrainedModel.resize_token_embeddings` for a split model. Every TP rank must call it.
@@ -110,7 +97,7 @@ def resize_token_embeddings(self, new_num_tokens: int | None = None, pad_to_mult
     # skip_init: building the stand-ins must not draw from the RNG that transformers then draws the new rows from
     full_embed = nn.utils.skip_init(nn.Embedding, embed.num_embeddings, embed.embedding_dim,
                                     device=embed.weight.device, dtype=embed.weight.dtype)
-    full_embed.weight.data = _gather_full(embed.weight, group)
+    full_embed.weight.data = gather_whole(embed.weight.data, embed.weight.tp_shard, group)
     full_embed.padding_idx = None if embed.padding_idx is None else embed.padding_idx + embed.vocab_start
     full_embed.weight.requires_grad_(embed.weight.requires_grad)
     self.set_input_embeddings(full_embed)
@@ -118,9 +105,9 @@ def resize_token_embeddings(self, new_num_tokens: int | None = None, pad_to_mult
         full_head = nn.utils.skip_init(nn.Linear, embed.embedding_dim, head.spec.full_size,
                                        bias=head.bias is not None, device=head.weight.device, dtype=head.weight.dtype)
         full_head.weight = full_embed.weight if tied else nn.Parameter(
-            _gather_full(head.weight, group), requires_grad=head.weight.requires_grad)
+            gather_whole(head.weight.data, head.weight.tp_shard, group), requires_grad=head.weight.requires_grad)
         if head.bias is not None:
-            full_head.bias.data = _gather_full(head.bias, group)
+            full_head.bias.data = gather_whole(head.bias.data, head.bias.tp_shard, group)
         self.set_output_embeddings(full_head)
     result = type(self).resize_token_embeddings(self, new_num_tokens, pad_to_multiple_of, mean_resizing)
     if tied:  # transformers ties again only when the config says so; keep the split model's tying

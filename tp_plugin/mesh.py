@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
-from .devices import host_name
+from .runtime.devices import host_name
 from .sharding import TPSplitError
 
 logger = logging.getLogger("tp_plugin")

@@ -34,10 +34,10 @@ def parallelize(model: nn.Module, tp_size: int | None = None, *, mesh: DeviceMes
 
     `sequence_parallel=True` (default: the launch configuration's `TP_PLUGIN_SEQUENCE_PARALLEL`, or a DeepSpeed
     config's `"tp_plugin": {"sequence_parallel": true}`) splits the activations between tensor-parallel regions
-    along the sequence in training mode (Megatron's sequence parallelism; see `tp_plugin.sequence`).
+    along the sequence in training mode (Megatron's sequence parallelism; see `tp_plugin.runtime.sequence`).
 
     `overlap_comm=True` runs each region's input-gradient reduction while its last column layer computes its
-    weight gradient (`tp_plugin.overlap`); False runs them one after the other (same numbers, same collectives).
+    weight gradient (`tp_plugin.runtime.overlap`); False runs them one after the other (same numbers, same collectives).
     """
     prepare_launch()  # `accelerate launch`: the yaml's TP degree is ours; gloo on a machine without GPU
     if sequence_parallel is None:

@@ -13,11 +13,11 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
-from .entry import AttentionPlan, PlanEntry
+from . import styles
 from .policy import AttentionSpec, Policy
 from .sharding import TPSplitError, head_shards
 from .styles import ColumnStyle, RowStyle, Style, VocabEmbedding, VocabLMHead
-from .styles.base import is_dense
+from .styles.base import AttentionPlan, PlanEntry, is_dense
 
 
 @dataclass
@@ -92,8 +92,10 @@ def _path_of(model: nn.Module, target: nn.Module | None) -> str | None:
     return next((name for name, mod in model.named_modules() if mod is target), None)
 
 
-_STYLE_NAMES = ("Colwise", "Rowwise", "HeadColwise", "HeadRowwise", "GroupedQKV", "HeadAttrs", "Experts",
-                "ShardedNorm", "AlibiHeads")
+def _style_names() -> list[str]:
+    """The styles a policy can name: every concrete `Style` the styles package exports."""
+    return [name for name in styles.__all__ if isinstance(obj := getattr(styles, name), type)
+            and issubclass(obj, Style) and obj not in (Style, ColumnStyle, RowStyle)]
 
 
 def plain_lookup(embed: nn.Embedding) -> bool:
@@ -140,7 +142,7 @@ def resolve_plan(model: nn.Module, policy: Policy, tp_size: int) -> Plan:
                                f"{type(model).__name__}; the policy does not fit this model")
         if not isinstance(style, Style):
             raise TPSplitError(f"policy {policy.name or model_type!r}: {pattern!r} maps to {style!r}, which is not a "
-                               f"style; use one of tp_plugin.styles: {', '.join(_STYLE_NAMES)}")
+                               f"style; use one of tp_plugin.styles: {', '.join(_style_names())}")
         entries.extend(style.plan_entry(path, mod, tp_size, attn) for path, mod in found)
 
     regions = [path for pattern in policy.regions for path, _ in _matches(model, pattern, prefix)]

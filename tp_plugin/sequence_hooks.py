@@ -1,4 +1,4 @@
-"""Putting sequence parallelism (`tp_plugin.sequence`) on an unmodified Hugging Face model, with hooks only:
+"""Putting sequence parallelism (`tp_plugin.runtime.sequence`) on an unmodified Hugging Face model, with hooks only:
 
 * the base model's pre-hook pads the sequence to a multiple of tp, at the end (in a causal model no earlier
   token attends to a later one, so the padding changes nothing), and its post-hook strips the padding from its
@@ -21,8 +21,8 @@ import re
 import torch
 from torch import nn
 
-from .comm import gather_along, split_along
-from .sequence import SequenceParallel
+from .runtime.comm import gather_along, split_along
+from .runtime.sequence import SequenceParallel
 from .sharding import TPSplitError
 
 def decoder_layers(model: nn.Module, split_paths: list[str], regions: list[str]) -> str:

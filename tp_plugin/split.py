@@ -16,21 +16,22 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor
 
-from . import copies, devices, hf_methods, rng, sequence_hooks, state_dicts
+from .runtime import copies, devices, rng
+from . import hf_methods, sequence_hooks, state_dicts
 from . import policies  # noqa: F401  (importing it registers the built-in families)
 from .auto import auto_policy  # the model's own base_model_tp_plan, translated, else its structure
 from .checks import check_one_gpu_per_rank, install_input_checks
-from .comm import all_equal, broadcast_from_rank0, fingerprint, sum_grad_over_tp
+from .runtime.comm import all_equal, broadcast_from_rank0, fingerprint, sum_grad_over_tp
 from .config import configured_tp_size
-from .grad_hooks import add_grad_hook
+from .runtime.grad_hooks import add_grad_hook
 from .apply import install_layers
-from .layers import PARALLEL_LAYERS, ColumnParallelLinear, RowParallelLinear, tag_param
+from .runtime.layers import PARALLEL_LAYERS, ColumnParallelLinear, RowParallelLinear, tag_param
 from .mesh import build_mesh, check_layout, mesh_from, tp_size_of, warn_on_topology, world_size
 from .plan import Plan, resolve_plan
 from .policy import Policy, get_policy, registered_model_types
-from .regions import install_region, install_row_exit
-from .rng import RankStreams
-from .sequence import SequenceParallel
+from .runtime.regions import install_region, install_row_exit
+from .runtime.rng import RankStreams
+from .runtime.sequence import SequenceParallel
 from .sharding import TPSplitError
 from .state import TPState, note_split
 from .styles import VocabEmbedding, VocabLMHead, patch_heads
@@ -44,11 +45,11 @@ def split_model(model: nn.Module, tp_size: int | None = None, *, mesh: DeviceMes
     if state is not None and mesh is None and tp_size in (None, state.plan.tp_size) \
             and loss_parallel == state.loss_parallel and sequence_parallel == (state.sequence is not None):
         return model  # split already, the same way (`tp-plugin launch` split it at from_pretrained)
-    tp_size = tp_size_of(mesh, tp_size) if mesh is not None else _resolve_tp_size(tp_size)
+    tp_size = tp_size_of(mesh, tp_size) if mesh is not None else resolve_tp_size(tp_size)
     check_not_split(model)
     if mesh is None:
         check_layout(tp_size)
-    policy = policy or _policy_for(model, tp_size)
+    policy = policy or policy_for(model, tp_size)
     plan = resolve_plan(model, policy, tp_size)
     if sequence_parallel:
         _sequence_layers(model, plan)  # a model sequence parallelism cannot split fails here, on every rank
@@ -81,7 +82,7 @@ def split_model(model: nn.Module, tp_size: int | None = None, *, mesh: DeviceMes
     return model
 
 
-def _resolve_tp_size(tp_size: int | None) -> int:
+def resolve_tp_size(tp_size: int | None) -> int:
     """Explicit argument, else the launch config (DeepSpeed `autotp_size`, ...), else the world size."""
     configured = configured_tp_size()
     if tp_size is not None and configured is not None and tp_size != configured:
@@ -90,7 +91,7 @@ def _resolve_tp_size(tp_size: int | None) -> int:
     return tp_size or configured or world_size()
 
 
-def _policy_for(model: nn.Module, tp_size: int) -> Policy:
+def policy_for(model: nn.Module, tp_size: int) -> Policy:
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     policy = get_policy(model_type) if model_type else None
     if policy is not None and not isinstance(policy, Policy):  # a function of the model (config variants)

@@ -9,7 +9,7 @@ from torch import nn
 
 from .mesh import TPMesh
 from .plan import Plan
-from .sequence import SequenceParallel
+from .runtime.sequence import SequenceParallel
 
 
 @dataclass
@@ -35,6 +35,26 @@ def tp_state(model: nn.Module) -> TPState | None:
         if model is None:
             return None
     return None
+
+
+def mesh_of(model: nn.Module) -> TPMesh | None:
+    """The mesh of a model split by tp_plugin (through wrappers); None if it is not split or runs in one process.
+    At tp=1 over several processes it is the data-parallel layout (saves write from replica 0 only)."""
+    state = tp_state(model)
+    return None if state is None else state.mesh
+
+
+def split_state(model: nn.Module) -> TPState | None:
+    """The TPState of a model whose TP group has more than one rank (through wrappers), else None: the model
+    computes unsplit and the engines' own code applies."""
+    state = tp_state(model)
+    return state if state is not None and state.mesh is not None and state.mesh.tp_size > 1 else None
+
+
+def split_mesh(model: nn.Module) -> TPMesh | None:
+    """`split_state(model)`'s mesh: the (dp, tp) layout of a model split over more than one rank, else None."""
+    state = split_state(model)
+    return None if state is None else state.mesh
 
 
 # Models split over more than one rank in this process, held weakly: what helpers that are handed no model

@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .copies import named_tensors
+from .runtime.copies import named_tensors
 from .mesh import TPMesh
 from .sharding import TPSplitError, shard_tensor
 

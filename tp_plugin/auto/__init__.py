@@ -1,6 +1,9 @@
 """Policies derived from the model when no one wrote one: the model's own `base_model_tp_plan` translated style
 by style (`translate.py`), else a structural reading of its module tree (`structure.py`). Both keep whatever they
-cannot place safely replicated (exact, only less split); `inspect` counts those entries."""
+cannot place safely replicated (exact, only less split); `inspect` counts those entries.
+
+May import: plan time (`policy`, `styles/`), `runtime/` and `sharding` (tests/test_layering.py).
+"""
 
 from __future__ import annotations
 

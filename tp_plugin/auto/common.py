@@ -14,13 +14,10 @@ from ..policy import Colwise, Policy, Rowwise
 from ..styles import (Experts, HeadColwise, HeadParams, HeadRowwise, Mamba2Heads, MambaChannels, ShardedNorm,
                       ShortConvChannels)
 from ..styles.activations import ActivationSparsity, has_activation_sparsity
-from ..styles.heads import COUNT
+from ..styles.heads import CONFIG_COUNT, CONFIG_KV, COUNT
 from ..styles.conv import is_short_conv
 from ..styles.mamba import ZambaHeads, is_mamba1_mixer, is_mamba2_mixer, is_zamba_mixer
 
-HEAD_ATTRS = ("num_attention_heads", "n_head", "num_heads", "n_heads", "decoder_attention_heads",
-              "num_attention_heads_per_layer")
-KV_ATTRS = ("num_key_value_heads", "num_kv_heads", "n_kv_heads", "multi_query_group_num", "n_head_kv")
 
 
 def is_dense(module: nn.Module) -> bool:
@@ -47,8 +44,8 @@ def text_config(config):
 
 def head_config(config) -> tuple[str | None, str | None]:
     """Names of the config attributes counting query heads and KV heads (None when absent)."""
-    heads = next((a for a in HEAD_ATTRS if isinstance(getattr(config, a, None), int)), None)
-    kv = next((a for a in KV_ATTRS if isinstance(getattr(config, a, None), int)), None)
+    heads = next((a for a in CONFIG_COUNT if isinstance(getattr(config, a, None), int)), None)
+    kv = next((a for a in CONFIG_KV if isinstance(getattr(config, a, None), int)), None)
     return heads, kv
 
 

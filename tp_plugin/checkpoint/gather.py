@@ -17,7 +17,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.tensor import DTensor
 
-from ..devices import to_collective
+from ..runtime.devices import to_collective
 from ..mesh import TPMesh
 from ..sharding import ShardSpec, unshard_tensor
 from ..state import tp_state
@@ -34,11 +34,6 @@ def unwrap(model_or_engine) -> nn.Module:
         raise TypeError(f"{type(model_or_engine).__name__} is not a transformers model (no `.config`), nor a "
                         f"wrapper (DeepSpeed engine, DDP) holding one as `.module`")
     return model
-
-
-def mesh_of(model: nn.Module) -> TPMesh | None:
-    state = tp_state(model)
-    return None if state is None else state.mesh
 
 
 @dataclass

@@ -18,11 +18,13 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from huggingface_hub import split_torch_state_dict_into_shards
+from torch import nn
 
-from .. import devices
 from ..checks import arrive_together, check_tagged
+from ..runtime import devices
 from ..mesh import world_size
-from .gather import Entry, gather_full, gathered, mesh_of, tensor_entries, unwrap
+from ..state import mesh_of
+from .gather import Entry, gather_full, gathered, tensor_entries, unwrap
 from .io import CheckpointError, StreamingWriter, commit_dir, make_temp_dir, write_json
 from .sources import SAFE_INDEX, SHARDED_INDEX
 
@@ -99,21 +101,19 @@ def write_hf_files(tmp: Path, tensors: list[tuple[str, torch.dtype, tuple[int, .
         write_json(tmp / SAFE_INDEX, {"metadata": split.metadata, "weight_map": split.tensor_to_filename})
 
 
+ARRIVE_FIX = ("call it on every rank, not only on rank 0 (rank 0 writes; the others send their shards): "
+              "model.save_pretrained(dir) or tp_plugin.save_pretrained(model, dir) outside any `if rank == 0:`")
+
+
 def save_pretrained(model_or_engine, save_directory: str | os.PathLike, *, max_shard_size: int | str = "5GB") -> None:
     """Save a (split) model as an ordinary HF checkpoint that plain `transformers` loads.
 
     Call on every rank. Accepts a split or unsplit model, a DeepSpeed engine (ZeRO-1/2/3) holding one, a model
     sharded by FSDP2 (`tp_plugin.fully_shard`), or a `tp_plugin.pipeline` (every stage's tensors).
     """
-    arrive_together("save_pretrained", "call it on every rank, not only on rank 0 (rank 0 writes; the others send "
-                                       "their shards): model.save_pretrained(dir) or tp_plugin.save_pretrained(model, "
-                                       "dir) outside any `if rank == 0:`")
-    from ..pipeline import Pipeline
-
-    if isinstance(model_or_engine, Pipeline):
-        from .pipeline_save import save_pipeline
-
-        return save_pipeline(model_or_engine, save_directory, max_shard_size=max_shard_size)
+    if not isinstance(model_or_engine, nn.Module):  # a `tp_plugin.Pipeline`: its stages write one checkpoint
+        return model_or_engine.save_pretrained(save_directory, max_shard_size=max_shard_size)
+    arrive_together("save_pretrained", ARRIVE_FIX)
     model = unwrap(model_or_engine)
     check_tagged(model, "save_pretrained")
     devices.bind_current_device(model, "save_pretrained")  # NCCL: the gathers run on this rank's GPU

@@ -22,8 +22,9 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from ..mesh import world_size
-from .. import devices
-from .gather import gathered, mesh_of, specs_of, tensor_entries, unwrap
+from ..runtime import devices
+from ..state import mesh_of
+from .gather import gathered, specs_of, tensor_entries, unwrap
 from .io import CheckpointError, commit_dir, make_temp_dir, write_json
 from .save import carry_over, check_target, save_config, write_hf_files
 from .sources import SHARDED_FORMAT, SHARDED_INDEX, ShardedSource, rank_file, spec_to_json

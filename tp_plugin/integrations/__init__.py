@@ -8,10 +8,10 @@ own code unless a model split by tp_plugin is involved.
 
 | library | what is changed | where | why |
 | --- | --- | --- | --- |
-| accelerate | `Accelerator.prepare`, `prepare_model`, `prepare_data_loader`, `clip_grad_norm_`, `save_state`, `load_state` (wrapped) | accelerate.py | DDP and data sharding over the DP group, TP-correct clipping, resumable states of every TP rank |
-| accelerate | `accelerate.accelerator.save_accelerator_state`, `load_accelerator_state` (wrapped, in that module's namespace; active only inside `save_state` / `load_state` of a split model under DDP) | accelerate_ddp_state.py | each TP rank's model and optimizer state kept |
-| accelerate | `accelerate.accelerator.fsdp2_prepare_model`, `save_fsdp_model`, `load_fsdp_model`, `save_fsdp_optimizer`, `load_fsdp_optimizer` (wrapped, in that module's namespace) | accelerate_fsdp.py | FSDP2 over the DP dim only; each TP rank's resumable state kept |
-| accelerate | `Accelerator.gather_for_metrics`, `PartialState.split_between_processes` (wrapped) | accelerate_data.py | each sample counted once in evaluation and metrics; inference inputs divided over DP replicas |
+| accelerate | `Accelerator.prepare`, `prepare_model`, `prepare_data_loader`, `clip_grad_norm_`, `save_state`, `load_state` (wrapped) | `accelerate/__init__.py` | DDP and data sharding over the DP group, TP-correct clipping, resumable states of every TP rank |
+| accelerate | `accelerate.accelerator.save_accelerator_state`, `load_accelerator_state` (wrapped, in that module's namespace; active only inside `save_state` / `load_state` of a split model under DDP) | accelerate/ddp_state.py | each TP rank's model and optimizer state kept |
+| accelerate | `accelerate.accelerator.fsdp2_prepare_model`, `save_fsdp_model`, `load_fsdp_model`, `save_fsdp_optimizer`, `load_fsdp_optimizer` (wrapped, in that module's namespace) | accelerate/fsdp_state.py | FSDP2 over the DP dim only; each TP rank's resumable state kept |
+| accelerate | `Accelerator.gather_for_metrics`, `PartialState.split_between_processes` (wrapped) | accelerate/data.py | each sample counted once in evaluation and metrics; inference inputs divided over DP replicas |
 | accelerate | env `ACCELERATE_USE_PARALLELISM_CONFIG=false` and, without a GPU, Accelerate's `PartialState` on gloo (under `accelerate launch` only, before the split) | accelerate.py `prepare_launch` | the yaml's TP degree is ours; CPU launches get a backend |
 | peft | `BaseTuner.inject_adapter`, `PeftModel.__init__`, `PeftModel.save_pretrained`, `get_peft_model_state_dict` (4 modules), `IA3Model._create_new_module`, `TrainableTokensWrapper.init_modules`, `peft.utils.save_and_load.has_valid_embedding_base_layer` | peft/patches.py | TP LoRA / DoRA / IA3 / token layers, refusals, unsplit adapters |
 | trl | `trl.trainer.utils._ChunkedLogProbFunction` (a dispatcher) | trl.py | the fused LM head over the whole vocabulary |
@@ -24,6 +24,10 @@ own code unless a model split by tp_plugin is involved.
 Turn them off: `TP_PLUGIN_PATCHES=none` (or a comma-separated subset to keep, e.g. `peft,trl`) before the
 split, or `tp_plugin.integrations.uninstall()` at any time. `TPTrainerMixin` installs the Accelerate wrappers
 itself (it is the Trainer's route for split models) and scopes its GRPO/RLOO changes to their calls.
+
+May import: everything below the front door (the split, `parallel/`, `checkpoint/`, `runtime/`, plan time);
+`auto.py` and `trainer.py` also the front door itself (`parallelize`, `loading`), which they hand models to.
+Never `tools/` (enforced by tests/test_layering.py).
 """
 
 from __future__ import annotations

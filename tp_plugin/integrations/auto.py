@@ -25,6 +25,8 @@ import logging
 import os
 import threading
 
+from . import patching
+
 logger = logging.getLogger("tp_plugin")
 
 # Keyword arguments `tp_plugin.from_pretrained` honours (or that do not matter to a load on this rank's device).
@@ -34,7 +36,7 @@ _ROUTED = {"config", "dtype", "torch_dtype", "attn_implementation", "trust_remot
 _DROPPED = {"local_files_only", "low_cpu_mem_usage", "use_safetensors", "device_map", "token", "_from_auto",
             "_from_pipeline", "adapter_kwargs"}
 _loading = threading.local()  # set while tp_plugin loads: transformers' own calls inside are left alone
-_ORIGINALS: list[tuple[object, str, object]] = []
+_REPLACED: list[tuple[object, str]] = []  # (owner, attribute) replaced here, in installation order
 
 
 def _degree() -> int:
@@ -141,20 +143,20 @@ def _patch_cpu_deepspeed_backend() -> None:
 
     from .accelerate import _has_gpu
 
-    if _has_gpu() or any(owner is PartialState for owner, _, _ in _ORIGINALS):
+    if _has_gpu() or patching.is_replaced(PartialState, "__init__"):
         return
     _replace(PartialState, "__init__", _wrap_partial_state_init(PartialState.__init__))
 
 
 def _replace(owner, name: str, value) -> None:
-    _ORIGINALS.append((owner, name, owner.__dict__.get(name)))
-    setattr(owner, name, value)
+    if patching.replace(owner, name, value):
+        _REPLACED.append((owner, name))
 
 
 def _patch_from_pretrained() -> None:
     from transformers.modeling_utils import PreTrainedModel
 
-    if any(owner is PreTrainedModel for owner, _, _ in _ORIGINALS):
+    if patching.is_replaced(PreTrainedModel, "from_pretrained"):
         return
     _replace(PreTrainedModel, "from_pretrained",
              _wrap_from_pretrained(PreTrainedModel.__dict__["from_pretrained"].__func__))
@@ -163,7 +165,7 @@ def _patch_from_pretrained() -> None:
 def _patch_trainer() -> None:
     from transformers import Trainer
 
-    if any(owner is Trainer for owner, _, _ in _ORIGINALS):
+    if patching.is_replaced(Trainer, "__new__"):
         return
     _replace(Trainer, "__new__", _trainer_new)
 
@@ -179,10 +181,6 @@ def install() -> None:
 
 
 def uninstall() -> None:
-    while _ORIGINALS:
-        owner, name, original = _ORIGINALS.pop()
-        if original is None:
-            delattr(owner, name)
-        else:
-            setattr(owner, name, original)
+    while _REPLACED:
+        patching.restore(*_REPLACED.pop())
     _with_mixin.cache_clear()

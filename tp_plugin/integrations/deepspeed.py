@@ -89,18 +89,14 @@ class TPMpu:
 
 def mpu(model: nn.Module) -> TPMpu:
     """The `mpu` to pass to `deepspeed.initialize` when the config does not carry `autotp_size`."""
-    mesh = _mesh(model)
+    state = tp_state(model)
+    if state is None:
+        raise ValueError(f"{type(model).__name__} has not been split by tp_plugin.parallelize")
+    mesh = state.mesh
     if mesh is None:
         raise ValueError(f"{type(model).__name__} is not split across processes (call tp_plugin.parallelize "
                          f"under torch.distributed first)")
     return TPMpu(mesh)
-
-
-def _mesh(model: nn.Module) -> TPMesh | None:
-    state = tp_state(model)
-    if state is None:
-        raise ValueError(f"{type(model).__name__} has not been split by tp_plugin.parallelize")
-    return state.mesh
 
 
 def prepare_model(model: nn.Module) -> None:

@@ -42,7 +42,8 @@ import torch
 from transformers import Trainer
 from transformers.trainer import SCHEDULER_NAME, TRAINING_ARGS_NAME
 
-from .accelerate import install, mesh_of, register
+from ..state import split_mesh
+from .accelerate import install, register
 
 
 def prepare_cpu_deepspeed() -> dict:
@@ -72,7 +73,7 @@ def load_consolidated(model: torch.nn.Module, directory: str | os.PathLike) -> N
     its references to the parameters). Every tensor of the model must be in the checkpoint."""
     from ..checkpoint.build import key_in
     from ..checkpoint.io import CheckpointError
-    from ..checkpoint.load import open_source
+    from ..loading import open_source
 
     source = open_source(Path(directory))
     if source is None:
@@ -106,7 +107,7 @@ class TPTrainerMixin:
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         install()
-        self._tp_mesh = mesh_of(self.model)
+        self._tp_mesh = split_mesh(self.model)
         if self._tp_mesh is not None:
             register(self.accelerator, self.model)  # before get_train_dataloader prepares a loader
             if hasattr(self, "_tp_size"):  # TRL reads it from Accelerate's parallelism config; its counts go

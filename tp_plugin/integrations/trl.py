@@ -30,7 +30,8 @@ from contextlib import contextmanager
 import torch
 import torch.distributed as dist
 
-from ..comm import all_reduce
+from ..runtime.comm import all_reduce
+from . import patching
 
 OPTIONAL = ("entropy", "log_sum_sq_probs", "mean_logits", "is_top1")
 _CHUNK_ELEMENTS = 1 << 24  # local logits per chunk: 64 MiB in fp32
@@ -161,16 +162,14 @@ _ATTR = "_ChunkedLogProbFunction"
 def install() -> None:
     """Route TRL's fused LM head through the dispatcher (idempotent; a no-op until TRL is imported)."""
     utils = sys.modules.get(_MODULE)
-    if utils is None or isinstance(getattr(utils, _ATTR, None), _Dispatch):
-        return
-    setattr(utils, _ATTR, _Dispatch(getattr(utils, _ATTR)))
+    if utils is not None:
+        patching.wrap(utils, _ATTR, _Dispatch)
 
 
 def uninstall() -> None:
     utils = sys.modules.get(_MODULE)
-    current = getattr(utils, _ATTR, None) if utils is not None else None
-    if isinstance(current, _Dispatch):
-        setattr(utils, _ATTR, current.original)
+    if utils is not None:
+        patching.restore(utils, _ATTR)
 
 
 # ---- online trainers (GRPO, RLOO): gathers over data-parallel replicas ----------------------------------------

@@ -11,6 +11,8 @@
       ZambaHeads                                  a Mamba (1) mixer by channels; Zamba's per-head mixer by heads
     ShortConvChannels                 conv.py     LFM's gated short convolution by channels
     ActivationSparsity                activations.py  Gemma 3n's top-k statistics over the split intermediate dim
+
+May import: `runtime/` (the layers a style builds), `sharding`, plan time (tests/test_layering.py).
 """
 
 from .activations import ActivationSparsity

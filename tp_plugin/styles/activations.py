@@ -12,10 +12,9 @@ import types
 
 import torch
 
-from ..comm import all_reduce_both_ways
-from ..entry import PlanEntry
+from ..runtime.comm import all_reduce_both_ways
+from .base import PlanEntry, Style
 from ..sharding import TPSplitError
-from .base import Style
 
 
 def has_activation_sparsity(module) -> bool:
@@ -26,6 +25,7 @@ def has_activation_sparsity(module) -> bool:
 
 class ActivationSparsity(Style):
     """On an MLP whose gate is column-parallel and which applies `_gaussian_topk` to it (see the module docstring)."""
+    extra_collectives = "activation sparsity statistics over the split intermediate dim (all-reduced both ways)"
 
     def plan_entry(self, path, module, tp, attn):
         if not has_activation_sparsity(module):

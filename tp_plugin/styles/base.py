@@ -4,22 +4,79 @@ A style is a small object (its `repr` is what `inspect` prints). `plan_entry` re
 (pure: runs on every rank before any collective, so a misfit is an error everywhere); `build` turns the entry
 into the module that replaces it (or patches it in place and returns it). The entry records the style and its
 activation layouts, so later machinery (sequence parallelism, overlap) reads the layouts, never a string.
+The entry's type (`PlanEntry`, with `Layout` and `AttentionPlan`) lives here with the contract that makes it.
 """
 
 from __future__ import annotations
 
+import enum
+from dataclasses import dataclass, field
+
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from ..entry import AttentionPlan, Layout, PlanEntry
-from ..layers import ColumnParallelLinear, RowParallelLinear
-from ..sharding import ShardSpec, TPSplitError
+from ..runtime.layers import ColumnParallelLinear, RowParallelLinear
+from ..sharding import HeadShard, ShardSpec, TPSplitError
+
+
+# ---- what a style resolves a module into: its plan entry ----------------------------------------------------
+
+class Layout(enum.Enum):
+    """How an activation is laid out over the TP group at a module's input or output."""
+
+    REPLICATED = "replicated"  # every rank holds the whole tensor
+    SHARD_HIDDEN = "sharded on hidden"  # each rank holds its slice of the last (feature / head) dim
+    SHARD_SEQUENCE = "sharded on sequence"  # each rank holds its slice of the tokens (sequence parallelism)
+
+
+@dataclass
+class PlanEntry:
+    path: str
+    style: Style
+    full_shapes: dict[str, tuple[int, ...]]
+    specs: list[dict[str, ShardSpec | None]]  # per TP rank: tensor name -> spec (None: replicated)
+    transposed: bool = False  # a GPT-2 Conv1D weight, [in, out]
+    shared_rows: bool = False  # replicated KV heads: gradient summed over the ranks holding them
+    sync_input_grad: bool = True  # False inside a region, which syncs its input gradient once
+    resolved: dict = field(default_factory=dict)  # what the style worked out at plan time for `build`
+
+    @property
+    def input_layout(self) -> Layout:
+        return self.style.input_layout
+
+    @property
+    def output_layout(self) -> Layout:
+        return self.style.output_layout
+
+    def local_shape(self, rank: int, name: str) -> tuple[int, ...]:
+        shape, spec = list(self.full_shapes[name]), self.specs[rank][name]
+        if spec is not None:
+            shape[spec.dim] = spec.local_size
+        return tuple(shape)
+
+
+@dataclass
+class AttentionPlan:
+    paths: list[str]  # the attention modules whose head counts are patched (none when HeadAttrs entries do it)
+    heads: list[HeadShard]
+    head_dim: int
+    local_dims: tuple[str, ...]
+    num_heads: int
+    num_kv_heads: int
+
+
+# ---- the contract ---------------------------------------------------------------------------------------------
+
 
 
 class Style:
     input_layout: Layout = Layout.REPLICATED
     output_layout: Layout = Layout.REPLICATED
     region = None  # a `regions.RegionInputs` when the built module is itself a region (MoE experts)
+    # Collectives this style adds beyond Megatron's minimum, and why (None: none); `testing/count.py` reports them.
+    extra_collectives: str | None = None
+    # ... and those its entries add when they hold rows shared with other ranks (`PlanEntry.shared_rows`)
+    shared_rows_collectives: str = "replicated KV heads (their gradients summed)"
 
     def plan_entry(self, path: str, module: nn.Module, tp: int, attn: AttentionPlan | None) -> PlanEntry:
         raise NotImplementedError

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 from torch import nn
 
-from ..entry import PlanEntry
-from ..layers import ColumnParallelLinear, RowParallelLinear, _shard_param
-from ..regions import RegionInputs
+from .base import PlanEntry, Style
+from ..runtime.layers import ColumnParallelLinear, RowParallelLinear, _shard_param
+from ..runtime.regions import RegionInputs
 from ..sharding import ShardSpec, TPSplitError, even_ranges
-from .base import Style
 
 
 def is_short_conv(module: nn.Module) -> bool:

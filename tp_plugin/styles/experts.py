@@ -15,22 +15,22 @@ import types
 
 import torch
 
-from ..entry import PlanEntry
-from ..layers import _shard_param
-from ..regions import RegionInputs
+from .base import PlanEntry, Style
+from ..runtime.layers import _shard_param
+from ..runtime.regions import RegionInputs
 from ..sharding import ShardSpec, TPSplitError, even_ranges
-from .base import Style
 
 
 class Experts(Style):
     """Fused 3-D MoE experts split along the intermediate dim I (see the module docstring).
 
-    The experts module is a region (`tp_plugin.regions`): forward, the partial outputs of every rank are
+    The experts module is a region (`tp_plugin.runtime.regions`): forward, the partial outputs of every rank are
     all-reduced once (like a row-parallel down_proj); backward, the gradients of the experts' inputs (hidden
     states and routing weights) are all-reduced once each, so the replicated router gets full, identical
     gradients on every rank. Under sequence parallelism the inputs (and the chosen experts) are all-gathered
     over the tokens and the output reduce-scattered back to this rank's tokens.
     """
+    extra_collectives = "MoE routing weights (their gradient reduced)"
 
     region = RegionInputs(activations=((0, "hidden_states"), (2, "top_k_weights")), ids=((1, "top_k_index"),),
                           reduce_output=True, columns_only=True)

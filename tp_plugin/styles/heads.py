@@ -17,16 +17,20 @@ import copy
 
 from torch import nn
 
-from ..entry import AttentionPlan, PlanEntry
-from ..layers import _shard_param
+from .base import AttentionPlan, ColumnStyle, PlanEntry, RowStyle, Style, dims, linear_entry, need_heads, per_head
+from ..runtime.layers import _shard_param
 from ..sharding import HeadShard, ShardSpec, TPSplitError
-from .base import ColumnStyle, RowStyle, Style, dims, linear_entry, need_heads, per_head
 
-# Attribute names that hold head counts and widths, on attention modules and on configs (one list each).
+# Attribute names that hold head counts and widths, on attention modules and on configs: the one list of each.
 COUNT = ("num_heads", "num_attention_heads", "n_head", "n_heads", "num_attn_heads", "n_local_heads",
          "attention_heads", "num_q_heads", "heads")
 KV = ("num_key_value_heads", "num_kv_heads", "n_kv_heads", "n_local_kv_heads", "kv_heads", "num_heads_kv",
       "n_head_kv", "num_kv", "multi_query_group_num")
+# On a config, the attributes counting query heads and KV heads, in the order they are looked for (a derived
+# policy reads the first that holds an int).
+CONFIG_COUNT = ("num_attention_heads", "n_head", "num_heads", "n_heads", "decoder_attention_heads",
+                "num_attention_heads_per_layer")
+CONFIG_KV = ("num_key_value_heads", "num_kv_heads", "n_kv_heads", "multi_query_group_num", "n_head_kv")
 WIDTH = ("all_head_size", "embed_dim", "hidden_size", "inner_dim", "split_size", "attention_hidden_size",
          "hidden_size_per_attention_head_x_heads", "inner_size", "projection_size", "attn_dim", "d_model")
 

@@ -29,13 +29,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..comm import all_reduce, all_reduce_both_ways
-from ..entry import PlanEntry
-from ..grad_hooks import add_grad_hook
-from ..layers import _shard_param
-from ..regions import RegionInputs
+from ..runtime.comm import all_reduce, all_reduce_both_ways
+from .base import PlanEntry, Style
+from ..runtime.grad_hooks import add_grad_hook
+from ..runtime.layers import _shard_param
+from ..runtime.regions import RegionInputs
 from ..sharding import ShardSpec, TPSplitError, head_shards
-from .base import Style
 from .conv import split_projections_and_conv
 
 _HEAD_PARAMS = ("A_log", "D", "dt_bias")
@@ -69,6 +68,7 @@ def _layout(h: int, p: int, g: int, n: int, shard) -> dict[str, tuple]:
 
 class Mamba2Heads(Style):
     """A Mamba-2 mixer split by heads (see the module docstring)."""
+    shared_rows_collectives = "Mamba groups fewer than ranks (B/C gradients summed, norm statistics all-reduced)"
 
     region = RegionInputs(columns_only=True)
 
@@ -241,6 +241,7 @@ class MambaChannels(Style):
     A_log and D, and the matching input columns of x_proj and out_proj. x_proj mixes all channels into dt, B and C,
     which every channel's scan reads: its partial products are all-reduced in forward and the gradient of what it
     produced in backward (each rank's channels used it) - one collective each way beyond a Mamba-2 mixer's."""
+    extra_collectives = "Mamba (1) x_proj: dt, B, C read from all channels (all-reduced both ways)"
 
     region = RegionInputs(columns_only=True)
 

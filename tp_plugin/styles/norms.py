@@ -11,11 +11,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..comm import all_reduce_both_ways, sum_grad_over_sharers
-from ..entry import PlanEntry
-from ..layers import _shard_param
+from ..runtime.comm import all_reduce_both_ways, sum_grad_over_sharers
+from .base import PlanEntry, Style, need_heads, per_head
+from ..runtime.layers import _shard_param
 from ..sharding import ShardSpec
-from .base import Style, need_heads, per_head
 
 
 class _ShardedRMSNorm(nn.Module):
@@ -43,6 +42,7 @@ class _ShardedRMSNorm(nn.Module):
 
 class ShardedNorm(Style):
     """An RMSNorm applied to the full q (kind "q") or k ("kv") projection of sharded heads (OLMo2)."""
+    extra_collectives = "q/k norms over split heads (sum of squares all-reduced)"
 
     def __init__(self, kind: str = "q"):
         self.kind = kind

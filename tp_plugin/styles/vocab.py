@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-from ..entry import Layout, PlanEntry
-from ..layers import VocabParallelEmbedding, VocabParallelLMHead
+from .base import Layout, PlanEntry, Style
+from ..runtime.layers import VocabParallelEmbedding, VocabParallelLMHead
 from ..sharding import vocab_specs
-from .base import Style
 
 
 def _vocab_entry(path, module, style, tp) -> PlanEntry:

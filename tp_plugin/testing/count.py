@@ -16,7 +16,7 @@ import contextlib
 
 from torch import nn
 
-from ..layers import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding, VocabParallelLMHead
+from ..runtime.layers import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding, VocabParallelLMHead
 from ..state import tp_state
 from .collectives import CollectiveCounter
 
@@ -44,25 +44,15 @@ class CollectiveCount:
 
 
 def _reasons(plan) -> list[str]:
-    """What in the plan adds collectives beyond the minimum (each needed by the model's layout)."""
-    from ..styles import ActivationSparsity, Experts, Mamba2Heads, MambaChannels, ShardedNorm
-
-    styles = [e.style for e in plan.entries]
+    """What in the plan adds collectives beyond the minimum (each needed by the model's layout), as its styles
+    declare it (`Style.extra_collectives`, `Style.shared_rows_collectives`)."""
     reasons = []
-    if any(isinstance(s, ShardedNorm) for s in styles):
-        reasons.append("q/k norms over split heads (sum of squares all-reduced)")
-    if any(e.shared_rows and not isinstance(e.style, Mamba2Heads) for e in plan.entries):
-        reasons.append("replicated KV heads (their gradients summed)")
-    if any(e.shared_rows and isinstance(e.style, Mamba2Heads) for e in plan.entries):
-        reasons.append("Mamba groups fewer than ranks (B/C gradients summed, norm statistics all-reduced)")
+    for entry in plan.entries:
+        for reason in (entry.style.extra_collectives, entry.style.shared_rows_collectives if entry.shared_rows else None):
+            if reason and reason not in reasons:
+                reasons.append(reason)
     if plan.partial_grad:
         reasons.append("norms inside split regions (gradients summed)")
-    if any(isinstance(s, MambaChannels) for s in styles):
-        reasons.append("Mamba (1) x_proj: dt, B, C read from all channels (all-reduced both ways)")
-    if any(isinstance(s, ActivationSparsity) for s in styles):
-        reasons.append("activation sparsity statistics over the split intermediate dim (all-reduced both ways)")
-    if any(isinstance(s, Experts) for s in styles):
-        reasons.append("MoE routing weights (their gradient reduced)")
     return reasons
 
 

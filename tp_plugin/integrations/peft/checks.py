@@ -16,7 +16,7 @@ from peft.tuners.tuners_utils import _maybe_include_all_linear_layers, check_tar
 from peft.utils.constants import INCLUDE_LINEAR_LAYERS_SHORTHAND
 from torch import nn
 
-from ...layers import PARALLEL_LAYERS, ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding
+from ...runtime.layers import PARALLEL_LAYERS, ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding
 from ...sharding import TPSplitError
 
 SUPPORTED_METHODS = (PeftType.LORA, PeftType.IA3)
@@ -91,7 +91,7 @@ def _check_targets(model: nn.Module, config) -> None:
 
 def _check_module_to_save(name: str, module: nn.Module) -> None:
     """PEFT trains a deep copy of each module to save. A parallel layer copies onto its own groups, with its tags
-    (`tp_plugin.copies`), trains as a split copy and is saved gathered; a module that holds split modules inside
+    (`tp_plugin.runtime.copies`), trains as a split copy and is saved gathered; a module that holds split modules inside
     (an attention, an MLP) would copy with its region's state half shared with the original's."""
     if isinstance(module, PARALLEL_LAYERS):
         return

@@ -28,8 +28,8 @@ from peft.tuners.lora.variants import DoraLinearVariant
 from peft.utils.other import transpose
 from torch import nn
 
-from ...comm import all_reduce, copy_to_tp, sum_grad_over_sharers
-from ...layers import tag_param
+from ...runtime.comm import all_reduce, copy_to_tp, sum_grad_over_sharers
+from ...runtime.layers import tag_param
 from ...sharding import ShardSpec
 
 

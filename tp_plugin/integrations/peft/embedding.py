@@ -25,8 +25,8 @@ import torch.distributed as dist
 from peft.tuners.lora import layer as lora
 from torch import nn
 
-from ...comm import broadcast_from_rank0
-from ...layers import VocabParallelEmbedding, tag_param
+from ...runtime.comm import broadcast_from_rank0
+from ...runtime.layers import VocabParallelEmbedding, tag_param
 from ...sharding import ShardSpec, TPSplitError, shard_tensor
 
 

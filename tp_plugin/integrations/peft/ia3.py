@@ -26,8 +26,8 @@ import torch.distributed as dist
 from peft.tuners.ia3 import layer as ia3
 from torch import nn
 
-from ...comm import broadcast_from_rank0, copy_to_tp, sum_grad_over_sharers
-from ...layers import ColumnParallelLinear, RowParallelLinear, tag_param
+from ...runtime.comm import broadcast_from_rank0, copy_to_tp, sum_grad_over_sharers
+from ...runtime.layers import ColumnParallelLinear, RowParallelLinear, tag_param
 from ...sharding import ShardSpec, shard_tensor
 
 

@@ -28,8 +28,8 @@ import torch.nn.functional as F
 from peft.tuners.lora import layer as lora
 from torch import nn
 
-from ...comm import broadcast_from_rank0, copy_to_tp, sum_grad_over_sharers
-from ...layers import ColumnParallelLinear, RowParallelLinear, tag_param
+from ...runtime.comm import broadcast_from_rank0, copy_to_tp, sum_grad_over_sharers
+from ...runtime.layers import ColumnParallelLinear, RowParallelLinear, tag_param
 from ...sharding import ShardSpec, TPSplitError, shard_tensor
 from . import dora
 

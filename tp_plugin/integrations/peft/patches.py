@@ -18,7 +18,6 @@
 from __future__ import annotations
 
 import functools
-import inspect
 import os
 import shutil
 import sys
@@ -32,9 +31,10 @@ from peft.utils.other import TrainableTokensWrapper
 from torch import nn
 
 from ...checks import arrive_together
-from ...layers import VocabParallelEmbedding
+from ...runtime.layers import VocabParallelEmbedding
 from ...sharding import unshard_tensor
-from ...state import tp_state as tp_state_of
+from ...state import split_state
+from .. import patching
 from .checks import check_method, prepare
 from .ia3 import create_ia3_module
 from .trainable_tokens import make_token_adapter
@@ -42,17 +42,10 @@ from .trainable_tokens import make_token_adapter
 _STATE_DICT_MODULES = ("peft", "peft.utils", "peft.utils.save_and_load", "peft.peft_model")
 
 
-def tp_state(model: nn.Module):
-    """The TPState of a split model (also through PeftModel/LoraModel, which forward attributes), else None."""
-    state = tp_state_of(model)
-    mesh = getattr(state, "mesh", None)
-    return state if mesh is not None and mesh.tp_size > 1 else None
-
-
 def _wrap_inject_adapter(original):
     @functools.wraps(original)
     def inject_adapter(self, model, adapter_name, *args, **kwargs):
-        if tp_state(model) is not None:
+        if split_state(model) is not None:
             prepare(model, self.peft_config[adapter_name])
         return original(self, model, adapter_name, *args, **kwargs)
     return inject_adapter
@@ -86,7 +79,7 @@ def _wrap_has_valid_embedding_base_layer(original):
 def _wrap_peft_model_init(original):
     @functools.wraps(original)
     def __init__(self, model, peft_config, *args, **kwargs):
-        if tp_state(model) is not None:
+        if split_state(model) is not None:
             check_method(model, peft_config)
         original(self, model, peft_config, *args, **kwargs)
     return __init__
@@ -98,7 +91,7 @@ def gather_adapter_state(model: nn.Module, local: dict, selected: dict) -> dict:
     A value's origin is found by identity in `local`, whose keys are the model's parameter names, so the shard
     spec comes from the parameter's `tp_shard` tag. One object all-gather over the TP group for the whole adapter.
     """
-    state = tp_state(model)
+    state = split_state(model)
     specs = {name: p.tp_shard for name, p in model.named_parameters() if getattr(p, "tp_shard", None) is not None}
     origin = {id(v): k for k, v in local.items()}
     sharded = {k: (v.detach().cpu(), specs[origin[id(v)]]) for k, v in selected.items()
@@ -135,7 +128,7 @@ def _wrap_get_state_dict(original):
 
     @functools.wraps(original)
     def get_peft_model_state_dict(model, state_dict=None, adapter_name="default", *args, **kwargs):
-        if tp_state(model) is None:
+        if split_state(model) is None:
             return original(model, state_dict, adapter_name, *args, **kwargs)
         local = _local_state_dict(model) if state_dict is None else state_dict
         selected = original(model, local, adapter_name, *args, **kwargs)
@@ -147,7 +140,7 @@ def _wrap_get_state_dict(original):
 def _wrap_save_pretrained(original):
     @functools.wraps(original)
     def save_pretrained(self, save_directory, *args, is_main_process: bool = True, **kwargs):
-        if tp_state(self) is None:
+        if split_state(self) is None:
             return original(self, save_directory, *args, is_main_process=is_main_process, **kwargs)
         # Every rank must call this (the shards are gathered); one writes the ordinary, unsplit adapter.
         arrive_together("PeftModel.save_pretrained", "call model.save_pretrained(dir) on every rank, not only on "
@@ -178,19 +171,16 @@ def _move_tree(src: str, dst: str) -> None:
             os.replace(os.path.join(root, name), os.path.join(target, name))
 
 
-_ORIGINALS: list[tuple[object, str, object]] = []  # (owner, attribute, original), in installation order
+_REPLACED: list[tuple[object, str]] = []  # (owner, attribute) replaced here, in installation order
 
 
 def _replace(owner, name: str, wrapper) -> None:
-    # getattr_static keeps a staticmethod a staticmethod when it is put back
-    _ORIGINALS.append((owner, name, inspect.getattr_static(owner, name)))
-    setattr(owner, name, wrapper(getattr(owner, name)))
+    if patching.wrap(owner, name, wrapper):
+        _REPLACED.append((owner, name))
 
 
 def install() -> None:
     """Teach PEFT about split models (idempotent; `uninstall()` undoes it)."""
-    if _ORIGINALS:
-        return
     _replace(BaseTuner, "inject_adapter", _wrap_inject_adapter)
     _replace(IA3Model, "_create_new_module", _wrap_ia3_create_new_module)
     _replace(TrainableTokensWrapper, "init_modules", _wrap_init_modules)
@@ -206,6 +196,5 @@ def install() -> None:
 
 def uninstall() -> None:
     """Put PEFT's own functions back (adapter layers already built on a split model keep working)."""
-    while _ORIGINALS:
-        owner, name, original = _ORIGINALS.pop()
-        setattr(owner, name, original)
+    while _REPLACED:
+        patching.restore(*_REPLACED.pop())

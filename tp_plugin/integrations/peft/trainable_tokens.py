@@ -28,8 +28,8 @@ from peft.tuners.tuners_utils import check_adapters_to_merge
 from torch import nn
 from torch.func import functional_call
 
-from ...comm import all_reduce, broadcast_from_rank0, copy_to_tp
-from ...layers import VocabParallelEmbedding, VocabParallelLMHead, tag_param
+from ...runtime.comm import all_reduce, broadcast_from_rank0, copy_to_tp
+from ...runtime.layers import VocabParallelEmbedding, VocabParallelLMHead, tag_param
 
 VOCAB_LAYERS = (VocabParallelEmbedding, VocabParallelLMHead)
 

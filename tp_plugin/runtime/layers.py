@@ -23,7 +23,7 @@ from .copies import deepcopy_layer
 from .overlap import InputGrad, column_linear
 from .regions import columns_input
 from .sequence import SequenceParallel, gather_tokens, scatter_tokens
-from .sharding import ShardSpec, shard_tensor
+from ..sharding import ShardSpec, shard_tensor
 
 
 def _shard_param(full: torch.Tensor, spec: ShardSpec | None, *, replicas: int = 1) -> nn.Parameter:
@@ -45,7 +45,7 @@ def tag_param(param: torch.Tensor, spec: ShardSpec | None, *, replicas: int = 1)
 
 
 class _ParallelLayer(nn.Module):
-    """What every parallel layer shares: a deep copy stays on the same groups (`tp_plugin.copies`)."""
+    """What every parallel layer shares: a deep copy stays on the same groups (`tp_plugin.runtime.copies`)."""
 
     __deepcopy__ = deepcopy_layer
 

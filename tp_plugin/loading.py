@@ -15,17 +15,17 @@ import torch
 import transformers
 from torch import nn
 
-from .. import devices
-from ..checks import check_one_gpu_per_rank
-from ..mesh import check_layout, world_size
-from ..integrations.accelerate import prepare_launch
-from ..parallelize import parallelize
-from ..split import _policy_for, _resolve_tp_size
-from ..plan import resolve_plan
-from ..sharding import TPSplitError
-from .build import build_on_meta, check_source, materialize, zero3_init_off
-from .io import CheckpointError
-from .sources import SAFE_INDEX, SAFE_WEIGHTS, SHARDED_INDEX, SafetensorsSource, ShardedSource
+from .runtime import devices
+from .checks import check_one_gpu_per_rank
+from .mesh import check_layout, world_size
+from .integrations.accelerate import prepare_launch
+from .parallelize import parallelize
+from .split import policy_for, resolve_tp_size
+from .plan import resolve_plan
+from .sharding import TPSplitError
+from .checkpoint.build import build_on_meta, check_source, materialize, zero3_init_off
+from .checkpoint.io import CheckpointError
+from .checkpoint.sources import SAFE_INDEX, SAFE_WEIGHTS, SHARDED_INDEX, SafetensorsSource, ShardedSource
 
 logger = logging.getLogger("tp_plugin")
 
@@ -110,7 +110,7 @@ def _from_pretrained(path, tp_size, *, torch_dtype, policy, loss_parallel, auto_
     check_source(model, source)
     if pp_size is not None:
         return _load_pipeline(model, source, directory, tp_size or 1, pp_size, loss_parallel, pipeline_kwargs or {})
-    tp = _resolve_tp_size(tp_size)
+    tp = resolve_tp_size(tp_size)
     if tp > 1:
         _check_degree(model, policy, tp, source)
         parallelize(model, tp, policy=policy, loss_parallel=loss_parallel)
@@ -127,7 +127,7 @@ def _load_pipeline(model, source, directory: Path, tp: int, pp: int, loss_parall
     """Carve this rank's stages on the meta device (split over TP), then read only their tensors' slices."""
     from torch.distributed.device_mesh import init_device_mesh
 
-    from ..pipeline import pipeline
+    from .parallel.pipeline import pipeline
 
     world = world_size()
     if pp < 1 or world % (pp * tp):
@@ -153,7 +153,7 @@ def _check_degree(model: nn.Module, policy, tp: int, source) -> None:
     """The layout and the plan at `tp` (pure): a per-rank checkpoint names the degree it was saved at."""
     check_layout(tp)
     try:
-        resolve_plan(model, policy or _policy_for(model, tp), tp)
+        resolve_plan(model, policy or policy_for(model, tp), tp)
     except TPSplitError as exc:
         if source.kind != "sharded":
             raise
@@ -176,5 +176,5 @@ def _load_then_split(directory: Path, tp_size, dtype, policy, loss_parallel, aut
                        directory, what)
     model = auto_class.from_pretrained(directory, dtype=dtype if dtype is not None else "auto", weights_only=True,
                                        **kwargs)
-    tp = _resolve_tp_size(tp_size)
+    tp = resolve_tp_size(tp_size)
     return parallelize(model, tp, policy=policy, loss_parallel=loss_parallel) if tp > 1 else model

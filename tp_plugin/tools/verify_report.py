@@ -4,10 +4,20 @@ cell against Megatron's minimum, and the VLM section of the architectures page."
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING
+from dataclasses import dataclass, field
 
-if TYPE_CHECKING:
-    from .verify import Result
+
+@dataclass
+class Result:
+    name: str
+    status: str  # "match", "mismatch", "refused" (TPSplitError), "error", "unbuildable"
+    how: str = ""  # "policy", "translated plan", "fallback"
+    policy: str = ""
+    errors: dict = field(default_factory=dict)
+    sharded: float = 0.0  # fraction of parameters (by count of elements) split over TP
+    detail: str = ""
+    plan: str = ""
+    collectives: dict = field(default_factory=dict)  # `collectives.CollectiveCount.summary()`
 
 
 def above_minimum(c: dict) -> bool:

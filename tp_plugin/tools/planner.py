@@ -38,10 +38,10 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from .plan import resolve_plan
-from .sharding import TPSplitError
-from .split import _policy_for, split_model
-from .styles import ColumnStyle, RowStyle, VocabEmbedding, VocabLMHead
+from ..plan import resolve_plan
+from ..sharding import TPSplitError
+from ..split import policy_for, split_model
+from ..styles import ColumnStyle, RowStyle, VocabEmbedding, VocabLMHead
 
 GiB = 2 ** 30
 MARGIN_GIB = 2.0
@@ -115,7 +115,7 @@ def split_degrees(model: nn.Module, limit: int) -> dict[int, object]:
     plans = {}
     for tp in range(1, limit + 1):
         try:
-            plans[tp] = resolve_plan(model, _policy_for(model, tp), tp)
+            plans[tp] = resolve_plan(model, policy_for(model, tp), tp)
         except TPSplitError:
             continue
     return plans

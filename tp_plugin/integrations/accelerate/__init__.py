@@ -45,9 +45,10 @@ import torch
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 
-from ..config import ACCELERATE_LAUNCH_MARKER, yaml_tp_size
-from ..mesh import TPMesh
-from ..state import tp_state
+from ...config import ACCELERATE_LAUNCH_MARKER, yaml_tp_size
+from ...mesh import TPMesh
+from ...state import split_mesh
+from .. import patching
 
 def _flag(name: str) -> bool:
     return os.environ.get(name, "").lower() in ("1", "true", "yes")
@@ -155,13 +156,6 @@ def prepare_cpu_launch() -> None:
 # ---- the Accelerator hooks (step 2) --------------------------------------------------------------------------
 
 
-def mesh_of(model) -> TPMesh | None:
-    """The (dp, tp) mesh of a split model (through DDP / DeepSpeed / compile wrappers), when TP > 1."""
-    state = tp_state(model)
-    mesh = state.mesh if state is not None else None
-    return mesh if mesh is not None and mesh.tp_size > 1 else None
-
-
 class _WithProcessGroup:
     """Accelerate's `ddp_handler`, plus the DP process group (DistributedDataParallelKwargs has no such field)."""
 
@@ -196,7 +190,7 @@ def data_mesh(mesh: TPMesh, distributed_type) -> DeviceMesh:
 
 def register(accelerator, model) -> None:
     """Tell `accelerator` about the split model it prepares (its mesh drives DDP, data sharding and gathers)."""
-    mesh = mesh_of(model)
+    mesh = split_mesh(model)
     if mesh is None:
         return
     known = getattr(accelerator, "_tp_plugin_mesh", None)
@@ -223,7 +217,7 @@ def _wrap_prepare_model(original):
     def prepare_model(self, model, device_placement=None, evaluation_mode=False):
         from accelerate.utils import DistributedType
 
-        mesh = mesh_of(model)
+        mesh = split_mesh(model)
         if mesh is None:
             return original(self, model, device_placement, evaluation_mode)
         register(self, model)
@@ -270,7 +264,7 @@ def _wrap_clip_grad_norm(original):
         mesh = getattr(self, "_tp_plugin_mesh", None)
         if mesh is None or self.distributed_type == DistributedType.DEEPSPEED:
             return original(self, parameters, max_norm, norm_type)  # DeepSpeed clips in its engine
-        from ..grad_norm import clip_grad_norm_ as tp_clip
+        from ...grad_norm import clip_grad_norm_ as tp_clip
 
         self.unscale_gradients()
         return tp_clip(list(parameters), max_norm, norm_type, tp_group=mesh.tp_group)
@@ -284,7 +278,7 @@ def _wrap_state_io(original):
     def state_io(self, *args, **kwargs):
         from accelerate.utils import DistributedType
 
-        from . import accelerate_ddp_state
+        from . import ddp_state as accelerate_ddp_state
 
         mesh = getattr(self, "_tp_plugin_mesh", None)
         if mesh is None or self.distributed_type in (DistributedType.DEEPSPEED, DistributedType.FSDP):
@@ -308,35 +302,28 @@ def install() -> None:
     defers to Accelerate unless a split model is in play."""
     from accelerate import Accelerator
 
-    from . import accelerate_data, accelerate_ddp_state, accelerate_fsdp
+    from . import data as accelerate_data, ddp_state as accelerate_ddp_state, fsdp_state as accelerate_fsdp
 
     accelerate_fsdp.install()
     accelerate_ddp_state.install()
     accelerate_data.install()
-    if "_tp_plugin_originals" in vars(Accelerator):
-        return
-    Accelerator._tp_plugin_originals = {name: vars(Accelerator)[name] for name in _WRAPPED}
     for name in _WRAPPED:
-        setattr(Accelerator, name, _WRAPPERS[name](getattr(Accelerator, name)))
+        patching.wrap(Accelerator, name, _WRAPPERS[name])
 
 
 def uninstall() -> None:
     """Give `Accelerator` its own methods back."""
     import sys
 
-    from . import accelerate_data, accelerate_ddp_state, accelerate_fsdp
+    from . import data as accelerate_data, ddp_state as accelerate_ddp_state, fsdp_state as accelerate_fsdp
 
     accelerate_fsdp.uninstall()
     accelerate_ddp_state.uninstall()
     accelerate_data.uninstall()
-    accelerate = sys.modules.get("accelerate")
-    Accelerator = getattr(accelerate, "Accelerator", None)
-    originals = vars(Accelerator).get("_tp_plugin_originals") if Accelerator is not None else None
-    if originals is None:
-        return
-    for name, method in originals.items():
-        setattr(Accelerator, name, method)
-    del Accelerator._tp_plugin_originals
+    Accelerator = getattr(sys.modules.get("accelerate"), "Accelerator", None)
+    if Accelerator is not None:
+        for name in _WRAPPED:
+            patching.restore(Accelerator, name)
 
 
 def prepare_launch() -> None:

@@ -24,10 +24,11 @@ from __future__ import annotations
 import functools
 from pathlib import Path
 
-from ..mesh import TPMesh
-from ..sharding import TPSplitError
-from .accelerate import mesh_of
-from .fsdp import check_data_mesh, data_parallel_mesh, keep_tags
+from ...mesh import TPMesh
+from ...parallel.fsdp import check_data_mesh, data_parallel_mesh, keep_tags
+from ...sharding import TPSplitError
+from ...state import split_mesh
+from .. import patching
 
 _MODULE = "accelerate.accelerator"
 MODEL_DIR, OPTIMIZER_DIR = "tp_plugin_model", "tp_plugin_optimizer"  # (not Accelerate's layout: one DCP per TP rank)
@@ -43,7 +44,7 @@ class _DataDims:
 def _wrap_prepare(original):
     @functools.wraps(original)
     def fsdp2_prepare_model(accelerator, model):
-        mesh = mesh_of(model)
+        mesh = split_mesh(model)
         if mesh is None:
             return original(accelerator, model)
         dp_mesh = data_parallel_mesh(mesh)
@@ -122,7 +123,7 @@ def _wrap_save_model(original):
     @functools.wraps(original)
     def save_fsdp_model(fsdp_plugin, accelerator, model, output_dir, model_index=0, adapter_only=False,
                         use_dcp=True):
-        mesh = mesh_of(model)
+        mesh = split_mesh(model)
         if mesh is None:
             return original(fsdp_plugin, accelerator, model, output_dir, model_index, adapter_only, use_dcp)
         save_model_state(model, output_dir, model_index, mesh, adapter_only)
@@ -133,7 +134,7 @@ def _wrap_load_model(original):
     @functools.wraps(original)
     def load_fsdp_model(fsdp_plugin, accelerator, model, input_dir, model_index=0, adapter_only=False,
                         use_dcp=True):
-        mesh = mesh_of(model)
+        mesh = split_mesh(model)
         if mesh is None:
             return original(fsdp_plugin, accelerator, model, input_dir, model_index, adapter_only, use_dcp)
         return load_model_state(model, input_dir, model_index, mesh, adapter_only)
@@ -144,7 +145,7 @@ def _wrap_save_optimizer(original):
     @functools.wraps(original)
     def save_fsdp_optimizer(fsdp_plugin, accelerator, optimizer, model, output_dir, optimizer_index=0,
                             use_dcp=True):
-        mesh = mesh_of(model)
+        mesh = split_mesh(model)
         if mesh is None:
             return original(fsdp_plugin, accelerator, optimizer, model, output_dir, optimizer_index, use_dcp)
         save_optimizer_state(optimizer, model, output_dir, optimizer_index, mesh)
@@ -155,7 +156,7 @@ def _wrap_load_optimizer(original):
     @functools.wraps(original)
     def load_fsdp_optimizer(fsdp_plugin, accelerator, optimizer, model, input_dir, optimizer_index=0,
                             adapter_only=False, use_dcp=True):
-        mesh = mesh_of(model)
+        mesh = split_mesh(model)
         if mesh is None:
             return original(fsdp_plugin, accelerator, optimizer, model, input_dir, optimizer_index, adapter_only,
                             use_dcp)
@@ -173,20 +174,14 @@ def install() -> None:
     import importlib
 
     module = importlib.import_module(_MODULE)
-    if hasattr(module, "_tp_plugin_fsdp_originals"):
-        return
-    module._tp_plugin_fsdp_originals = {name: getattr(module, name) for name in _WRAPPERS}
     for name, wrap in _WRAPPERS.items():
-        setattr(module, name, wrap(getattr(module, name)))
+        patching.wrap(module, name, wrap)
 
 
 def uninstall() -> None:
     import sys
 
     module = sys.modules.get(_MODULE)
-    originals = getattr(module, "_tp_plugin_fsdp_originals", None) if module is not None else None
-    if originals is None:
-        return
-    for name, function in originals.items():
-        setattr(module, name, function)
-    del module._tp_plugin_fsdp_originals
+    if module is not None:
+        for name in _WRAPPERS:
+            patching.restore(module, name)

@@ -5,7 +5,7 @@ shards, the other TP ranks' shards would be lost, and `load_accelerator_state` w
 While `Accelerator.save_state` / `load_state` run for a split model (`active`), the two functions in
 `accelerate.accelerator`'s namespace take the models and optimizers out of Accelerate's hands: each TP rank's
 model and optimizer state is its own DCP checkpoint over its data-parallel group, as under FSDP2
-(`accelerate_fsdp.save_model_state`, in `tp_plugin_model_<i>/tp-rank-<r>-of-<tp>` and
+(`fsdp_state.save_model_state`, in `tp_plugin_model_<i>/tp-rank-<r>-of-<tp>` and
 `tp_plugin_optimizer_<i>/tp-rank-<r>-of-<tp>`); schedulers, data loaders, RNG states, the scaler and custom objects stay
 Accelerate's.
 """
@@ -16,7 +16,8 @@ import contextlib
 import functools
 from contextvars import ContextVar
 
-from .accelerate_fsdp import load_model_state, load_optimizer_state, save_model_state, save_optimizer_state
+from .. import patching
+from .fsdp_state import load_model_state, load_optimizer_state, save_model_state, save_optimizer_state
 
 _MODULE = "accelerate.accelerator"
 _ACTIVE: ContextVar = ContextVar("tp_plugin_ddp_state", default=None)
@@ -33,10 +34,10 @@ def active(accelerator):
 
 
 def _split_models(accelerator) -> list:
-    from .accelerate import mesh_of
+    from ...state import split_mesh
 
     models, optimizers = accelerator._models, accelerator._optimizers
-    unsplit = [type(m).__name__ for m in models if mesh_of(m) is None]
+    unsplit = [type(m).__name__ for m in models if split_mesh(m) is None]
     if unsplit or len(optimizers) > len(models):
         raise ValueError(f"tp_plugin: Accelerator.save_state/load_state under DDP with a split model needs every "
                          f"prepared model split by tp_plugin and one optimizer per model (got unsplit {unsplit}, "
@@ -83,20 +84,14 @@ def install() -> None:
     import importlib
 
     module = importlib.import_module(_MODULE)
-    if hasattr(module, "_tp_plugin_ddp_originals"):
-        return
-    module._tp_plugin_ddp_originals = {name: getattr(module, name) for name in _WRAPPERS}
     for name, wrap in _WRAPPERS.items():
-        setattr(module, name, wrap(getattr(module, name)))
+        patching.wrap(module, name, wrap)
 
 
 def uninstall() -> None:
     import sys
 
     module = sys.modules.get(_MODULE)
-    originals = getattr(module, "_tp_plugin_ddp_originals", None) if module is not None else None
-    if originals is None:
-        return
-    for name, function in originals.items():
-        setattr(module, name, function)
-    del module._tp_plugin_ddp_originals
+    if module is not None:
+        for name in _WRAPPERS:
+            patching.restore(module, name)

@@ -30,7 +30,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 
-from .sharding import TPSplitError
+from ..sharding import TPSplitError
 
 _IN_MODEL_COPY = object()  # a key in the memo: a layer reached from inside a model copy copies plainly
 _HOOK_DICTS = ("_forward_pre_hooks", "_forward_hooks", "_backward_pre_hooks", "_backward_hooks")

@@ -27,10 +27,11 @@ from contextlib import contextmanager
 import torch
 import torch.distributed as dist
 
-from ..comm import all_gather_along
-from ..mesh import TPMesh
-from ..sharding import TPSplitError
-from ..state import split_meshes
+from ...mesh import TPMesh
+from ...runtime.comm import all_gather_along
+from ...sharding import TPSplitError
+from ...state import split_meshes
+from .. import patching
 
 
 def gather_replicas(data, mesh: TPMesh):
@@ -120,10 +121,7 @@ def install() -> None:
 
     for owner, name, wrap in ((Accelerator, "gather_for_metrics", wrap_gather_for_metrics),
                               (PartialState, "split_between_processes", wrap_split_between_processes)):
-        if "_tp_plugin_original" not in vars(owner)[name].__dict__:
-            wrapper = wrap(vars(owner)[name])
-            wrapper._tp_plugin_original = vars(owner)[name]
-            setattr(owner, name, wrapper)
+        patching.wrap(owner, name, wrap, raw=True)
 
 
 def uninstall() -> None:
@@ -132,6 +130,5 @@ def uninstall() -> None:
     accelerate = sys.modules.get("accelerate")
     for owner_name, name in (("Accelerator", "gather_for_metrics"), ("PartialState", "split_between_processes")):
         owner = getattr(accelerate, owner_name, None)
-        current = vars(owner).get(name) if owner is not None else None
-        if current is not None and "_tp_plugin_original" in current.__dict__:
-            setattr(owner, name, current._tp_plugin_original)
+        if owner is not None:
+            patching.restore(owner, name)

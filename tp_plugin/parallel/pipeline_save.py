@@ -14,9 +14,10 @@ import os
 import torch
 import torch.distributed as dist
 
-from .. import devices
-from .gather import gather_full, gathered, mesh_of, tensor_entries
-from .save import check_target, write_checkpoint
+from ..runtime import devices
+from ..checkpoint.gather import gather_full, gathered, tensor_entries
+from ..state import mesh_of
+from ..checkpoint.save import check_target, write_checkpoint
 
 
 def save_pipeline(pipe, save_directory: str | os.PathLike, *, max_shard_size: int | str = "5GB") -> None:

@@ -27,36 +27,23 @@ import os
 import shutil
 import time
 import traceback
-from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
 
-from .testing import init_rank, reap, spawn
-from .testing.count import count_collectives
-from .state import tp_state
+from ..runtime.comm import gather_whole
+from ..testing import init_rank, reap, spawn
+from ..testing.count import count_collectives
+from ..state import tp_state
 from .tiny_models import BATCH, SEQ, VOCAB, build_tiny, load_local  # noqa: F401  (re-exported)
 from .tiny_vlms import VLM_TYPES, build_tiny_vlm, vlm_inputs
-from .verify_report import (VLM_SECTION, _read, _write, _write_vlm_section, above_minimum, collectives_cell,
+from .verify_report import (VLM_SECTION, Result, _read, _write, _write_vlm_section, above_minimum, collectives_cell,
                             summary_line, table)
 
 TOL = 1e-4
 
 
 # ---------------------------------------------------------------- one architecture on one rank
-
-@dataclass
-class Result:
-    name: str
-    status: str  # "match", "mismatch", "refused" (TPSplitError), "error", "unbuildable"
-    how: str = ""  # "policy", "translated plan", "fallback"
-    policy: str = ""
-    errors: dict = field(default_factory=dict)
-    sharded: float = 0.0  # fraction of parameters (by count of elements) split over TP
-    detail: str = ""
-    plan: str = ""
-    collectives: dict = field(default_factory=dict)  # `collectives.CollectiveCount.summary()`
-
 
 def _how(policy_name: str) -> str:
     if "translated" in policy_name:
@@ -67,20 +54,17 @@ def _how(policy_name: str) -> str:
 
 
 def _gather_full(param, group):
-    from .sharding import unshard_tensor
-
+    """A parameter's whole gradient (None where the batch does not reach it, e.g. an expert no token chose)."""
     spec = getattr(param, "tp_shard", None)
     if spec is None:
         return param.grad
-    world = dist.get_world_size(group)
-    grads, specs = [None] * world, [None] * world
-    dist.all_gather_object(grads, param.grad, group=group)
-    dist.all_gather_object(specs, spec, group=group)
-    if all(g is None for g in grads):  # a parameter the batch does not reach (an expert no token chose)
+    present = [None] * dist.get_world_size(group)
+    dist.all_gather_object(present, param.grad is not None, group=group)
+    if not any(present):
         return None
-    if any(g is None for g in grads):
-        raise RuntimeError(f"a sharded parameter got a gradient on some ranks only ({[g is not None for g in grads]})")
-    return unshard_tensor(grads, specs)
+    if not all(present):
+        raise RuntimeError(f"a sharded parameter got a gradient on some ranks only ({present})")
+    return gather_whole(param.grad, spec, group)
 
 
 def _rel(a, b) -> float:
@@ -124,7 +108,7 @@ def check_one(name: str, tp: int, load=None, engine: str = "tp_plugin", sequence
     """On every rank of an initialised gloo world: build, split, compare. Same result on every rank. `vlm`: `name`
     is a vision-language model type, run on a prompt with a random image (`tiny_vlms`)."""
     import tp_plugin
-    from .sharding import TPSplitError
+    from ..sharding import TPSplitError
 
     torch.manual_seed(0)
     try:
@@ -250,7 +234,7 @@ def _preimport(names: list[str], vlm: bool = False) -> None:
                                                         MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES)
 
     import tp_plugin  # noqa: F401
-    from . import auto  # noqa: F401
+    from .. import auto  # noqa: F401
 
     mapping = MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES if vlm else MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
     for name in names:

@@ -12,7 +12,7 @@ the TP collectives run inside the forward as before. Three things would go silen
   parameter: the mesh given to `fully_shard` is checked to hold one rank of each TP group only.
 * FSDP2 replaces every parameter by a new sharded DTensor parameter: the TP tags (`tp_shard`, `tp_replicas`,
   Megatron's `tensor_model_parallel`) that grad norms, saves and adapters read are copied onto the new ones,
-  and the gradient hooks some parameters carry (`tp_plugin.grad_hooks`) are put back on the tensors FSDP2
+  and the gradient hooks some parameters carry (`tp_plugin.runtime.grad_hooks`) are put back on the tensors FSDP2
   computes with.
 * A split model wrapped by a plain `torch.distributed.fsdp.fully_shard` call is refused, naming the wrapped module,
   by `checks.check_tagged` (at the first forward and `save_pretrained`; `clip_grad_norm_` refuses untagged DTensor
@@ -27,7 +27,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 
-from ..grad_hooks import carry_grad_hooks, recorded_hooks
+from ..runtime.grad_hooks import carry_grad_hooks, recorded_hooks
 from ..mesh import TPMesh
 from ..sharding import TPSplitError
 from ..state import tp_state

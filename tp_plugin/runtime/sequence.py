@@ -52,7 +52,7 @@ class SequenceParallel:
         self.can_pad = bool(flags) and all(flags)
 
     def __deepcopy__(self, memo):
-        """The state of a copied model: its base model and partial parameters are the copies (`tp_plugin.copies`)."""
+        """The state of a copied model: its base model and partial parameters are the copies (`tp_plugin.runtime.copies`)."""
         new = copy.copy(self)
         memo[id(self)] = new
         for key, value in vars(self).items():

@@ -30,8 +30,8 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor
 
-from .grad_norm import grad_norm
-from .sharding import TPSplitError
+from ..grad_norm import grad_norm
+from ..sharding import TPSplitError
 from .stages import Stage, carve, layer_ranges
 
 SCHEDULES = {"gpipe": "ScheduleGPipe", "1f1b": "Schedule1F1B", "interleaved1f1b": "ScheduleInterleaved1F1B"}
@@ -122,13 +122,23 @@ class Pipeline:
                 _local(p.grad).mul_(coef)
         return total
 
+    def save_pretrained(self, save_directory, *, max_shard_size: int | str = "5GB") -> None:
+        """One ordinary HF checkpoint from every stage (call on every rank; `tp_plugin.save_pretrained(pipe, dir)`
+        comes here)."""
+        from ..checks import arrive_together
+        from ..checkpoint.save import ARRIVE_FIX
+        from .pipeline_save import save_pipeline
+
+        arrive_together("save_pretrained", ARRIVE_FIX)
+        save_pipeline(self, save_directory, max_shard_size=max_shard_size)
+
     # ---- inside a step ----------------------------------------------------------------------------------------
 
     def _check_batch(self, input_ids: torch.Tensor, labels: torch.Tensor) -> None:
         """Before any stage communicates, on every rank alike (one all-gather of 3 int64 over the world): the
         ranks of a data-parallel replica (all its stages and TP ranks) got the same batch, every batch splits
         into the micro-batches, and its shape is the first step's (the stages' buffers are sized once)."""
-        from .checks import _gather, _inputs_digest
+        from ..checks import _gather, _inputs_digest
 
         mine = [input_ids.shape[0], input_ids.shape[-1], _inputs_digest((input_ids, labels), {})]
         everyone = _gather(mine, dist.group.WORLD)
@@ -201,8 +211,8 @@ class Pipeline:
 
         from torch.distributed.fsdp import fully_shard
 
-        from .integrations.fsdp import check_data_mesh, decoder_layers, keep_tags
-        from .state import tp_state
+        from .fsdp import check_data_mesh, decoder_layers, keep_tags
+        from ..state import tp_state
 
         dp_mesh = self.mesh["dp"]
         for stage in self.stages:
@@ -246,8 +256,8 @@ def pipeline(model: nn.Module, *, mesh: DeviceMesh, microbatches: int = 8, sched
     shards (no gather of the logits). `data_parallel`: "ddp" (the gradients averaged over "dp" after the
     schedule; ZeRO-1 by wrapping the optimizer) or "fsdp2" (`Pipeline.shard_data_parallel`).
     """
-    from .config import configured_sequence_parallel
-    from .parallelize import parallelize
+    from ..config import configured_sequence_parallel
+    from ..parallelize import parallelize
 
     if configured_sequence_parallel():
         raise TPSplitError("tp_plugin.pipeline: sequence parallelism is asked for by the launch configuration "

@@ -1,11 +1,10 @@
-"""The families issue 16 added: gpt-oss (experts with biases, attention sinks), StarCoder 1 (multi-query fused
-c_attn), MPT (ALiBi through `position_bias`), CodeGen (qkv in 4 head blocks), Mamba-2 mixers split by heads (a
-pure Mamba-2 model and the hybrids Bamba and Falcon-H1, whose single group of B/C spans ranks), Mamba (1)
-mixers split by channels, Zamba's per-head mixers, LFM3's short convolutions, LongCat-Flash's zero experts,
-Inkling's embedding that normalises after the lookup (kept whole), Gemma 3n's activation sparsity (mean and
-std over the split intermediate dim), and
-vision-language models (Llava, Qwen2.5-VL, Mllama): parity with the unsplit model at tp=2 and tp=4, the
-collectives they issue, an ordinary checkpoint from the split, and LoRA on a split VLM.
+"""Architectures with features of their own: gpt-oss (experts with biases, attention sinks), StarCoder 1 (multi-query
+fused c_attn), MPT (ALiBi through `position_bias`), CodeGen (qkv in 4 head blocks), Mamba-2 mixers split by heads (a
+pure Mamba-2 model and the hybrids Bamba and Falcon-H1, whose single group of B/C spans ranks), Mamba (1) mixers
+split by channels, Zamba's per-head mixers, LFM3's short convolutions, LongCat-Flash's zero experts, Inkling's
+embedding that normalises after the lookup (kept whole), Gemma 3n's activation sparsity (mean and std over the split
+intermediate dim), and vision-language models (Llava, Qwen2.5-VL, Mllama): parity with the unsplit model at tp=2 and
+tp=4, the collectives they issue, an ordinary checkpoint from the split, and LoRA on a split VLM.
 
 Tolerances: fp32; the split only reorders floating-point sums, so logits, loss and every gradient agree within a
 few ulps of values of order 1 (observed <= 6e-7 relative). We allow 1e-5 relative (to max(1, |unsplit|)), far
@@ -35,14 +34,14 @@ VLMS = ["llava", "qwen2_5_vl", "mllama"]
 
 
 def _check_many(rank, world, names, vlm):
-    from tp_plugin.verify import check_one
+    from tp_plugin.tools.verify import check_one
 
     return {name: check_one(name, world, vlm=vlm) for name in names}
 
 
 @pytest.mark.parametrize("tp", [2, 4])
 @pytest.mark.parametrize("vlm", [False, True], ids=["causal", "vlm"])
-def test_new_families_match_unsplit(tp, vlm):
+def test_feature_architectures_match_unsplit(tp, vlm):
     names = VLMS if vlm else CAUSAL
     results = run_ranks(tp, _check_many, names, vlm, timeout_s=300)[0]
     for name in names:
@@ -71,7 +70,7 @@ def test_collectives_above_the_minimum_have_their_reason():
 
 
 def _save_split(rank, world, name, out):
-    from tp_plugin.tiny_models import build_tiny
+    from tp_plugin.tools.tiny_models import build_tiny
 
     model = build_tiny(name, tp=world)
     ref = copy.deepcopy(model)
@@ -97,7 +96,7 @@ def _lora_vlm(rank, world):
 
     from tests.peft_parity import grad_error
     from tests.test_peft import _lora_params, _randomize_lora
-    from tp_plugin.tiny_vlms import build_tiny_vlm, vlm_inputs
+    from tp_plugin.tools.tiny_vlms import build_tiny_vlm, vlm_inputs
 
     model = build_tiny_vlm("llava", tp=world)
     ref = copy.deepcopy(model)
@@ -125,7 +124,7 @@ def test_lora_on_the_language_model_of_a_split_vlm():
 def _codegen_8_heads(name):
     from transformers import AutoModelForCausalLM
 
-    from tp_plugin.tiny_models import _perturb, tiny_config
+    from tp_plugin.tools.tiny_models import _perturb, tiny_config
 
     config = tiny_config("codegen")
     config.n_head, config.n_embd, config.rotary_dim = 8, 128, 8  # 8 heads: 4 blocks x 2, one per rank per block
@@ -136,7 +135,7 @@ def _codegen_8_heads(name):
 
 
 def _codegen(rank, world):
-    from tp_plugin.verify import check_one
+    from tp_plugin.tools.verify import check_one
 
     return check_one("codegen", world, load=_codegen_8_heads)
 

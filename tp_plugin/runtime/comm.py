@@ -9,6 +9,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed import ProcessGroup
 
+from ..sharding import ShardSpec, unshard_tensor
 from .devices import collective_device, to_collective
 
 
@@ -122,6 +123,21 @@ def _one_buffer(kind: str):
     new, old = {"all_gather": ("all_gather_single", "all_gather_into_tensor"),
                 "reduce_scatter": ("reduce_scatter_single", "reduce_scatter_tensor")}[kind]
     return getattr(dist, new, None) or getattr(dist, old)
+
+
+def gather_whole(tensor: torch.Tensor, spec: ShardSpec, group: ProcessGroup) -> torch.Tensor:
+    """The whole tensor on every rank of `group`, from each rank's shard of it (`spec`: this rank's `ShardSpec`,
+    the ranks' specs exchanged first; shards of uneven size are padded to the longest for the one all-gather).
+    Saving gathers to one rank instead (`checkpoint.gather.gather_full`), which never holds the whole on the
+    others."""
+    specs = [None] * dist.get_world_size(group)
+    dist.all_gather_object(specs, spec, group=group)
+    longest = max(s.local_size for s in specs)
+    if tensor.shape[spec.dim] < longest:
+        pad = list(tensor.shape)
+        pad[spec.dim] = longest - tensor.shape[spec.dim]
+        tensor = torch.cat([tensor, tensor.new_zeros(pad)], dim=spec.dim)
+    return unshard_tensor(list(all_gather_stacked(tensor, group).unbind(0)), specs)
 
 
 def all_gather_along(x: torch.Tensor, dim: int, group: ProcessGroup) -> torch.Tensor:

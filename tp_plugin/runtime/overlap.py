@@ -114,7 +114,7 @@ class _ColumnLinear(torch.autograd.Function):
         if ctx.has_bias and ctx.needs_input_grad[2]:
             bgrad = flat_grad.sum(0)
         if pending is not None:
-            with torch.profiler.record_function("tp_plugin.overlap: wait for the input-gradient reduction"):
+            with torch.profiler.record_function("tp_plugin.runtime.overlap: wait for the input-gradient reduction"):
                 input_grad.reduced = pending.wait()
         return (dgrad if input_grad.mixed else None), wgrad, bgrad, None, None
 

@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .sharding import TPSplitError
+from ..sharding import TPSplitError
 
 
 HOSTNAME_ENV = "TP_PLUGIN_HOSTNAME"  # overrides the host name (to simulate several hosts on one machine)

@@ -23,7 +23,7 @@ import re
 import torch
 from torch import nn
 
-from .sharding import TPSplitError
+from ..sharding import TPSplitError
 
 # model_type -> (embedding, position embedding or None, embedding dropout or None, final norm)
 STAGE_SAFE = {

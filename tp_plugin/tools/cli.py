@@ -41,7 +41,7 @@ def _configure_consolidate(parser: argparse.ArgumentParser) -> None:
 
 
 def _run_consolidate(args: argparse.Namespace) -> int:
-    from .checkpoint import consolidate
+    from ..checkpoint import consolidate
 
     out = consolidate(args.sharded_dir, args.out_dir, max_shard_size=args.max_shard_size,
                       progress=not args.no_progress)
@@ -63,7 +63,7 @@ def _configure_verify(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--markdown", metavar="FILE", help="also write the table as markdown (docs/architectures.md)")
     parser.add_argument("--vlm", action="store_true",
                         help="vision-language (image-text-to-text) models: MODEL_OR_CONFIG is one, or with "
-                             "--all-architectures the families of tp_plugin.tiny_vlms.VLM_TYPES")
+                             "--all-architectures the families of tp_plugin.tools.tiny_vlms.VLM_TYPES")
     parser.add_argument("--sequence-parallel", action="store_true",
                         help="split with sequence_parallel=True (the models run in training mode)")
     parser.add_argument("--engine", default="tp_plugin", choices=("tp_plugin", "deepspeed", "transformers"),
@@ -97,7 +97,7 @@ def _configure_plan(parser: argparse.ArgumentParser) -> None:
                         help="only layouts with gradient checkpointing (default: with and without)")
     parser.add_argument("--vlm", action="store_true",
                         help="vision-language (image-text-to-text) models: MODEL_OR_CONFIG is one, or with "
-                             "--all-architectures the families of tp_plugin.tiny_vlms.VLM_TYPES")
+                             "--all-architectures the families of tp_plugin.tools.tiny_vlms.VLM_TYPES")
     parser.add_argument("--sequence-parallel", action="store_true",
                         help="also plan sequence-parallel layouts (parallelize(..., sequence_parallel=True))")
     parser.add_argument("--json", action="store_true", help="print the machine-readable document")
@@ -144,7 +144,7 @@ def _configure_launch(parser: argparse.ArgumentParser) -> None:
 
 
 def _run_launch(args: argparse.Namespace) -> int:
-    from . import launch
+    from .. import launch
 
     options = dict(sequence_parallel=args.sequence_parallel, loss_parallel=args.loss_parallel)
     if args.print_env:
