@@ -181,9 +181,9 @@ def apply_plan(model: nn.Module, plan: Plan, rank: int, group, *, loss_parallel:
         for path in plan.attention.paths:
             patch_heads(model.get_submodule(path), plan.attention, shard, local_dims=plan.attention.local_dims)
     for path in plan.regions:
-        region = model.get_submodule(path)
-        install_region(region, group, sp, streams, overlap=overlap_comm)
-        for module in region.modules():  # each column layer inside reads the region's input through its call
+        region_module = model.get_submodule(path)
+        region = install_region(region_module, group, sp, streams, overlap=overlap_comm)
+        for module in region_module.modules():  # each column layer inside reads the region's input through its call
             if isinstance(module, ColumnParallelLinear) and not module.sync_input_grad:
                 module.region = weakref.ref(region)
     for entry in plan.entries:

@@ -21,7 +21,7 @@ from torch.distributed import ProcessGroup
 from .comm import copy_to_tp, gather_from_tp, reduce_from_tp, sum_grad_over_sharers
 from .copies import deepcopy_layer
 from .overlap import InputGrad, column_linear
-from .regions import columns_input
+from .regions import Region
 from .sequence import SequenceParallel, gather_tokens, scatter_tokens
 from ..sharding import ShardSpec, shard_tensor
 
@@ -60,7 +60,7 @@ class ColumnParallelLinear(_ParallelLayer):
     """
 
     sequence: SequenceParallel | None = None
-    region = None  # weakref to the enclosing region's module (set by the split when `sync_input_grad` is False)
+    region: weakref.ref[Region] | None = None  # the enclosing region (set by the split when `sync_input_grad` is False)
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, spec: ShardSpec, group: ProcessGroup,
                  *, transposed: bool = False, sync_input_grad: bool = True, shared_rows: bool = False,
@@ -100,7 +100,7 @@ class ColumnParallelLinear(_ParallelLayer):
         region = self.region() if self.region is not None else None
         if region is None:  # built by hand with sync_input_grad=False: the caller syncs the input gradient
             return x, None, None
-        shared, input_grad = columns_input(region, x, overlapped=overlapped)
+        shared, input_grad = region.columns_input(x, overlapped=overlapped)
         if shared is not None:
             return shared, None, input_grad
         return copy_to_tp(x, self.group), None, None

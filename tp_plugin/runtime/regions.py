@@ -14,6 +14,17 @@ the per-rank stream (`rng.RankStreams`), which the row-parallel exit (or the reg
 
 With `overlap` (the default) the column layers' shared face reduces its gradient through an `overlap.InputGrad`:
 the reduction runs while the last column layer computes its weight gradient.
+
+A region is one object (`Region`, installed on its module): its hooks are its `enter` and `leave`, the column
+layers inside hold a weak reference to it, and each running call's state is a `Call` on its stack. The words:
+
+    entry / exit  the region's pre-hook (layouts change, the per-rank random stream starts) and the reduction
+                  that makes its output whole (a row-parallel layer, or the region's own `leave`)
+    handed        the tensor the region's module gets as its input (under sequence parallelism: the gathered
+                  tokens); a column layer fed exactly this tensor reads the face instead
+    face          a view of the region's input with the backward its readers need: the column layers' face
+                  reduces their partial input gradients once for all of them (q, k and v)
+    input grad    that one pending reduction (`overlap.InputGrad`), started while the last weight gradient runs
 """
 
 from __future__ import annotations
@@ -49,8 +60,9 @@ class RegionInputs:
 HIDDEN_STATES = RegionInputs()
 
 
-class _Call:
-    """One call of a region: the tensor handed to the module, and what its column layers read instead."""
+class Call:
+    """One running call of a region: the tensor handed to the module, the face its column layers read instead
+    (made on first use), the pending input-gradient reduction, sequence parallelism's saved-tensor hooks."""
 
     __slots__ = ("sequence", "keep", "handed", "make_columns", "columns", "input_grad", "given")
 
@@ -61,58 +73,36 @@ class _Call:
         self.given = given  # the inputs as the caller passed them (args, kwargs)
 
 
-def columns_input(region: nn.Module, x: torch.Tensor, *, overlapped: bool = False):
-    """The synced face of `region`'s input if `x` is the tensor the running call handed over (else None), and
-    the call's `InputGrad` when the face reduces through one. A reader that does not compute through
-    `overlap.column_linear` (`overlapped=False`: a LoRA adapter) makes the call reduce synchronously."""
-    stack = region.__dict__.get("_tp_regions")
-    call = stack[-1] if stack else None
-    if call is None or call.handed is None or x is not call.handed:
-        return None, None
-    if call.columns is None:
-        call.columns = call.make_columns()
-    if call.input_grad is not None and not overlapped:
-        call.input_grad.mixed = True
-    return call.columns, call.input_grad
+class Region:
+    """One tensor-parallel region: how it enters and leaves (see the module docstring) and the stack of its
+    running calls (a region called inside itself, e.g. gradient checkpointing's recomputation, nests)."""
 
+    def __init__(self, group, sp: SequenceParallel | None, streams: RankStreams | None,
+                 inputs: RegionInputs = HIDDEN_STATES, *, overlap: bool = True):
+        self.group, self.sp, self.streams, self.inputs, self.overlap = group, sp, streams, inputs, overlap
+        self.calls: list[Call] = []
 
-def install_region(module: nn.Module, group, sp: SequenceParallel | None, streams: RankStreams | None,
-                   inputs: RegionInputs = HIDDEN_STATES, *, overlap: bool = True) -> None:
-    module.register_forward_pre_hook(_enter(group, sp, streams, inputs, overlap), with_kwargs=True)
-    module.register_forward_hook(_leave(group, sp, streams, inputs), always_call=True)
+    def columns_input(self, x: torch.Tensor, *, overlapped: bool = False):
+        """The face of the running call's input if `x` is the tensor it handed over (else None), and the call's
+        `InputGrad` when the face reduces through one. A reader that does not compute through
+        `overlap.column_linear` (`overlapped=False`: a LoRA adapter) makes the call reduce synchronously."""
+        call = self.calls[-1] if self.calls else None
+        if call is None or call.handed is None or x is not call.handed:
+            return None, None
+        if call.columns is None:
+            call.columns = call.make_columns()
+        if call.input_grad is not None and not overlapped:
+            call.input_grad.mixed = True
+        return call.columns, call.input_grad
 
-
-def install_row_exit(row: nn.Module, streams: RankStreams) -> None:
-    """The per-rank random stream ends with the row-parallel layer (its output is replicated again)."""
-    row.register_forward_hook(lambda mod, args, out: streams.leave("region"), always_call=True)
-
-
-def _get(args, kwargs, index, name):
-    if index < len(args):
-        return args[index]
-    return kwargs.get(name)
-
-
-def _put(args: list, kwargs: dict, index, name, value) -> None:
-    if index < len(args):
-        args[index] = value
-    else:
-        kwargs[name] = value
-
-
-def _make_input_grad(group, sequence: bool) -> InputGrad:
-    if sequence:
-        return InputGrad(lambda grad: start_reduce_scatter(grad, SEQ_DIM, group))
-    return InputGrad(lambda grad: start_all_reduce(grad, group))
-
-
-def _enter(group, sp, streams, inputs: RegionInputs, overlap: bool):
-    def hook(module, args, kwargs):
+    def enter(self, module, args, kwargs):
+        """The forward pre-hook: the inputs laid out for the region, the call pushed."""
+        group, sp, streams, inputs = self.group, self.sp, self.streams, self.inputs
         given = (args, kwargs)
         args, kwargs = list(args), dict(kwargs)
         sequence = sp is not None and sp.active()
-        call = _Call(sequence, None, None, None, given)
-        overlapped = overlap and not inputs.columns_only and torch.is_grad_enabled() \
+        call = Call(sequence, None, None, None, given)
+        overlapped = self.overlap and not inputs.columns_only and torch.is_grad_enabled() \
             and not torch.compiler.is_compiling()
         for index, name in inputs.activations:
             x = _get(args, kwargs, index, name)
@@ -141,27 +131,57 @@ def _enter(group, sp, streams, inputs: RegionInputs, overlap: bool):
                 call.keep.hooks.__enter__()
         elif streams is not None and module.training:
             streams.enter("region")
-        module.__dict__.setdefault("_tp_regions", []).append(call)
+        self.calls.append(call)
         return tuple(args), kwargs
-    return hook
 
-
-def _leave(group, sp, streams, inputs: RegionInputs):
-    def hook(module, args, output):
-        stack = module.__dict__.get("_tp_regions")
-        if not stack:
+    def leave(self, module, args, output):
+        """The forward hook (always called): the call popped; the output reduced when the region's own output is
+        the partial sum."""
+        if not self.calls:
             return None
-        call = stack.pop()
-        sequence = call.sequence
+        call = self.calls.pop()
+        sp, inputs = self.sp, self.inputs
         if call.keep is not None:
             call.keep.hooks.__exit__(None, None, None)
-        if sequence:
+        if call.sequence:
             sp.depth -= 1
-        if streams is not None:
-            streams.leave("region")
+        if self.streams is not None:
+            self.streams.leave("region")
         if output is None or not inputs.reduce_output:
             return None
-        reduced = scatter_tokens(sp, output) if sequence else reduce_from_tp(output, group)
+        reduced = scatter_tokens(sp, output) if call.sequence else reduce_from_tp(output, self.group)
         after = getattr(module, "tp_after_reduce", None)  # a bias to add once (`styles.experts`)
-        return reduced if after is None else after(*call.given, reduced, sp if sequence else None)
-    return hook
+        return reduced if after is None else after(*call.given, reduced, sp if call.sequence else None)
+
+
+def install_region(module: nn.Module, group, sp: SequenceParallel | None, streams: RankStreams | None,
+                   inputs: RegionInputs = HIDDEN_STATES, *, overlap: bool = True) -> Region:
+    """Make `module` a region: its `Region`'s hooks on it; returns the region (its column layers refer to it)."""
+    region = Region(group, sp, streams, inputs, overlap=overlap)
+    module.register_forward_pre_hook(region.enter, with_kwargs=True)
+    module.register_forward_hook(region.leave, always_call=True)
+    return region
+
+
+def install_row_exit(row: nn.Module, streams: RankStreams) -> None:
+    """The per-rank random stream ends with the row-parallel layer (its output is replicated again)."""
+    row.register_forward_hook(lambda mod, args, out: streams.leave("region"), always_call=True)
+
+
+def _get(args, kwargs, index, name):
+    if index < len(args):
+        return args[index]
+    return kwargs.get(name)
+
+
+def _put(args: list, kwargs: dict, index, name, value) -> None:
+    if index < len(args):
+        args[index] = value
+    else:
+        kwargs[name] = value
+
+
+def _make_input_grad(group, sequence: bool) -> InputGrad:
+    if sequence:
+        return InputGrad(lambda grad: start_reduce_scatter(grad, SEQ_DIM, group))
+    return InputGrad(lambda grad: start_all_reduce(grad, group))

@@ -28,9 +28,9 @@
      dimension (its own mechanism: `torch_device_mesh`), so all TP ranks of a replica get the same batch.
    * `clip_grad_norm_` uses the unsplit model's norm (`tp_plugin.grad_norm`).
    * `gather_for_metrics` counts each sample once (over the DP group) and `split_between_processes` divides
-     inputs over DP replicas (`accelerate_data`).
+     inputs over DP replicas (`data.py`).
    * FSDP2 (`distributed_type: FSDP`, `fsdp_version: 2`) shards over the DP dim, and `save_state`/`load_state`
-     keep every TP rank's shards (`accelerate_fsdp`), and so do they under DDP (`accelerate_ddp_state`); FSDP1
+     keep every TP rank's shards (`fsdp_state.py`), and so do they under DDP (`ddp_state.py`); FSDP1
      is refused (it would flatten the TP shards together).
    (The first training forward checks, once, that the TP ranks got the same batch: `tp_plugin.checks`, in
    every path, not only Accelerate's.)
@@ -273,17 +273,17 @@ def _wrap_clip_grad_norm(original):
 
 def _wrap_state_io(original):
     """`save_state` / `load_state`: under DDP, each TP rank's model and optimizer state is saved and loaded by
-    `accelerate_ddp_state` (Accelerate alone would keep rank 0's shards only); FSDP2 and DeepSpeed have their own."""
+    `ddp_state.py` (Accelerate alone would keep rank 0's shards only); FSDP2 and DeepSpeed have their own."""
     @functools.wraps(original)
     def state_io(self, *args, **kwargs):
         from accelerate.utils import DistributedType
 
-        from . import ddp_state as accelerate_ddp_state
+        from . import ddp_state
 
         mesh = getattr(self, "_tp_plugin_mesh", None)
         if mesh is None or self.distributed_type in (DistributedType.DEEPSPEED, DistributedType.FSDP):
             return original(self, *args, **kwargs)
-        with accelerate_ddp_state.active(self):
+        with ddp_state.active(self):
             return original(self, *args, **kwargs)
     return state_io
 
@@ -298,15 +298,15 @@ _WRAPPERS = {"prepare": _wrap_prepare, "prepare_model": _wrap_prepare_model,
 
 
 def install() -> None:
-    """Wrap the Accelerator methods and Accelerate's FSDP2 functions (`accelerate_fsdp`), idempotent. Each wrapper
+    """Wrap the Accelerator methods and Accelerate's FSDP2 functions (`fsdp_state.py`), idempotent. Each wrapper
     defers to Accelerate unless a split model is in play."""
     from accelerate import Accelerator
 
-    from . import data as accelerate_data, ddp_state as accelerate_ddp_state, fsdp_state as accelerate_fsdp
+    from . import data, ddp_state, fsdp_state
 
-    accelerate_fsdp.install()
-    accelerate_ddp_state.install()
-    accelerate_data.install()
+    fsdp_state.install()
+    ddp_state.install()
+    data.install()
     for name in _WRAPPED:
         patching.wrap(Accelerator, name, _WRAPPERS[name])
 
@@ -315,11 +315,11 @@ def uninstall() -> None:
     """Give `Accelerator` its own methods back."""
     import sys
 
-    from . import data as accelerate_data, ddp_state as accelerate_ddp_state, fsdp_state as accelerate_fsdp
+    from . import data, ddp_state, fsdp_state
 
-    accelerate_fsdp.uninstall()
-    accelerate_ddp_state.uninstall()
-    accelerate_data.uninstall()
+    fsdp_state.uninstall()
+    ddp_state.uninstall()
+    data.uninstall()
     Accelerator = getattr(sys.modules.get("accelerate"), "Accelerator", None)
     if Accelerator is not None:
         for name in _WRAPPED:
