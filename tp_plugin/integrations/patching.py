@@ -51,6 +51,24 @@ def restore(owner, name: str) -> None:
         _ACTIVE.remove((owner, name))
 
 
+def wrap_in_module(module_name: str, wrappers: dict) -> None:
+    """`wrap` each named function of module `module_name` (imported now if it is not) with its wrapper."""
+    import importlib
+
+    module = importlib.import_module(module_name)
+    for name, wrapper in wrappers.items():
+        wrap(module, name, wrapper)
+
+
+def restore_in_module(module_name: str, names) -> None:
+    """`restore` each of `names` in module `module_name`, if that module was ever imported."""
+    import sys
+
+    module = sys.modules.get(module_name)
+    for name in names if module is not None else ():
+        restore(module, name)
+
+
 def active() -> list[str]:
     """What is replaced now, as `module.Owner.name`."""
     return [f"{getattr(o, '__module__', '')}.{getattr(o, '__qualname__', getattr(o, '__name__', o))}.{n}".lstrip(".")

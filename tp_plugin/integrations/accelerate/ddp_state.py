@@ -81,17 +81,8 @@ _WRAPPERS = {"save_accelerator_state": _wrap_save, "load_accelerator_state": _wr
 
 
 def install() -> None:
-    import importlib
-
-    module = importlib.import_module(_MODULE)
-    for name, wrap in _WRAPPERS.items():
-        patching.wrap(module, name, wrap)
+    patching.wrap_in_module(_MODULE, _WRAPPERS)
 
 
 def uninstall() -> None:
-    import sys
-
-    module = sys.modules.get(_MODULE)
-    if module is not None:
-        for name in _WRAPPERS:
-            patching.restore(module, name)
+    patching.restore_in_module(_MODULE, _WRAPPERS)

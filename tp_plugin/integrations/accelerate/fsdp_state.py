@@ -171,17 +171,8 @@ _WRAPPERS = {"fsdp2_prepare_model": _wrap_prepare, "save_fsdp_model": _wrap_save
 
 def install() -> None:
     """Wrap the five functions in `accelerate.accelerator`'s namespace (idempotent)."""
-    import importlib
-
-    module = importlib.import_module(_MODULE)
-    for name, wrap in _WRAPPERS.items():
-        patching.wrap(module, name, wrap)
+    patching.wrap_in_module(_MODULE, _WRAPPERS)
 
 
 def uninstall() -> None:
-    import sys
-
-    module = sys.modules.get(_MODULE)
-    if module is not None:
-        for name in _WRAPPERS:
-            patching.restore(module, name)
+    patching.restore_in_module(_MODULE, _WRAPPERS)
