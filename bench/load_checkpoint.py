@@ -59,8 +59,7 @@ def llama_1b_dir() -> Path:
     import torch
     import transformers
 
-    from tp_plugin.checkpoint.io import commit_dir, make_temp_dir
-    from tp_plugin.checkpoint.save import save_config, write_hf_files
+    from tp_plugin.checkpoint.write import save_config, staged, write_hf_files
 
     config = transformers.LlamaConfig(**LLAMA_1B)
     with torch.device("meta"):
@@ -74,12 +73,11 @@ def llama_1b_dir() -> Path:
             return (1 + 0.1 * torch.randn(shape, generator=gen)).to(torch.bfloat16)
         return (0.02 * torch.randn(shape, generator=gen)).to(torch.bfloat16)
 
-    tmp = make_temp_dir(final)
     started = time.perf_counter()
-    write_hf_files(tmp, tensors, fetch, "1GB", writer=True)
-    save_config(config, transformers.GenerationConfig(bos_token_id=1, eos_token_id=2), tmp, "LlamaForCausalLM",
-                torch.bfloat16)
-    commit_dir(tmp, final)
+    with staged(final, writer=True, every_rank=False) as tmp:
+        write_hf_files(tmp, tensors, fetch, "1GB", writer=True)
+        save_config(config, transformers.GenerationConfig(bos_token_id=1, eos_token_id=2), tmp, "LlamaForCausalLM",
+                    torch.bfloat16)
     print(f"wrote {final} ({sum(torch.Size(s).numel() for _, _, s in tensors) / 1e9:.2f}B params, bf16) in "
           f"{time.perf_counter() - started:.0f} s", flush=True)
     return final

@@ -17,16 +17,14 @@ import os
 import shutil
 from pathlib import Path
 
-import torch.distributed as dist
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from ..mesh import world_size
 from ..runtime import devices
 from ..state import mesh_of
 from .gather import gathered, specs_of, tensor_entries, unwrap
-from .io import CheckpointError, commit_dir, make_temp_dir, write_json
-from .save import carry_over, check_target, save_config, write_hf_files
+from .io import CheckpointError, write_json
+from .write import check_target, is_writer, save_model_config, staged, write_hf_files
 from .sources import SHARDED_FORMAT, SHARDED_INDEX, ShardedSource, rank_file, spec_to_json
 
 
@@ -39,13 +37,9 @@ def save_sharded(model_or_engine, save_directory: str | os.PathLike) -> None:
     entries = tensor_entries(model)
     tp, tp_rank = (mesh.tp_size, mesh.tp_rank) if mesh is not None else (1, 0)
     in_replica0 = mesh is None or mesh.dp_rank == 0
-    is_writer = world_size() == 1 or dist.get_rank() == 0
+    writer = is_writer()
 
-    tmp = [str(make_temp_dir(target)) if is_writer else None]
-    if world_size() > 1:
-        dist.broadcast_object_list(tmp, group_src=0)  # one shared temporary directory
-    tmp = Path(tmp[0])
-    try:
+    with staged(target, writer=writer, every_rank=True, shared=True) as tmp:
         local = {}
         for entry in entries:
             with gathered(entry.tensor) as tensor:
@@ -56,24 +50,11 @@ def save_sharded(model_or_engine, save_directory: str | os.PathLike) -> None:
         if in_replica0:
             save_file(local, str(tmp / rank_file(tp_rank, tp)), metadata={"format": "pt", "tp_rank": str(tp_rank)})
         del local
-        if is_writer:
+        if writer:
             tensors = {e.name: {"shape": list(e.shape), "dtype": str(e.dtype).removeprefix("torch."),
                                 "specs": [spec_to_json(s) for s in (e.specs or [None] * tp)]} for e in entries}
             write_json(tmp / SHARDED_INDEX, {"format": SHARDED_FORMAT, "tp_size": tp, "tensors": tensors})
-            dtype = next((e.dtype for e in entries if e.dtype.is_floating_point), None)
-            generation = getattr(model, "generation_config", None) if model.can_generate() else None
-            save_config(model.config, generation, tmp, type(model).__name__, dtype)
-        if world_size() > 1:
-            dist.barrier()  # every rank's file is written before the directory is swapped in
-        if is_writer:
-            carry_over(target, tmp)
-            commit_dir(tmp, target)
-    except BaseException:
-        if is_writer:
-            shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if world_size() > 1:
-        dist.barrier()
+            save_model_config(model, tmp, [(e.name, e.dtype, e.shape) for e in entries])
 
 
 def consolidate(sharded_dir: str | os.PathLike, out_dir: str | os.PathLike, *, max_shard_size: int | str = "5GB",
@@ -86,19 +67,14 @@ def consolidate(sharded_dir: str | os.PathLike, out_dir: str | os.PathLike, *, m
     source = ShardedSource(sharded_dir)
     target = check_target(out_dir)
     tensors = [(n, source.dtype(n), source.shape(n)) for n in source.names()]
-    tmp = make_temp_dir(target)
     try:
-        bar = (lambda it: tqdm(list(it), desc="consolidating", unit="tensor")) if progress else (lambda it: it)
-        write_hf_files(tmp, tensors, lambda name: source.read(name, None), max_shard_size, writer=True,
-                       progress=bar)
-        for name in ("config.json", "generation_config.json"):
-            if (sharded_dir / name).is_file():
-                shutil.copy2(sharded_dir / name, tmp / name)
-        carry_over(target, tmp)
-        commit_dir(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        with staged(target, writer=True, every_rank=False) as tmp:  # one process: no other rank waits
+            bar = (lambda it: tqdm(list(it), desc="consolidating", unit="tensor")) if progress else (lambda it: it)
+            write_hf_files(tmp, tensors, lambda name: source.read(name, None), max_shard_size, writer=True,
+                           progress=bar)
+            for name in ("config.json", "generation_config.json"):
+                if (sharded_dir / name).is_file():
+                    shutil.copy2(sharded_dir / name, tmp / name)
     finally:
         source.close()
     return target

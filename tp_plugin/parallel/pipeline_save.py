@@ -17,7 +17,7 @@ import torch.distributed as dist
 from ..runtime import devices
 from ..checkpoint.gather import gather_full, gathered, tensor_entries
 from ..state import mesh_of
-from ..checkpoint.save import check_target, write_checkpoint
+from ..checkpoint.write import check_target, is_writer, write_hf_checkpoint
 
 
 def save_pipeline(pipe, save_directory: str | os.PathLike, *, max_shard_size: int | str = "5GB") -> None:
@@ -38,14 +38,14 @@ def save_pipeline(pipe, save_directory: str | os.PathLike, *, max_shard_size: in
             if name not in owner or index < owner[name][2]:
                 owner[name] = (getattr(torch, dtype), shape, index)
     order = sorted(owner, key=lambda n: owner[n][2])  # stage by stage; each stage's own order (sort is stable)
-    is_writer = dist.get_rank() == 0
+    writer = is_writer()
 
     def fetch(name: str):
         dtype, shape, index = owner[name]
         holder_pp = index % mesh.size(0)
         source = int(mesh.mesh[holder_pp, 0, 0])
         if pp_rank != holder_pp:
-            if is_writer:  # (rank 0 is on stage 0's replica 0: only other stages' tensors arrive here)
+            if writer:  # (rank 0 is on stage 0's replica 0: only other stages' tensors arrive here)
                 full = devices.empty_for_collective(shape, dtype)  # NCCL: on this rank's GPU (the writer copies it out)
                 dist.recv(full, src=source)
                 return full
@@ -58,5 +58,5 @@ def save_pipeline(pipe, save_directory: str | os.PathLike, *, max_shard_size: in
             return None
         return full
 
-    write_checkpoint(target, pipe.stages[0].model, [(n, owner[n][0], owner[n][1]) for n in order], fetch,
-                     max_shard_size, writer=is_writer)
+    write_hf_checkpoint(target, pipe.stages[0].model, [(n, owner[n][0], owner[n][1]) for n in order], fetch,
+                        max_shard_size, writer=writer)
