@@ -14,9 +14,8 @@ import torch
 from torch import nn
 
 import tp_plugin
-from tests.arch_models import ARCHS, ENCODERS, build_arch
 from tests.dist import run_ranks
-from tests.models import batch, max_errors
+from tests.models import ENCODERS, FAMILIES, batch, build, max_errors
 from tests.test_parity import _assert_close
 
 
@@ -24,7 +23,7 @@ def _parity_many(rank, world, archs, tp):
     """Every family in one set of ranks (one fork per rank for the whole list keeps the file fast)."""
     results = {}
     for arch in archs:
-        model = build_arch(arch, tp)
+        model = build(arch, tp)
         ref = copy.deepcopy(model)
         ids = batch()
         labels = torch.tensor([0, 2]) if arch in ENCODERS else ids
@@ -44,8 +43,8 @@ def _parity_many(rank, world, archs, tp):
 
 @pytest.mark.parametrize("tp", [2, 4])
 def test_hand_written_policies_match_unsplit(tp):
-    for results in run_ranks(tp, _parity_many, ARCHS, tp, timeout_s=240):
-        for arch in ARCHS:
+    for results in run_ranks(tp, _parity_many, FAMILIES, tp, timeout_s=240):
+        for arch in FAMILIES:
             r = results[arch]
             assert "translated" not in r["policy"] and "fallback" not in r["policy"], (arch, r["policy"])
             try:
@@ -56,7 +55,7 @@ def test_hand_written_policies_match_unsplit(tp):
 
 def _falcon_mqa_layout(rank, world):
     """Multi-query Falcon: every rank holds the single KV head (rows [q | k | v] -> its q heads + k + v)."""
-    model = build_arch("falcon", world)
+    model = build("falcon", world)
     tp_plugin.parallelize(model, tp_size=world)
     qkv = model.transformer.h[0].self_attention.query_key_value
     return qkv.weight.tp_shard.ranges, qkv.shared_rows  # shared rows: their gradient is summed over holders

@@ -12,8 +12,6 @@ from __future__ import annotations
 import copy
 import json
 import logging
-import os
-from pathlib import Path
 
 import pytest
 import torch

@@ -6,7 +6,6 @@ ones; fp32 throughout, same kernels: exact equality).
 
 from __future__ import annotations
 
-import copy
 
 import pytest
 import torch

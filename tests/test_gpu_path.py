@@ -12,7 +12,6 @@ for real with torch.cuda's answers replaced.
 from __future__ import annotations
 
 import contextlib
-import os
 
 import pytest
 import torch

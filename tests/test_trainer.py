@@ -111,3 +111,23 @@ def test_trainer_tp2_dp2_checkpoint_resume_and_plain_reload(tmp_path):
     assert "model.safetensors" in files and "config.json" in files, files
     assert {"optimizer.tp-rank-0-of-2.pt", "optimizer.tp-rank-1-of-2.pt", "scheduler.pt"} <= set(files), files
     assert {f"rng_state_{r}.pth" for r in range(4)} <= set(files), files
+
+
+# ---- a plain Trainer on a split model ----------------------------------------------------------------------
+
+def _plain_trainer(rank, world, out):
+    from transformers import Trainer, TrainingArguments
+
+    model = tp_plugin.parallelize(build("llama", 2), tp_size=2)
+    args = TrainingArguments(output_dir=out, max_steps=2, per_device_train_batch_size=2, report_to="none",
+                             use_cpu=True, ddp_backend="gloo", disable_tqdm=True)
+    try:
+        Trainer(model=model, args=args, train_dataset=_Chunks(8, 1)).train()
+    except RuntimeError as exc:
+        return str(exc)
+    return None
+
+
+def test_plain_trainer_error_names_tptrainer(tmp_path):
+    for message in run_ranks(2, _plain_trainer, str(tmp_path / "t")):
+        assert message is not None and "tp_plugin.TPTrainer" in message and "TPTrainerMixin" in message, message
