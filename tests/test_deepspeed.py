@@ -88,7 +88,7 @@ def test_configs_load():
     """Every shipped json is a valid DeepSpeed config naming TP degree 2 and the batch/clipping keys."""
     from deepspeed.runtime.config import DeepSpeedConfig
 
-    from tp_plugin.config import autotp_size
+    from tp_plugin.launch_config import autotp_size
 
     files = sorted(CONFIGS.glob("*.json"))
     assert {f.stem for f in files} >= {f"zero{s}_tp2{v}" for s in (1, 2, 3) for v in ("", "_bf16")}

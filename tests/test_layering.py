@@ -15,7 +15,7 @@ PACKAGE = ROOT / "tp_plugin"
 
 # Lowest first. Each layer may import itself and the layers listed for it, nothing else of the package.
 PLAN_TIME = ("tp_plugin.policy", "tp_plugin.plan", "tp_plugin.styles", "tp_plugin.policies", "tp_plugin.auto")
-MODEL_STATE = ("tp_plugin.mesh", "tp_plugin.state", "tp_plugin.checks", "tp_plugin.config")
+MODEL_STATE = ("tp_plugin.mesh", "tp_plugin.state", "tp_plugin.checks", "tp_plugin.launch_config")
 SPLIT = ("tp_plugin.split", "tp_plugin.apply", "tp_plugin.hf_methods", "tp_plugin.grad_norm", "tp_plugin.state_dicts",
          "tp_plugin.sequence_hooks")
 LAYERS = {

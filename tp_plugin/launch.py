@@ -27,7 +27,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from .config import ENV_LOSS_PARALLEL, ENV_SEQUENCE_PARALLEL, ENV_TP_SIZE
+from .launch_config import ENV_LOSS_PARALLEL, ENV_SEQUENCE_PARALLEL, ENV_TP_SIZE
 
 ENV_AUTO = "TP_PLUGIN_AUTO"
 SITE_DIR = Path(__file__).resolve().parent / "_site"

@@ -12,7 +12,7 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 
 from . import integrations
-from .config import configured_sequence_parallel
+from .launch_config import configured_sequence_parallel
 from .integrations.accelerate import prepare_launch
 from .integrations.deepspeed import prepare_model as prepare_for_deepspeed
 from .policy import Policy

@@ -22,7 +22,7 @@ from . import policies  # noqa: F401  (importing it registers the built-in famil
 from .auto import auto_policy  # the model's own base_model_tp_plan, translated, else its structure
 from .checks import check_one_gpu_per_rank, install_input_checks
 from .runtime.comm import all_equal, broadcast_from_rank0, fingerprint, sum_grad_over_tp
-from .config import configured_tp_size
+from .launch_config import configured_tp_size
 from .runtime.grad_hooks import add_grad_hook
 from .apply import install_layers
 from .runtime.layers import PARALLEL_LAYERS, ColumnParallelLinear, RowParallelLinear, tag_param

@@ -40,7 +40,7 @@ _REPLACED: list[tuple[object, str]] = []  # (owner, attribute) replaced here, in
 
 
 def _degree() -> int:
-    from ..config import configured_tp_size
+    from ..launch_config import configured_tp_size
 
     return configured_tp_size() or int(os.environ.get("WORLD_SIZE", "1"))
 
@@ -81,7 +81,7 @@ def _wrap_from_pretrained(original):
         from .. import from_pretrained as tp_from_pretrained
         from .. import parallelize
         from ..checkpoint.build import zero3_init_off
-        from ..config import configured_loss_parallel
+        from ..launch_config import configured_loss_parallel
 
         start_process_group()
         loss_parallel = configured_loss_parallel() and cls.can_generate()

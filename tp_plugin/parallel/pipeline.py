@@ -256,7 +256,7 @@ def pipeline(model: nn.Module, *, mesh: DeviceMesh, microbatches: int = 8, sched
     shards (no gather of the logits). `data_parallel`: "ddp" (the gradients averaged over "dp" after the
     schedule; ZeRO-1 by wrapping the optimizer) or "fsdp2" (`Pipeline.shard_data_parallel`).
     """
-    from ..config import configured_sequence_parallel
+    from ..launch_config import configured_sequence_parallel
     from ..parallelize import parallelize
 
     if configured_sequence_parallel():

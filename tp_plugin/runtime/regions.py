@@ -25,6 +25,10 @@ layers inside hold a weak reference to it, and each running call's state is a `C
     face          a view of the region's input with the backward its readers need: the column layers' face
                   reduces their partial input gradients once for all of them (q, k and v)
     input grad    that one pending reduction (`overlap.InputGrad`), started while the last weight gradient runs
+
+What is not one call's but the whole forward's lives in the model's one `sequence.SequenceParallel`, which every
+region of the model shares: the depth (regions entered and not yet left: the hooks between regions act at 0)
+and the padding appended to this forward's sequence.
 """
 
 from __future__ import annotations

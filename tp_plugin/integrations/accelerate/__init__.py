@@ -45,7 +45,7 @@ import torch
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 
-from ...config import ACCELERATE_LAUNCH_MARKER, yaml_tp_size
+from ...launch_config import ACCELERATE_LAUNCH_MARKER, yaml_tp_size
 from ...mesh import TPMesh
 from ...state import split_mesh
 from .. import patching

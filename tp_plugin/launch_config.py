@@ -1,4 +1,6 @@
-"""Where the tensor-parallel degree comes from when `parallelize(model)` is called without `tp_size`.
+"""What a launch configures: the tensor-parallel degree when `parallelize(model)` is called without `tp_size`,
+and the sequence- and loss-parallel flags. `launch.py` (the `tp-plugin launch` command) sets their environment
+variables; this file only reads them, so the split can depend on it without depending on the launcher.
 
 The degree is a property of the launch, not of the training script: each source below reads one place a
 launcher or engine config can carry it. They are tried in order; the first that names a degree wins, and
