@@ -11,9 +11,12 @@ import pytest
 import transformers
 from torch import nn
 
-from tests.plan_cases import CASES, HIDDEN, INTER, LAYERS, VOCAB, all_in, deal, plan_error, expected_rank_parameters, resolved
+import tp_plugin
 from tests.models import build
+from tests.plan_cases import (CASES, HIDDEN, INTER, LAYERS, VOCAB, all_in, deal, expected_rank_parameters, plan_error,
+                              resolved)
 from tp_plugin.plan import plain_lookup, resolve_plan
+from tp_plugin.sharding import TPSplitError
 from tp_plugin.split import policy_for
 from tp_plugin.styles import Colwise, Rowwise, VocabEmbedding, VocabLMHead
 
@@ -172,3 +175,18 @@ def test_regions_are_inferred_for_a_policy_that_declares_none():
     assert len(plan.inferred_regions) == len(want)
     assert {e.path: e.sync_input_grad for e in plan.entries} == {e.path: e.sync_input_grad for e in declared.entries}
     assert f"regions (one input reduction for the column layers inside): {len(want)}, {len(want)} inferred" in str(plan)
+
+
+def test_a_head_count_the_config_does_not_have():
+    """GPT-2's policy reads `config.n_head`; a Llama config has no such attribute."""
+    model, _ = resolved("llama", 2)
+    gpt2_policy = policy_for(resolved("gpt2", 2)[0], 2)
+    message = plan_error(model, gpt2_policy, 2)
+    all_in(message, "h.*.attn", "config.n_head", "LlamaConfig", "AttentionSpec(num_heads=...)")
+
+
+@pytest.mark.parametrize("tp_size", [0, -2, 2.0])
+def test_a_degree_that_is_not_a_positive_integer(tp_size):
+    with pytest.raises(TPSplitError) as info:
+        tp_plugin.parallelize(build("llama", 2), tp_size=tp_size)
+    all_in(str(info.value), f"tp_size={tp_size!r}", "positive integer")

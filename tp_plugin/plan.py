@@ -81,6 +81,11 @@ def _head_counts(config, spec: AttentionSpec) -> tuple[int, int, int]:
         return getattr(config, attr, None) if isinstance(attr, str) else attr
 
     num_heads = count(spec.num_heads)
+    if not isinstance(num_heads, int) or num_heads < 1:
+        raise TPSplitError(f"the policy's attention ({spec.module}) reads its head count from "
+                           f"config.{spec.num_heads}, which {type(config).__name__} does not have (or is not a "
+                           f"positive integer: {num_heads!r}); give AttentionSpec(num_heads=...) the config's own "
+                           f"attribute name or the number")
     num_kv = count(spec.num_kv_heads) or num_heads
     head_dim = count(spec.head_dim) or config.hidden_size // num_heads
     return num_heads, num_kv, head_dim

@@ -8,7 +8,7 @@ ranks before the first collective.
 from __future__ import annotations
 
 import inspect
-
+import numbers
 import weakref
 
 import torch.distributed as dist
@@ -84,6 +84,9 @@ def split_model(model: nn.Module, tp_size: int | None = None, *, mesh: DeviceMes
 
 def resolve_tp_size(tp_size: int | None) -> int:
     """Explicit argument, else the launch config (DeepSpeed `autotp_size`, ...), else the world size."""
+    if tp_size is not None and (isinstance(tp_size, bool) or not isinstance(tp_size, numbers.Integral) or tp_size < 1):
+        raise TPSplitError(f"parallelize(tp_size={tp_size!r}): the tensor-parallel degree is a positive integer "
+                           f"(or None: the launch configuration's, else the world size)")
     configured = configured_tp_size()
     if tp_size is not None and configured is not None and tp_size != configured:
         raise TPSplitError(f"parallelize(tp_size={tp_size}) but the launch configuration says tensor-parallel "
