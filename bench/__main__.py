@@ -20,14 +20,16 @@ from .shapes import config
 
 # (shape, layers or None for all, seq, dtype, batch): a grid on which no single shape decides, in about 30 minutes on
 # 2 cores. It spans 2 to 30 layers, hidden 576 to 2048, GQA ratios 1, 3, 4 and 7, vocabularies 32k to 152k,
-# tied and untied embeddings, seq 128 to 1024, batch 1 and 4, fp32 and bf16. The SmolLM2 shape (9/3 heads:
+# tied and untied embeddings, seq 128 to 1024, batch 1 to 4, fp32 and bf16; the last two are shapes where the
+# vocabulary dominates the step (SmolLM2's 49k at batch 2 x 256; a 128k vocabulary on a hidden-512 body). The SmolLM2 shape (9/3 heads:
 # transformers' TP cannot split it) has a dividing-heads twin (12/4) so that transformers' TP runs; bigger shapes
 # keep fewer layers so one step stays within seconds on one core; bf16 runs at seq 128 (bf16 matmuls are
 # slower than fp32 on this CPU).
 FULL_GRID = [("smollm2-135m", None, 256, "fp32", 1), ("smollm2-135m-h12", None, 256, "fp32", 1),
              ("smollm2-135m-h12", 4, 1024, "fp32", 1), ("smollm2-135m-h12", 4, 256, "fp32", 4),
              ("llama-0.5b-mha", 4, 256, "fp32", 1), ("qwen2.5-0.5b", 4, 256, "fp32", 1),
-             ("llama3.2-1b", 2, 256, "fp32", 1), ("smollm2-135m-h12", 2, 128, "bf16", 1)]
+             ("llama3.2-1b", 2, 256, "fp32", 1), ("smollm2-135m-h12", 2, 128, "bf16", 1),
+             ("smollm2-135m-h12", 8, 256, "fp32", 2), ("llama3-vocab-h512", None, 1024, "fp32", 1)]
 QUICK_GRID = [("toy", None, 32, "fp32", 1), ("toy-h4", None, 32, "fp32", 2)]
 # The configs (indexes into the grid) and variants whose step time is broken down by part of the model.
 BREAKDOWN_CONFIGS = (1, 2, 5)
@@ -46,8 +48,9 @@ def _megatron_min(job: dict) -> dict:
     import torch
 
     cfg = config(job["shape"], job["layers"])
-    # DeepSpeed AutoTP keeps a tied LM head vocabulary-sharded and computes its loss vocab-parallel
-    loss_parallel = "loss_parallel" in job["variant"] or \
+    # tp_plugin's loss is vocab-parallel in every mode (the logits stay deferred); DeepSpeed AutoTP keeps a tied
+    # LM head vocabulary-sharded and computes its loss vocab-parallel too
+    loss_parallel = job["variant"].startswith("tp_plugin") or \
         (job["variant"] == "deepspeed_autotp" and cfg.tie_word_embeddings)
     return megatron_minimum(cfg, batch=job["batch"], seq=job["seq"], dtype=getattr(torch, {"fp32": "float32",
                             "bf16": "bfloat16"}[job["dtype"]]), tp=2, loss_parallel=loss_parallel,
@@ -55,14 +58,14 @@ def _megatron_min(job: dict) -> dict:
 
 
 def run_steps(grid, *, warmup: int, steps: int, ckpt_root: str, timeout_s: float,
-              on_config=lambda rows: None) -> list[dict]:
+              on_config=lambda rows: None, variants=VARIANTS) -> list[dict]:
     from .step import run_variant, save_checkpoint
 
     rows: list[dict] = []
     for shape, layers, seq, dtype, batch in grid:
         base = dict(shape=shape, layers=layers, seq=seq, dtype=dtype, batch=batch, warmup=warmup, steps=steps)
         base["ckpt"] = save_checkpoint(base, ckpt_root)
-        for variant in VARIANTS:
+        for variant in variants:
             job = {**base, "variant": variant}
             row = {**run_variant(job, timeout_s=timeout_s), "loadavg_after": os.getloadavg()[0]}
             if variant != "unsplit":
@@ -102,6 +105,8 @@ def main(argv=None) -> int:
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--steps", type=int, default=3, help="measured steps per variant (median reported)")
     parser.add_argument("--configs", default=None, help="comma-separated indexes into the grid (default: all)")
+    parser.add_argument("--variants", default=None, help="comma-separated variants of the step section "
+                        f"(default: all of {', '.join(VARIANTS)})")
     parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
     args = parser.parse_args(argv)
     warnings.filterwarnings("ignore", category=FutureWarning)
@@ -180,11 +185,11 @@ def main(argv=None) -> int:
             results["step"], results["goals"] = rows, report.goals(rows)
             parts["step"] = ["", "### Training step, TP=2 on 2 CPU ranks (gloo)", "", report.step_table(rows),
                              "", report.load_line(rows),
-                             "", "### Goals (issue 14)", "", report.goals_table(rows),
+                             "", "### Goals", "", report.goals_table(rows),
                              "", "### Collectives per rank per training step", "", report.comm_table(rows)]
             write()
         run_steps(grid, warmup=args.warmup, steps=args.steps, ckpt_root=ckpt_root, timeout_s=timeout_s,
-                  on_config=on_config)
+                  on_config=on_config, variants=args.variants.split(",") if args.variants else VARIANTS)
     text = write()
     print(text)
     return 0

@@ -37,6 +37,7 @@ def _rank(rank, world, shape, seq, batch, new_tokens):
 
     import tp_plugin
     from tp_plugin import checks
+    from tp_plugin.runtime.arrival import arrive_together
     from tp_plugin.runtime import rng
 
     from .shapes import config
@@ -75,7 +76,7 @@ def _rank(rank, world, shape, seq, batch, new_tokens):
                    "generate() prompt check": _median_time(lambda: checks.check_same_inputs(
                        (prompt,), {"max_new_tokens": new_tokens}, group, "bench"), 20),
                    "generate() RNG sync": _median_time(lambda: rng.sync_from_tp_rank0(group), 20),
-                   "arrival check": _median_time(lambda: checks.arrive_together("bench", "-", group=group), 20)})
+                   "arrival check": _median_time(lambda: arrive_together("bench", "-", group=group), 20)})
     return result
 
 

@@ -16,41 +16,53 @@ import torch.distributed as dist
 from .shapes import config
 
 
-def _rank0_step(tp: int, *, layers: int, batch: int, seq: int, steps: int) -> dict:
+def _rank0_step(tp: int, *, layers: int, batch: int, seq: int, steps: int, shape: str = "llama3-8b",
+                device: str = "cuda", dtype: torch.dtype = torch.bfloat16, defer_logits: bool = True) -> dict:
+    """Rank 0's training step of a split `shape` (default mode: the loss fused with the head, the logits deferred;
+    `defer_logits=False`: the logits computed in every forward). On the CPU (a smoke run) peak memory is not
+    measured."""
     import transformers
     from torch.testing._internal.distributed.fake_pg import FakeStore
 
     import tp_plugin
 
+    cuda = device == "cuda"
     dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=tp)
     try:
         with torch.device("meta"):
-            model = transformers.LlamaForCausalLM(config("llama3-8b", layers)).to(torch.bfloat16)
-        tp_plugin.parallelize(model, tp_size=tp, loss_parallel=tp > 1)
-        model.to_empty(device="cuda")
+            model = transformers.LlamaForCausalLM(config(shape, layers)).to(dtype)
+        tp_plugin.parallelize(model, tp_size=tp)
+        if tp > 1:
+            model.get_output_embeddings().defer_logits = defer_logits
+        model.to_empty(device=device)
         with torch.no_grad():
             for p in model.parameters():
                 p.normal_(0.0, 0.02)
         # to_empty left the rotary buffers uninitialised: rebuild that module on the device
-        with torch.device("cuda"):
+        with torch.device(device):
             model.model.rotary_emb = type(model.model.rotary_emb)(config=model.config)
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-        ids = torch.randint(3, model.config.vocab_size, (batch, seq), device="cuda")
-        torch.cuda.reset_peak_memory_stats()
+        ids = torch.randint(3, model.config.vocab_size, (batch, seq), device=device)
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
         times = []
         for i in range(steps + 2):
-            torch.cuda.synchronize()
+            if cuda:
+                torch.cuda.synchronize()
             t0 = time.perf_counter()
-            model(input_ids=ids, labels=ids).loss.backward()
+            loss = model(input_ids=ids, labels=ids).loss
+            loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
-            torch.cuda.synchronize()
+            if cuda:
+                torch.cuda.synchronize()
             times.append(time.perf_counter() - t0)
-        return {"tp": tp, "step_s": statistics.median(times[2:]),
-                "peak_gib": torch.cuda.max_memory_allocated() / 2 ** 30}
+        return {"tp": tp, "step_s": statistics.median(times[2:]), "loss": loss.item(),
+                "peak_gib": torch.cuda.max_memory_allocated() / 2 ** 30 if cuda else None}
     finally:
         dist.destroy_process_group()
-        torch.cuda.empty_cache()
+        if cuda:
+            torch.cuda.empty_cache()
 
 
 def gpu_section(*, layers: int = 4, batch: int = 1, seq: int = 2048, steps: int = 5) -> dict:

@@ -2,9 +2,9 @@
 
     python -m bench.gpu_check [--quick] [--out bench/results/gpu_check]
 
-Writes `<out>.json` and `<out>.md`. On a machine without CUDA, sections 1, 2 and 4 run on the CPU with toy shapes
-(a smoke test of the code, not a GPU result: the device field says "no CUDA device"), section 3 says "skipped: no
-CUDA device" and a toy planner run stands in for it:
+Writes `<out>.json` and `<out>.md`. On a machine without CUDA, sections 1, 2 and 5 run on the CPU with toy shapes
+(a smoke test of the code, not a GPU result: the device field says "no CUDA device"), sections 3 and 4 say
+"skipped: no CUDA device" and a toy planner run and a toy fused-loss step stand in for them:
 
 1. correctness of the CUDA path: 2 ranks on the one GPU with the gloo backend (NCCL refuses two ranks on one
    device), a tiny Llama split at tp=2 against the unsplit model (logits, loss, every gradient; plain TP and
@@ -17,7 +17,10 @@ CUDA device" and a toy planner run stands in for it:
    process is rank 0 of tp; no communication): step time against the unsplit time / tp, and peak memory against
    the planner's prediction for the same setup (`tp_plugin.tools.planner`: parameters, gradients, AdamW states in the
    parameters' dtype, activations);
-4. `generate()` per-token latency at tp=2 (2 ranks on the GPU, gloo; greedy, KV cache, prompt 128, 64 new
+4. the vocabulary at length: the same stack at seq 8192 with Llama 3's 128k vocabulary at tp = 1, 2, 4, 8, the
+   loss fused with the head (the default), and at tp 2 also with the logits computed in every forward
+   (`defer_logits=False`): step time and peak memory;
+5. `generate()` per-token latency at tp=2 (2 ranks on the GPU, gloo; greedy, KV cache, prompt 128, 64 new
    tokens, batch 1 and 8) next to the unsplit model in one process.
 
 What one GPU cannot cover is listed in the results (`not_covered`): NCCL itself, above all.
@@ -235,6 +238,21 @@ def compute(quick: bool) -> dict:
             "bf16, AdamW", "rows": rows}
 
 
+def long_vocab(quick: bool) -> dict:
+    if not torch.cuda.is_available():
+        return {"skipped": SKIPPED}
+    layers, seq = (2, 2048) if quick else (4, 8192)
+    rows = [{"mode": "fused", **_rank0_step(tp, layers=layers, batch=1, seq=seq, steps=2 if quick else 3)}
+            for tp in (1, 2, 4, 8)]
+    rows.append({"mode": "eager logits", **_rank0_step(2, layers=layers, batch=1, seq=seq, steps=2 if quick else 3,
+                                                       defer_logits=False)})
+    for row in rows:
+        row["time_vs_ideal"] = row["step_s"] / (rows[0]["step_s"] / row["tp"])
+        row["memory_vs_ideal"] = row["peak_gib"] / (rows[0]["peak_gib"] / row["tp"])
+    return {"device": torch.cuda.get_device_name(), "shape": f"llama3-8b blocks x {layers}, vocab 128256 untied, "
+            f"batch 1, seq {seq}, bf16, AdamW (tp 1: the unsplit model, transformers' own loss)", "rows": rows}
+
+
 def _generate_rank(rank, world, port, queue, timeout_s, split, batch, prompt, new, device):
     import transformers
 
@@ -296,8 +314,9 @@ NOT_COVERED = [
 
 
 def cpu_smoke() -> dict:
-    """The compute section's code path on toy shapes on the CPU (no GPU here): planner prediction vs. the saved
-    activations and parameters of a fake-process-group rank 0."""
+    """The compute sections' code paths on toy shapes on the CPU (no GPU here): the planner's numbers for a
+    fake-process-group rank 0, and that rank's training step with the fused loss (its loss equals tp 1's only in
+    being finite: the fake group's collectives do nothing)."""
     from tp_plugin.tools import planner
 
     cfg = config("toy-h4")
@@ -306,12 +325,14 @@ def cpu_smoke() -> dict:
         acts = planner.activation_bytes(cfg, tp, 1, 16, torch.float32)
         plan = planner.split_degrees(planner.meta_model(cfg, torch.float32), tp)[tp]
         rows.append({"tp": tp, "params_rank0": plan.rank_parameters[0], "activations_per_layer": acts["per_layer"]})
-    return {"toy": rows}
+    steps = [_rank0_step(tp, shape="toy-h4", layers=None, batch=1, seq=64, steps=1, device="cpu",
+                         dtype=torch.float32) for tp in (1, 2)]
+    return {"toy": rows, "fused_loss_step": steps}
 
 
 def markdown(results: dict) -> str:
     lines = [f"# GPU check ({results['date']}, {results['device']})", ""]
-    for name in ("correctness", "engines", "compute", "generate", "cpu_smoke"):
+    for name in ("correctness", "engines", "compute", "long_vocab", "generate", "cpu_smoke"):
         section = results.get(name)
         if section is None:
             continue
@@ -331,7 +352,7 @@ def main(argv=None) -> int:
                "torch": torch.__version__}
     device = "cuda" if cuda else "cpu"  # without CUDA: sections 1 and 3 run on toy shapes on the CPU (smoke)
     for name, run in (("correctness", lambda: correctness(device)), ("engines", lambda: engines(device)),
-                      ("compute", lambda: compute(args.quick)),
+                      ("compute", lambda: compute(args.quick)), ("long_vocab", lambda: long_vocab(args.quick)),
                       ("generate", lambda: generate_latency(args.quick, device))):
         start = time.perf_counter()
         try:

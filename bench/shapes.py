@@ -31,6 +31,11 @@ LLAMA3_8B = dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, n
 LLAMA3_70B = dict(vocab_size=128256, hidden_size=8192, intermediate_size=28672, num_hidden_layers=80,
                   num_attention_heads=64, num_key_value_heads=8, head_dim=128, tie_word_embeddings=False,
                   rope_theta=500000.0, rms_norm_eps=1e-5, max_position_embeddings=8192)
+# A Llama-3 vocabulary (128256, untied) on a small body (hidden 512, 8 heads / 4 KV heads): the head and the loss
+# dominate the step, as they do in a long-sequence step of a real Llama 3.
+LLAMA3_VOCAB_H512 = dict(vocab_size=128256, hidden_size=512, intermediate_size=1536, num_hidden_layers=4,
+                         num_attention_heads=8, num_key_value_heads=4, head_dim=64, tie_word_embeddings=False,
+                         rope_theta=500000.0, rms_norm_eps=1e-5, max_position_embeddings=8192)
 # Tiny: for --quick and the smoke test (9/3 heads keeps the uneven split in the code path).
 TOY = dict(vocab_size=1000, hidden_size=72, intermediate_size=96, num_hidden_layers=2, num_attention_heads=9,
            num_key_value_heads=3, head_dim=8, tie_word_embeddings=True, max_position_embeddings=256)
@@ -38,7 +43,8 @@ TOY_H4 = {**TOY, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim":
 
 SHAPES = {"smollm2-135m": SMOLLM2_135M, "smollm2-135m-h12": SMOLLM2_135M_H12, "llama-0.5b": LLAMA_05B,
           "llama-0.5b-mha": LLAMA_05B_MHA, "qwen2.5-0.5b": QWEN25_05B, "llama3.2-1b": LLAMA32_1B,
-          "llama3-8b": LLAMA3_8B, "llama3-70b": LLAMA3_70B, "toy": TOY, "toy-h4": TOY_H4}
+          "llama3-8b": LLAMA3_8B, "llama3-70b": LLAMA3_70B, "llama3-vocab-h512": LLAMA3_VOCAB_H512, "toy": TOY,
+          "toy-h4": TOY_H4}
 
 
 def config(shape: str, layers: int | None = None) -> transformers.LlamaConfig:

@@ -34,8 +34,9 @@ def _counted_steps(rank, world):
 def test_dispatcher_counter_sees_exactly_the_megatron_minimum():
     for per_rank in run_ranks(2, _counted_steps):
         for loss_parallel, summary in per_rank.items():
+            # both modes: the loss vocab-parallel, fused with the head (the logits nobody reads are not gathered)
             assert summary == megatron_minimum(config("toy"), batch=1, seq=TOY_JOB["seq"], dtype=torch.float32,
-                                               tp=2, loss_parallel=loss_parallel)
+                                               tp=2, loss_parallel=True), loss_parallel
 
 
 def test_step_runner_unsplit_and_tp_plugin_agree():

@@ -26,12 +26,13 @@ def _count(rank, world, arch, loss_parallel):
 def test_megatron_minimum(arch, loss_parallel):
     for r in run_ranks(2, _count, arch, loss_parallel):
         blocks = r["layers"]
-        # forward: the embedding's all-reduce, 2 per block (attention out, MLP down), then either one all-gather
-        # of the logits or the vocab-parallel loss's 2 all-reduces (max; sum-exp stacked with the target logit)
-        expected_fwd = {"all_reduce": 1 + 2 * blocks + (2 if loss_parallel else 0)}
+        # forward: the embedding's all-reduce, 2 per block (attention out, MLP down), then the fused head and
+        # loss's 2 all-reduces (max; sum-exp stacked with the target logit), in both modes: no all-gather of
+        # the logits, which nobody reads
+        expected_fwd = {"all_reduce": 1 + 2 * blocks + 2}
         # + one all-gather of two int64 for the one-off first-training-forward check (same batch and RNG state
         # on every TP rank, tp_plugin.checks); later forwards do without it (test_input_checks counts that)
-        expected_fwd["all_gather"] = 1 + (0 if loss_parallel else 1)
+        expected_fwd["all_gather"] = 1
         # backward: 2 per block (the input gradients of attention and MLP) + the LM head's input gradient
         expected_bwd = {"all_reduce": 2 * blocks + 1}
         assert r["fwd"] == expected_fwd

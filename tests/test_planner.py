@@ -132,7 +132,9 @@ def test_calibration_against_a_real_two_rank_run():
     plan = planner.split_degrees(planner.meta_model(config, torch.float32), 2)[2]
     for rank, (params, acts) in enumerate(run_ranks(2, _measured, kwargs, seq)):
         assert params == plan.rank_parameters[rank]
-        assert abs(predicted - acts) <= 0.10 * acts, (predicted, acts)
+        # the planner measures TP rank 0, which holds the most heads (6 of 9 here; rank 1 holds 3): its bytes are
+        # rank 0's to the byte, and above every other rank's
+        assert (predicted == acts) if rank == 0 else (acts < predicted), (rank, predicted, acts)
 
 
 def _step_peak(rank, world, config_kwargs, seq):

@@ -113,6 +113,24 @@ def test_trainer_tp2_dp2_checkpoint_resume_and_plain_reload(tmp_path):
     assert {f"rng_state_{r}.pth" for r in range(4)} <= set(files), files
 
 
+# ---- label smoothing: the Trainer's loss from the logits ---------------------------------------------------
+
+def _smoothed(rank, world, out):
+    model = build("llama", 2)
+    model = tp_plugin.parallelize(model, tp_size=2) if world > 1 else model
+    trainer = _trainer(model, out, GLOBAL, max_steps=3, label_smoothing_factor=0.1, save_strategy="no")
+    trainer.train()
+    return _losses(trainer)
+
+
+def test_trainer_label_smoothing_matches_one_process(tmp_path):
+    # the Trainer's LabelSmoother takes its loss from outputs["logits"] (the model gets no labels): the logits
+    # of each training forward are read, so computed, under DDP with find_unused_parameters (the default)
+    ref = run_ranks(1, _smoothed, tmp_path / "single")[0]
+    for losses in run_ranks(2, _smoothed, tmp_path / "split"):
+        assert len(losses) == 3 and all(abs(losses[s] - ref[s]) <= ATOL for s in ref), (losses, ref)
+
+
 # ---- a plain Trainer on a split model ----------------------------------------------------------------------
 
 def _plain_trainer(rank, world, out):

@@ -8,7 +8,7 @@ import math
 from torch import nn
 
 from .styles.base import PlanEntry
-from .runtime.loss import GatheredLogitsCausalLMLoss, VocabParallelCausalLMLoss
+from .runtime.loss import CausalLMLoss
 from .plan import vocab_entries
 from .state import TPState
 from .styles import VocabEmbedding, VocabLMHead
@@ -55,12 +55,12 @@ def install_layers(model: nn.Module, entries: list[PlanEntry], rank: int, group,
         if is_head and getattr(module, "bias", None) is not None:
             _retie(model, module.bias, layer.bias)  # BERT-style heads share their bias with `predictions.bias`
         if is_head:
-            _install_loss(model, layer, group, loss_parallel=loss_parallel)
+            _install_loss(model, layer, loss_parallel=loss_parallel)
 
 
-def _install_loss(model: nn.Module, head, group, *, loss_parallel: bool) -> None:
-    """The loss that reads the split head's logits (`loss.py`): vocab-parallel with `loss_parallel`, else, for
-    transformers' causal-LM loss, the one whose backward stays on the shard. Other losses are left as they are."""
+def _install_loss(model: nn.Module, head, *, loss_parallel: bool) -> None:
+    """The loss that reads the split head's deferred logits or shards (`runtime.loss.CausalLMLoss`), for
+    transformers' causal-LM loss. Other losses are left as they are: the logits they read are computed then."""
     if not hasattr(model, "loss_function"):
         return
     own = getattr(model.loss_function, "fallback", None) or model.loss_function  # again after a resize
@@ -68,12 +68,7 @@ def _install_loss(model: nn.Module, head, group, *, loss_parallel: bool) -> None
 
     if own is not ForCausalLMLoss and not loss_parallel:
         return
-    gathered = GatheredLogitsCausalLMLoss(head.vocab_start, head.vocab_stop, own)  # full logits (eval mode too)
-    if loss_parallel:
-        model.loss_function = VocabParallelCausalLMLoss(head.vocab_start, head.vocab_stop, group,
-                                                        head.spec.full_size, gathered)
-    else:
-        model.loss_function = gathered
+    model.loss_function = CausalLMLoss(head, own)
 
 
 def split_vocab(model: nn.Module, state: TPState, *, embed_scale=None) -> None:

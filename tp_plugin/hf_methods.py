@@ -29,7 +29,8 @@ from torch import nn
 from .runtime import rng
 from .apply import split_vocab
 from .checkpoint.save import save_pretrained as save_consolidated
-from .checks import arrive_together, install_input_checks
+from .checks import install_input_checks
+from .runtime.arrival import arrive_together
 from .runtime.comm import gather_whole
 from .runtime.layers import VocabParallelEmbedding, VocabParallelLMHead
 from .sharding import TPSplitError

@@ -11,7 +11,8 @@ import os
 
 from torch import nn
 
-from ..checks import arrive_together, check_tagged
+from ..checks import check_tagged
+from ..runtime.arrival import arrive_together
 from ..runtime import devices
 from ..state import mesh_of
 from .gather import Entry, gather_full, gathered, tensor_entries, unwrap

@@ -125,7 +125,7 @@ class Pipeline:
     def save_pretrained(self, save_directory, *, max_shard_size: int | str = "5GB") -> None:
         """One ordinary HF checkpoint from every stage (call on every rank; `tp_plugin.save_pretrained(pipe, dir)`
         comes here)."""
-        from ..checks import arrive_together
+        from ..runtime.arrival import arrive_together
         from ..checkpoint.save import ARRIVE_FIX
         from .pipeline_save import save_pipeline
 

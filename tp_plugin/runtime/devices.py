@@ -110,3 +110,11 @@ def bind_current_device(model: nn.Module, where: str) -> None:
             f"the two must agree. Fix: torch.cuda.set_device({wanted}) before building the model, or "
             f"model.to('cuda:{current}')")
     torch.cuda.set_device(wanted)
+
+
+def autocast_dtype(device_type: str) -> torch.dtype | None:
+    """The dtype autocast computes matmuls in on `device_type` right now, or None where it is off (or where the
+    device has no autocast: meta, which the planner measures on)."""
+    if not torch.amp.is_autocast_available(device_type) or not torch.is_autocast_enabled(device_type):
+        return None
+    return torch.get_autocast_dtype(device_type)

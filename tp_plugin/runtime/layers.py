@@ -20,6 +20,7 @@ from torch.distributed import ProcessGroup
 
 from .comm import copy_to_tp, gather_from_tp, reduce_from_tp, sum_grad_over_sharers
 from .copies import deepcopy_layer
+from .logits import DeferredLogits
 from .overlap import InputGrad, column_linear
 from .regions import Region
 from .sequence import SequenceParallel, gather_tokens, scatter_tokens
@@ -206,12 +207,16 @@ class VocabParallelEmbedding(_ParallelLayer):
 
 
 class VocabParallelLMHead(_ParallelLayer):
-    """LM head split by vocabulary rows. Returns full logits (all-gathered, padding stripped) unless
-    `gather_output` is False (loss_parallel) and the model trains, when `.logits` is this rank's vocabulary shard;
-    in eval mode (evaluation, prediction, `generate`) a loss-parallel head returns the full logits too, so metrics
-    and tokens are the unsplit model's. Full logits
-    computed for training carry their shard (`tp_vocab_shard`): the loss sends its gradient there directly
-    (`loss.GatheredLogitsCausalLMLoss`) instead of through a full-vocabulary gradient."""
+    """LM head split by vocabulary rows.
+
+    In training its logits are `logits.DeferredLogits`: computed only when read, while the causal-LM loss is
+    computed from the hidden states and this shard in token chunks (`loss.CausalLMLoss`). Read, they are the
+    all-gathered full logits (padding stripped), or with `gather_output=False` (loss_parallel) this rank's
+    vocabulary shard. In eval mode (evaluation, prediction, `generate`) the full logits are computed at once,
+    as are the training logits when `defer_logits` is False, inside `torch.compile`, and under ZeRO-3 (which
+    gathers the weight for this forward only)."""
+
+    defer_logits = True
 
     def __init__(self, head: nn.Module, spec: ShardSpec, group: ProcessGroup, *, tied_weight: nn.Parameter | None,
                  gather_output: bool):
@@ -225,8 +230,18 @@ class VocabParallelLMHead(_ParallelLayer):
         self.bias = None if bias is None else _shard_param(bias, ShardSpec(0, spec.full_size, spec.ranges, spec.pad))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        logits = F.linear(copy_to_tp(x, self.group), self.weight, self.bias)
-        if not self.gather_output and self.training:
+        if self.training and self.defer_logits and not torch.compiler.is_compiling() \
+                and not hasattr(self.weight, "ds_id"):  # ZeRO-3 holds the weight only during this forward
+            return DeferredLogits.deferred(x, self)
+        return self.eager_logits(x, self.weight, self.bias, gather=self.gather_output or not self.training)
+
+    def eager_logits(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, *,
+                     gather: bool) -> torch.Tensor:
+        """The full logits (all-gathered, padding stripped), or with `gather=False` this rank's shard. Full logits
+        that will get a gradient carry their shard (`tp_vocab_shard`): the loss reads it, and sends its gradient
+        there instead of through a full-vocabulary one."""
+        logits = F.linear(copy_to_tp(x, self.group), weight, bias)
+        if not gather:
             return logits
         full = gather_from_tp(logits, self.group)[..., : self.spec.full_size]
         if full.requires_grad:

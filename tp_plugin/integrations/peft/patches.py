@@ -30,7 +30,7 @@ from peft.tuners.tuners_utils import BaseTuner
 from peft.utils.other import TrainableTokensWrapper
 from torch import nn
 
-from ...checks import arrive_together
+from ...runtime.arrival import arrive_together
 from ...runtime.layers import VocabParallelEmbedding
 from ...sharding import unshard_tensor
 from ...state import split_state
