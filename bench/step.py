@@ -13,6 +13,7 @@ import ctypes
 import gc
 import os
 import re
+import shutil
 import statistics
 import time
 
@@ -60,14 +61,18 @@ def _setup(job: dict):
         import transformers
 
         model = transformers.AutoModelForCausalLM.from_pretrained(job["ckpt"], tp_plan="auto", dtype=dtype)
+    elif variant.startswith("tp_plugin"):  # the route the README leads with: each rank reads only its slices
+        import tp_plugin
+
+        ckpt = job.get("ckpt") or save_checkpoint(job, os.path.join(os.environ.get("TMPDIR", "/tmp"),
+                                                                    "bench-checkpoints"))
+        model = tp_plugin.from_pretrained(ckpt, tp_size=2, torch_dtype=dtype,
+                                          loss_parallel="loss_parallel" in variant,
+                                          sequence_parallel=variant.endswith("+sp"),
+                                          overlap_comm="no_overlap" not in variant)
     else:
         model = build_model(job)
     model.train()
-    if variant.startswith("tp_plugin"):
-        import tp_plugin
-
-        tp_plugin.parallelize(model, tp_size=2, loss_parallel="loss_parallel" in variant,
-                              sequence_parallel=variant.endswith("+sp"), overlap_comm="no_overlap" not in variant)
     if variant == "deepspeed_autotp":
         import deepspeed
 
@@ -168,9 +173,12 @@ def save_checkpoint(job: dict, root: str) -> str:
     path = os.path.join(root, f"{job['shape']}-L{job.get('layers') or 'all'}")
     if not os.path.exists(os.path.join(path, "config.json")):
         model = build_model({**job, "dtype": "fp32"})
-        tmp = path + ".partial"
+        tmp = f"{path}.partial-{os.getpid()}"  # ranks of one run may save it at once: one wins, the others drop
         model.save_pretrained(tmp)
-        os.replace(tmp, path)
+        try:
+            os.replace(tmp, path)
+        except OSError:  # another process got there first
+            shutil.rmtree(tmp, ignore_errors=True)
     return path
 
 

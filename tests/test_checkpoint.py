@@ -76,6 +76,10 @@ def _load_split(rank, world, path, tp, grads):
         out.loss.backward()
         ref_out.loss.backward()
         result["grads"] = max(max_errors(model, ref, model.tp_plugin_state.mesh.tp_group).values())
+        # the split's options, as for parallelize
+        state = tp_plugin.tp_state(tp_plugin.from_pretrained(path, tp_size=tp, loss_parallel=True,
+                                                             sequence_parallel=True, overlap_comm=False))
+        result["options"] = (state.loss_parallel, state.sequence is not None, state.overlap_comm)
     return result
 
 
@@ -93,6 +97,7 @@ def test_from_pretrained_matches_unsplit(tmp_path, arch, tp, tied, max_shard_siz
         assert r["loss"] <= ATOL, r
         if grads:
             assert r["grads"] <= 2 * ATOL, r
+            assert r["options"] == (True, True, False), r
         assert r["local_numel"] < 0.75 * r["full_numel"]  # each rank holds its shards, not the model
 
 

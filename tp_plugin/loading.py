@@ -73,8 +73,9 @@ def _is_rank0() -> bool:
 
 
 def from_pretrained(path: str | os.PathLike, tp_size: int | None = None, *, torch_dtype=None, policy=None,
-                    loss_parallel: bool = False, auto_class=None, revision: str | None = None,
-                    pp_size: int | None = None, pipeline_kwargs: dict | None = None, **kwargs):
+                    loss_parallel: bool = False, sequence_parallel: bool | None = None, overlap_comm: bool = True,
+                    auto_class=None, revision: str | None = None, pp_size: int | None = None,
+                    pipeline_kwargs: dict | None = None, **kwargs):
     """Load a checkpoint straight into this rank's shards and return the split model (in eval mode, like
     transformers). `path`: an HF safetensors checkpoint (one file or several with an index), a per-rank
     checkpoint from `save_sharded` saved at any TP degree (resharded on the fly), or a hub id in the offline
@@ -82,26 +83,27 @@ def from_pretrained(path: str | os.PathLike, tp_size: int | None = None, *, torc
     At tp=1 the result is an ordinary, unsplit transformers model. Extra kwargs go to the config
     (`AutoConfig.from_pretrained`), except `attn_implementation` / `trust_remote_code` (to the model) and `config`
     (a config object to use instead). `auto_class`: an Auto class (default `AutoModelForCausalLM`) or a model
-    class.
+    class. `policy`, `loss_parallel`, `sequence_parallel`, `overlap_comm`: as for `tp_plugin.parallelize`.
 
     `pp_size=P` returns a `tp_plugin.Pipeline` instead (in eval mode): the world forms a ("pp", "dp", "tp") mesh of
     P stages x (world / (P x tp)) replicas x tp, each rank's stage is carved on the meta device and only its
     layers' slices are read. `pipeline_kwargs` go to `tp_plugin.pipeline` (microbatches, schedule, split)."""
     prepare_launch()  # `accelerate launch` without GPU: the process group first (integrations/accelerate.py)
     with zero3_init_off():  # under a registered ZeRO-3 config too: whole on meta, partitioned later over DP
-        return _from_pretrained(path, tp_size, torch_dtype=torch_dtype, policy=policy, loss_parallel=loss_parallel,
-                                auto_class=auto_class, revision=revision, pp_size=pp_size,
-                                pipeline_kwargs=pipeline_kwargs, **kwargs)
+        split = dict(policy=policy, loss_parallel=loss_parallel, sequence_parallel=sequence_parallel,
+                     overlap_comm=overlap_comm)
+        return _from_pretrained(path, tp_size, torch_dtype=torch_dtype, split=split, auto_class=auto_class,
+                                revision=revision, pp_size=pp_size, pipeline_kwargs=pipeline_kwargs, **kwargs)
 
 
-def _from_pretrained(path, tp_size, *, torch_dtype, policy, loss_parallel, auto_class, revision, pp_size,
-                     pipeline_kwargs, **kwargs):
+def _from_pretrained(path, tp_size, *, torch_dtype, split: dict, auto_class, revision, pp_size, pipeline_kwargs,
+                     **kwargs):
     auto_class = auto_class or transformers.AutoModelForCausalLM
     dtype = torch_dtype if torch_dtype is not None else kwargs.pop("dtype", None)
     directory = resolve_dir(path, revision, kwargs.pop("cache_dir", None))
     source = None if "gguf_file" in kwargs else open_source(directory)
     if source is None:
-        return _load_then_split(directory, tp_size, dtype, policy, loss_parallel, auto_class, kwargs)
+        return _load_then_split(directory, tp_size, dtype, split, auto_class, kwargs)
 
     model_kwargs = {k: kwargs.pop(k) for k in _MODEL_KWARGS if k in kwargs}
     config = kwargs.pop("config", None) or transformers.AutoConfig.from_pretrained(directory, **kwargs)
@@ -109,11 +111,12 @@ def _from_pretrained(path, tp_size, *, torch_dtype, policy, loss_parallel, auto_
     model = build_on_meta(config, dtype, auto_class, **model_kwargs)
     check_source(model, source)
     if pp_size is not None:
-        return _load_pipeline(model, source, directory, tp_size or 1, pp_size, loss_parallel, pipeline_kwargs or {})
+        return _load_pipeline(model, source, directory, tp_size or 1, pp_size, split["loss_parallel"],
+                              pipeline_kwargs or {})
     tp = resolve_tp_size(tp_size)
     if tp > 1:
-        _check_degree(model, policy, tp, source)
-        parallelize(model, tp, policy=policy, loss_parallel=loss_parallel)
+        _check_degree(model, split["policy"], tp, source)
+        parallelize(model, tp, **split)
     try:
         materialize(model, source, show_progress=_is_rank0())
     finally:
@@ -161,7 +164,7 @@ def _check_degree(model: nn.Module, policy, tp: int, source) -> None:
                               f"resharded to any degree the model splits into, but not tp={tp}: {exc}") from None
 
 
-def _load_then_split(directory: Path, tp_size, dtype, policy, loss_parallel, auto_class, kwargs) -> nn.Module:
+def _load_then_split(directory: Path, tp_size, dtype, split: dict, auto_class, kwargs) -> nn.Module:
     """Formats that only transformers reads: every rank loads the whole model, then keeps its shards."""
     if kwargs.pop("weights_only", True) is not True:
         raise CheckpointError("tp_plugin.from_pretrained loads pickled (.bin) checkpoints only with "
@@ -177,4 +180,4 @@ def _load_then_split(directory: Path, tp_size, dtype, policy, loss_parallel, aut
     model = auto_class.from_pretrained(directory, dtype=dtype if dtype is not None else "auto", weights_only=True,
                                        **kwargs)
     tp = resolve_tp_size(tp_size)
-    return parallelize(model, tp, policy=policy, loss_parallel=loss_parallel) if tp > 1 else model
+    return parallelize(model, tp, **split) if tp > 1 else model

@@ -79,6 +79,7 @@ def split_model(model: nn.Module, tp_size: int | None = None, *, mesh: DeviceMes
         state_dicts.install(model, tp_mesh)  # state dicts say whose shards they hold; full tensors are sliced
         note_split(model)  # Accelerate's split_between_processes divides over its replicas (tp_plugin.state)
         install_input_checks(model, tp_mesh.tp_group)  # same inputs (and RNG state) on every rank of the TP group
+        devices.return_freed_memory(model)  # a model loaded whole keeps only its shards' memory
     return model
 
 

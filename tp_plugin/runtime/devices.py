@@ -12,9 +12,11 @@ Under gloo (CPU runs, and ranks sharing one GPU in `make gpu-check`) nothing her
 
 from __future__ import annotations
 
+import ctypes
 import itertools
 import os
 import socket
+import sys
 
 import torch
 import torch.distributed as dist
@@ -118,3 +120,20 @@ def autocast_dtype(device_type: str) -> torch.dtype | None:
     if not torch.amp.is_autocast_available(device_type) or not torch.is_autocast_enabled(device_type):
         return None
     return torch.get_autocast_dtype(device_type)
+
+
+def return_freed_memory(model: nn.Module) -> None:
+    """Give the memory of what a split just dropped (the whole weights of every split layer) back to the system:
+    on the CPU glibc keeps freed heap memory in the process until asked (`malloc_trim`); on CUDA torch's caching
+    allocator keeps it for torch until `empty_cache`."""
+    import gc
+
+    gc.collect()
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    elif device.type == "cpu" and sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        except (OSError, AttributeError):  # not glibc (musl): nothing to ask
+            pass
