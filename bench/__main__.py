@@ -104,7 +104,8 @@ def main(argv=None) -> int:
     parser.add_argument("--sections", default="step,profile,memory,gpu,generate")
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--steps", type=int, default=3, help="measured steps per variant (median reported)")
-    parser.add_argument("--configs", default=None, help="comma-separated indexes into the grid (default: all)")
+    parser.add_argument("--configs", default=None, help="comma-separated indexes into the grid (default: all; "
+                        "the profile section then breaks down each of them)")
     parser.add_argument("--variants", default=None, help="comma-separated variants of the step section "
                         f"(default: all of {', '.join(VARIANTS)})")
     parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
@@ -161,7 +162,7 @@ def main(argv=None) -> int:
         write()
     if "profile" in sections:
         _log("profile")
-        chosen = grid if args.quick else [grid[i] for i in BREAKDOWN_CONFIGS if i < len(grid)]
+        chosen = grid if args.quick or args.configs else [grid[i] for i in BREAKDOWN_CONFIGS if i < len(grid)]
         results["breakdown"] = run_breakdown(chosen, timeout_s=timeout_s)
         parts["profile"] = ["", "### Where a step's time goes (torch.profiler, rank 0, one step; `bench/breakdown.py`)",
                             "", report.breakdown_table(results["breakdown"])]
