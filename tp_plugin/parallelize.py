@@ -28,9 +28,10 @@ def parallelize(model: nn.Module, tp_size: int | None = None, *, mesh: DeviceMes
     Without `mesh`: with world size W and `tp_size` T (default: the launch configuration's degree, else W),
     the ranks form W/T data-parallel replicas of T consecutive ranks (a ("dp", "tp") `DeviceMesh`). With
     `mesh`, a `DeviceMesh` you built: its "tp" dim is the TP group and its one other non-"pp" dim the
-    data-parallel one (e.g. ("pp", "dp", "tp") or ("dp_shard", "tp")). `loss_parallel=True` computes the LM
-    loss from vocabulary shards and, in training mode, leaves `.logits` as this rank's vocabulary shard (eval-mode
-    forwards, `generate` included, return the full logits).
+    data-parallel one (e.g. ("pp", "dp", "tp") or ("dp_shard", "tp")). In training mode `.logits` are computed
+    only when read (`tp_plugin.runtime.logits`) and the causal-LM loss is computed from the hidden states and
+    the head's vocabulary shard; `loss_parallel=True` makes logits that are read this rank's vocabulary shard
+    instead of the all-gathered full logits (eval-mode forwards, `generate` included, return the full logits).
 
     `sequence_parallel=True` (default: the launch configuration's `TP_PLUGIN_SEQUENCE_PARALLEL`, or a DeepSpeed
     config's `"tp_plugin": {"sequence_parallel": true}`) splits the activations between tensor-parallel regions
