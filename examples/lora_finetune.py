@@ -3,8 +3,9 @@
     accelerate launch --config_file configs/accelerate/cpu_tp2.yaml examples/lora_finetune.py [--max-steps 30]
     ACCELERATE_USE_CPU=true torchrun --nproc_per_node 2 examples/lora_finetune.py      # the same, without yaml
 
-The tp_plugin line is `from_pretrained` (each rank reads only its slices); `peft.get_peft_model` then builds TP-aware LoRA layers by itself (A or B
-split like the base weight, the other factor replicated), and `save_pretrained` - called on every rank - writes
+The tp_plugin line is `from_pretrained` (each rank reads only its slices); `peft.get_peft_model` then builds
+TP-aware LoRA layers by itself (A or B split like the base weight, the other factor replicated), and
+`save_pretrained` - called on every rank - writes
 the ordinary, unsplit PEFT adapter. `--check` reloads it with plain PEFT into the unsplit model on rank 0 and
 compares its logits with the split model's.
 """
