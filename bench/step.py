@@ -10,6 +10,7 @@ the time to replay exactly those collectives alone (the communication part of th
 from __future__ import annotations
 
 import ctypes
+import fcntl
 import gc
 import os
 import re
@@ -171,14 +172,15 @@ def rank_step(rank: int, world: int, job: dict) -> dict:
 def save_checkpoint(job: dict, root: str) -> str:
     """The seeded model saved once (fp32) for transformers' `from_pretrained(tp_plan="auto")`."""
     path = os.path.join(root, f"{job['shape']}-L{job.get('layers') or 'all'}")
-    if not os.path.exists(os.path.join(path, "config.json")):
-        model = build_model({**job, "dtype": "fp32"})
-        tmp = f"{path}.partial-{os.getpid()}"  # ranks of one run may save it at once: one wins, the others drop
-        model.save_pretrained(tmp)
-        try:
+    os.makedirs(root, exist_ok=True)
+    with open(os.path.join(root, ".lock"), "w") as lock:  # the ranks of one run may ask at once: one saves
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not os.path.exists(os.path.join(path, "config.json")):
+            model = build_model({**job, "dtype": "fp32"})
+            tmp = path + ".partial"
+            shutil.rmtree(tmp, ignore_errors=True)  # left by a run that was killed
+            model.save_pretrained(tmp)
             os.replace(tmp, path)
-        except OSError:  # another process got there first
-            shutil.rmtree(tmp, ignore_errors=True)
     return path
 
 
