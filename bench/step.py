@@ -16,6 +16,7 @@ import os
 import re
 import shutil
 import statistics
+import sys
 import time
 
 import torch
@@ -193,6 +194,7 @@ def run_variant(job: dict, *, timeout_s: float = 600.0) -> dict:
     try:
         ranks = run_ranks(world, rank_step, job, timeout_s=timeout_s)
     except AssertionError as exc:
+        print(f"{job['variant']} failed; the ranks' tracebacks:\n{str(exc)[-4000:]}", file=sys.stderr)
         return {**job, "error": _first_error(str(exc)), "wall_s": time.perf_counter() - t0}
     timed = slice(job["warmup"], None)
     per_step = [max(r["times"][i] for r in ranks) for i in range(len(ranks[0]["times"]))][timed]

@@ -12,7 +12,7 @@ from bench import report
 from bench.comm_count import CommCounter, megatron_minimum
 from bench.memmodel import memory_table
 from bench.shapes import config, param_count
-from bench.step import _first_error, build_model, run_variant
+from bench.step import _first_error, build_model, run_variant, save_checkpoint
 from tests.dist import run_ranks
 
 TOY_JOB = dict(shape="toy", layers=None, seq=16, batch=1, dtype="fp32", warmup=0, steps=1)
@@ -39,9 +39,10 @@ def test_dispatcher_counter_sees_exactly_the_megatron_minimum():
                                                tp=2, loss_parallel=True), loss_parallel
 
 
-def test_step_runner_unsplit_and_tp_plugin_agree():
+def test_step_runner_unsplit_and_tp_plugin_agree(tmp_path):
+    ckpt = save_checkpoint(TOY_JOB, str(tmp_path))  # the split variant loads it with tp_plugin.from_pretrained
     ref = run_variant({**TOY_JOB, "variant": "unsplit"}, timeout_s=60)
-    split = run_variant({**TOY_JOB, "variant": "tp_plugin+loss_parallel"}, timeout_s=60)
+    split = run_variant({**TOY_JOB, "variant": "tp_plugin+loss_parallel", "ckpt": ckpt}, timeout_s=60)
     for row in (ref, split):
         assert "error" not in row, row.get("error")
         assert row["step_s"] > 0 and row["peak_rss_mb"] > 0 and row["param_mb"] > 0
@@ -97,10 +98,10 @@ def test_gpu_check_engines_section_runs_on_the_cpu():
     assert result["ok"], result
 
 
-def test_breakdown_puts_the_step_into_buckets():
+def test_breakdown_puts_the_step_into_buckets(tmp_path):
     from bench.breakdown import breakdown_rank
 
-    job = {**TOY_JOB, "variant": "tp_plugin"}
+    job = {**TOY_JOB, "variant": "tp_plugin", "ckpt": save_checkpoint(TOY_JOB, str(tmp_path))}
     result = run_ranks(2, breakdown_rank, job)[0]
     seconds = result["seconds"]
     assert seconds["split linears"] > 0 and seconds["collectives"] > 0 and seconds["norms"] > 0, seconds
