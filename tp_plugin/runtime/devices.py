@@ -122,14 +122,22 @@ def autocast_dtype(device_type: str) -> torch.dtype | None:
     return torch.get_autocast_dtype(device_type)
 
 
+RETURN_MEMORY_ABOVE = 32 << 20  # bytes of shards kept: below this a split frees too little to be worth asking
+
+
 def return_freed_memory(model: nn.Module) -> None:
     """Give the memory of what a split just dropped (the whole weights of every split layer) back to the system:
     on the CPU glibc keeps freed heap memory in the process until asked (`malloc_trim`); on CUDA torch's caching
     allocator keeps it for torch until `empty_cache`."""
     import gc
 
+    params = list(model.parameters())
+    device = params[0].device if params else torch.device("cpu")
+    if device.type == "meta":  # nothing was allocated (the planner's models, loading before materialising)
+        return
+    if sum(p.numel() * p.element_size() for p in params) < RETURN_MEMORY_ABOVE:
+        return  # a small model: not worth a garbage collection (about 0.1 s with transformers loaded)
     gc.collect()
-    device = next((p.device for p in model.parameters()), torch.device("cpu"))
     if device.type == "cuda":
         torch.cuda.empty_cache()
     elif device.type == "cpu" and sys.platform.startswith("linux"):

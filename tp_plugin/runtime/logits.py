@@ -12,16 +12,24 @@ full logits (with `loss_parallel`: this rank's vocabulary shard), differentiable
 of the forward that made them; the result is kept, so a second read costs nothing. Metadata (`shape`, `dtype`,
 `device`, `size()`, `dim()`) is answered without computing anything. The elementwise transforms models apply
 between their head and their loss (Gemma 2's soft-capping `tanh(z / c) * c`, Cohere's `z * scale`, Granite's
-`z / scale`, `.float()`) are recorded instead of run, and the fused loss applies them to each chunk.
+`z / scale`, `.float()`) are recorded instead of run, and the fused loss applies them to each chunk; so is
+`.clone()`, which DDP's output sink calls inside an autograd Function's forward (logits computed there would not
+be connected to the gradient that reaches them).
+
+The placeholder is the output of `_Anchor`, an autograd Function of the hidden states and the head's weight that
+no gradient ever flows through: engines that look for the parameters an output reaches (DDP with
+`find_unused_parameters`) find what eager logits would reach. Hooks registered on it (FSDP2's pre-backward) go
+to the computed logits, if any.
 
 Two reads cannot give what an eager head would have given, and are errors instead of a wrong number:
 
 * a read on some ranks of the TP group only (`if rank == 0: print(out.logits)`): the gather needs every rank, so
   the ranks meet in the store first (`arrival.arrive_together`) and a lone reader gets a `TPSplitError` after
   `TP_PLUGIN_ARRIVAL_TIMEOUT` seconds, not a hang;
-* a read after the head's weight changed (`optimizer.step()` between the forward and the read): the logits would
-  be those of the new weights. Read them before the step, or turn deferral off for the model
-  (`model.get_output_embeddings().defer_logits = False`: every training forward then computes them eagerly).
+* a read after the head's weight changed (`optimizer.step()` between the forward and the read), or after FSDP2
+  resharded it: the logits would be those of the new weights. Read them before the step, or turn deferral off for
+  the model (`model.get_output_embeddings().defer_logits = False`: every training forward then computes them
+  eagerly).
 """
 
 from __future__ import annotations

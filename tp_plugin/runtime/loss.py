@@ -155,6 +155,8 @@ class _FusedVocabParallelCE(torch.autograd.Function):
         # positions remapped by the caller, masked after)
         width, dtype = vocab_stop - vocab_start, _compute_dtype(hidden)
         n = hidden.shape[0]
+        if hidden.is_meta:  # shapes only (the planner's memory model): one chunk, not a Python loop over many
+            chunk = max(n, 1)
         lse = hidden.new_empty(n, dtype=_stats_dtype(dtype))
         stats = hidden.new_zeros(3 if smoothing else 2, n, dtype=lse.dtype)  # [exp-sum, target logit, sum]
         in_range = (target >= vocab_start) & (target < vocab_stop)
