@@ -99,7 +99,7 @@ class _Source:
 
 class DeferredLogits(Tensor):
     """Stands for `head(hidden)` (the root) or for `op(parent)`; see the module docstring. An `op` is
-    ("mul" | "div", number), ("tanh", None), ("cast", dtype) or ("clone", None)."""
+    ("mul" | "div", number), ("tanh", None), ("cast", dtype), ("clone", None) or ("contiguous", None)."""
 
     source: _Source
     parent: "DeferredLogits | None"
@@ -141,7 +141,8 @@ class DeferredLogits(Tensor):
             else:
                 value, (kind, arg) = self.parent.materialize(), self.op
                 value = torch.tanh(value) if kind == "tanh" else value * arg if kind == "mul" else \
-                    value / arg if kind == "div" else value.to(arg) if kind == "cast" else value.clone()
+                    value / arg if kind == "div" else value.to(arg) if kind == "cast" else \
+                    value.contiguous() if kind == "contiguous" else value.clone()
             for hook in self._hooks if value.requires_grad else ():
                 value.register_hook(hook)
             self._value = value
@@ -200,6 +201,8 @@ def _recorded(this: DeferredLogits, func, args, kwargs) -> tuple | None:
     if func is Tensor.clone and len(args) == 1 and kwargs.get("memory_format", torch.preserve_format) \
             is torch.preserve_format:
         return "clone", None
+    if func is Tensor.contiguous and len(args) == 1 and not kwargs:  # OPT's head output: values unchanged
+        return "contiguous", None
     return None
 
 
